@@ -1,0 +1,1 @@
+"""kvmdbgfs: an emulated KVM host whose debugfs tree is served over FUSE."""
