@@ -1,0 +1,1 @@
+"""x86 MMU model: rmap lists, memslots, shadow pages."""

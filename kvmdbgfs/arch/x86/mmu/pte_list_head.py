@@ -1,0 +1,140 @@
+"""Designs C (v6.4+) and D (ours): new descriptors at the head, every non-head descriptor full."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from kvmdbgfs.arch.x86.mmu.pte_list_base import PteListDesign, RmapCorruption, desc_head
+
+# Design D's back-pointer: desc id * POS_STRIDE + slot (0 = not in a descriptor).
+POS_STRIDE = 16
+
+
+class DesignC(PteListDesign):
+    """Version C (v6.4+, Lai Jiangshan): ``more``, ``spte_count``, ``tail_count``, ``sptes[14]`` = 128 bytes.
+
+    ``tail_count`` is the number of entries in the descriptors after this one. Only the
+    head descriptor may be partial (never empty), so add and count are O(1) and exact; a
+    removal searches from the head (newest first) and fills the hole with the head
+    descriptor's last entry. Pool: 112 + 3 x 4 (int32 metadata) + 4 (free stack) = 128
+    bytes a descriptor.
+    """
+
+    name = "C"
+    PTE_LIST_EXT = 14
+    DESC_BYTES = 128
+    POOL_META = ("more", "spte_count", "tail_count")
+
+    def _count_many(self, first: np.ndarray) -> np.ndarray:
+        """pte_list_count: ``tail_count + spte_count`` of the head descriptor."""
+        self.costs.desc_visits += len(first)
+        return self.pool.tail_count[first].astype(np.int64) + self.pool.spte_count[first]
+
+    def _add_many(
+        self, heads: np.ndarray, indices: np.ndarray, first: np.ndarray, sptes: np.ndarray
+    ) -> np.ndarray:
+        """pte_list_add, descriptor form: a full head gets a new head descriptor in front of it."""
+        counts = self._count_many(first)
+        head = first.copy()
+        full = self.pool.spte_count[head] == self.PTE_LIST_EXT
+        if full.any():
+            new = self.pool.alloc(int(full.sum()))
+            self.pool.more[new] = head[full]
+            self.pool.tail_count[new] = counts[full]
+            head[full] = new
+            heads[indices[full]] = desc_head(new)
+        slots = self.pool.spte_count[head].astype(np.int64)
+        self.pool.sptes[head, slots] = sptes
+        self.pool.spte_count[head] = slots + 1
+        self.costs.slot_writes += len(head)
+        self._placed(sptes, head, slots)
+        return counts
+
+    def _remove_many(
+        self, heads: np.ndarray, indices: np.ndarray, first: np.ndarray, sptes: np.ndarray
+    ) -> None:
+        """__pte_list_remove, descriptor form: linear search from the head."""
+        descs, slots, _, _ = self._find(first, sptes)
+        self._fill_from_head(heads, indices, first, descs, slots)
+
+    def _fill_from_head(
+        self, heads: np.ndarray, indices: np.ndarray, first: np.ndarray, descs: np.ndarray, slots: np.ndarray
+    ) -> None:
+        """pte_list_desc_remove_entry: move the head's last entry into the hole; free an emptied head."""
+        last = self.pool.spte_count[first].astype(np.int64) - 1
+        moved = self.pool.sptes[first, last]
+        self.pool.sptes[descs, slots] = moved
+        self.pool.sptes[first, last] = 0
+        self.pool.spte_count[first] = last
+        self.costs.desc_visits += int((descs != first).sum())
+        self.costs.slot_reads += len(first)
+        self.costs.slot_writes += 2 * len(first)
+        self._placed(moved, descs, slots)
+        emptied = last == 0
+        if emptied.any():
+            gone = first[emptied]
+            nxt = self.pool.more[gone]
+            heads[indices[emptied]] = np.where(nxt != 0, desc_head(nxt), 0)
+            self.pool.free(gone)
+
+
+class DesignD(DesignC):
+    """Design D (ours): design C plus a back-pointer per spte, for O(1) removal.
+
+    Layout and rules are C's (128-byte descriptor, new descriptors at the head, non-head
+    descriptors full, hole filled from the head), so add and count stay O(1). What C
+    cannot avoid is the search: the kernel does not know where in the chain an spte sits,
+    and a fork-heavy guest exits its children oldest first, i.e. from the far end of C's
+    list. D records, for every spte that sits in a descriptor, where it sits:
+    ``rmap_pos[spte >> 3] = desc * 16 + slot``. __pte_list_remove then reads that, checks
+    the slot really holds the spte, and fills the hole from the head: two descriptor
+    visits at most, whatever the list length and removal order. Every store or move of an
+    spte in a descriptor updates its entry (counted as a slot write).
+
+    Cost: the descriptor keeps its 128 bytes; the price is one 8-byte word per spte (the
+    table is indexed by spte address, so it covers every spte the MMU has allocated,
+    rmapped or not, growing geometrically to the highest one). In kernel terms this is a
+    u64 array beside each shadow page's 512 sptes, 4 KiB per shadow page, the same as
+    ``shadowed_translation``; the word can be the address of the slot itself, since
+    128-byte-aligned descriptors give the descriptor as ``ptr & ~127``. Single-form
+    heads need no entry. What D gives up: the check that an spte is in *this* list is the
+    slot check only (a descriptor does not know its head), and an spte may be in at most
+    one list at a time, which the MMU guarantees (one gfn per leaf spte).
+    """
+
+    name = "D"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rmap_pos = np.zeros(1024, np.int64)
+
+    @property
+    def rmap_pos_bytes_per_spte(self) -> int:
+        return self.rmap_pos.itemsize
+
+    def _placed(self, sptes: np.ndarray, descs: np.ndarray, slots: np.ndarray) -> None:
+        keys = sptes >> 3
+        if len(keys) and keys.max() >= len(self.rmap_pos):
+            grown = np.zeros(max(2 * len(self.rmap_pos), int(keys.max()) + 1), np.int64)
+            grown[: len(self.rmap_pos)] = self.rmap_pos
+            self.rmap_pos = grown
+        self.rmap_pos[keys] = np.multiply(descs, POS_STRIDE, dtype=np.int64) + slots
+        self.costs.slot_writes += len(keys)
+
+    def _dropped(self, sptes: np.ndarray) -> None:
+        self.rmap_pos[sptes >> 3] = 0
+        self.costs.slot_writes += len(sptes)
+
+    def _remove_many(
+        self, heads: np.ndarray, indices: np.ndarray, first: np.ndarray, sptes: np.ndarray
+    ) -> None:
+        """__pte_list_remove in O(1): the back-pointer names the slot."""
+        keys = sptes >> 3
+        pos = self.rmap_pos[np.minimum(keys, len(self.rmap_pos) - 1)]
+        descs, slots = pos // POS_STRIDE, pos % POS_STRIDE
+        if ((keys >= len(self.rmap_pos)) | (pos == 0) | (self.pool.sptes[descs, slots] != sptes)).any():
+            raise RmapCorruption("__pte_list_remove: spte not in its rmap")
+        self.costs.desc_visits += len(descs)
+        self.costs.slot_reads += len(descs)
+        self._fill_from_head(heads, indices, first, descs, slots)
+        self._dropped(sptes)

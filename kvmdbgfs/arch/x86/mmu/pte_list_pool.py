@@ -1,0 +1,117 @@
+"""The pte_list_desc slab (``mmu_pte_list_desc_cache``) as a numpy structure of arrays, and the work counters."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+
+# Descriptor ids are int32 (the ``more`` field stores one); id 0 is reserved as NULL.
+DESC_ID_MAX = np.iinfo(np.int32).max
+
+
+@dataclass
+class RmapCosts:
+    """Work done by one rmap design instance (one VM), in kernel terms.
+
+    desc_visits: pte_list_desc structures touched that existed before the operation
+      (a freshly allocated descriptor counts as an alloc, not a visit).
+    slot_reads / slot_writes: spte slots read (scanned, compared, moved) and written in
+      descriptors; design D also counts its back-pointer stores as slot writes.
+    allocs / frees: descriptors taken from and returned to the slab.
+    """
+
+    desc_visits: int = 0
+    slot_reads: int = 0
+    slot_writes: int = 0
+    allocs: int = 0
+    frees: int = 0
+
+    def reset(self) -> None:
+        for field in fields(self):
+            setattr(self, field.name, 0)
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+class DescPool:
+    """Descriptors of one VM: ``sptes[id, 0:ext]`` plus int32 metadata arrays named by ``meta``.
+
+    ``meta`` is a subset of ("more", "spte_count", "tail_count"); each becomes an attribute.
+    Descriptor 0 is never handed out, so a zero ``more`` is the NULL pointer. Free ids sit
+    on an int32 stack; when it runs dry every array doubles (geometric growth). Descriptors
+    are zeroed when allocated, like objects from the kernel's zeroing memory cache.
+    """
+
+    more: np.ndarray
+    spte_count: np.ndarray
+    tail_count: np.ndarray
+
+    def __init__(self, ext: int, meta: tuple[str, ...], costs: RmapCosts, capacity: int = 64) -> None:
+        self.ext = ext
+        self.meta = meta
+        self.costs = costs
+        self.sptes = np.zeros((capacity, ext), np.int64)
+        for name in meta:
+            setattr(self, name, np.zeros(capacity, np.int32))
+        self.free_ids = np.arange(capacity - 1, 0, -1, dtype=np.int32)
+        self.nfree = capacity - 1
+
+    @property
+    def capacity(self) -> int:
+        return len(self.sptes)
+
+    @property
+    def live(self) -> int:
+        """Descriptors currently allocated."""
+        return self.capacity - 1 - self.nfree
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the pool: descriptor arrays and the free stack."""
+        return (
+            self.sptes.nbytes + self.free_ids.nbytes + sum(getattr(self, name).nbytes for name in self.meta)
+        )
+
+    @property
+    def bytes_per_desc(self) -> float:
+        return self.nbytes / self.capacity
+
+    def rows(self, ids: np.ndarray) -> np.ndarray:
+        """The spte slots of descriptors ``ids``, one row each (np.take: faster than fancy row indexing)."""
+        return np.take(self.sptes, ids, axis=0)
+
+    def alloc(self, k: int) -> np.ndarray:
+        """Take ``k`` zeroed descriptors (mmu_alloc_pte_list_desc, k times); returns their ids."""
+        if k > self.nfree:
+            self._grow(k)
+        ids = self.free_ids[self.nfree - k : self.nfree][::-1].astype(np.int64)
+        self.nfree -= k
+        self.sptes[ids] = 0
+        for name in self.meta:
+            getattr(self, name)[ids] = 0
+        self.costs.allocs += k
+        return ids
+
+    def free(self, ids: np.ndarray) -> None:
+        """Return descriptors to the slab (mmu_free_pte_list_desc)."""
+        self.free_ids[self.nfree : self.nfree + len(ids)] = ids
+        self.nfree += len(ids)
+        self.costs.frees += len(ids)
+
+    def _grow(self, k: int) -> None:
+        old = self.capacity
+        new = 2 * old
+        while new - old + self.nfree < k:
+            new *= 2
+        if new - 1 > DESC_ID_MAX:
+            raise MemoryError(f"pte_list_desc pool cannot exceed {DESC_ID_MAX} descriptors")
+        self.sptes = np.concatenate([self.sptes, np.zeros((new - old, self.ext), np.int64)])
+        for name in self.meta:
+            setattr(self, name, np.concatenate([getattr(self, name), np.zeros(new - old, np.int32)]))
+        free_ids = np.empty(new - 1, np.int32)
+        free_ids[: new - old] = np.arange(new - 1, old - 1, -1)
+        free_ids[new - old : new - old + self.nfree] = self.free_ids[: self.nfree]
+        self.free_ids = free_ids
+        self.nfree += new - old

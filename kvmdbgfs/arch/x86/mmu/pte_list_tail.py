@@ -1,0 +1,157 @@
+"""Designs A (<= v5.14) and B (v5.15 - v6.3): append at the tail, fill a hole from the same descriptor."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from kvmdbgfs.arch.x86.mmu.pte_list_base import PteListDesign, desc_head
+
+
+class TailAppendDesign(PteListDesign):
+    """pte_list_add walks from the head while descriptors are full and appends to the first
+    non-full one (a fresh tail descriptor if none), so its count stops there and can
+    under-estimate a fragmented list; __pte_list_remove fills the hole with the last entry
+    of the same descriptor and frees the descriptor when it empties.
+    """
+
+    def _is_full(self, descs: np.ndarray) -> np.ndarray:
+        """The add walk's loop condition (``spte_count == PTE_LIST_EXT``)."""
+        return self.pool.spte_count[descs] == self.PTE_LIST_EXT
+
+    def _last_slot_reads(self, last: np.ndarray) -> int:
+        """Slots read to find each descriptor's last entry (the counter gives it: one read to move it)."""
+        return len(last)
+
+    def _add_many(
+        self, heads: np.ndarray, indices: np.ndarray, first: np.ndarray, sptes: np.ndarray
+    ) -> np.ndarray:
+        """pte_list_add, descriptor form: the count is PTE_LIST_EXT per full descriptor walked."""
+        ext = self.PTE_LIST_EXT
+        counts = np.zeros(len(first), np.int64)
+        stop = np.zeros(len(first), np.int64)
+        tail_rows, tail_descs = [], []
+        rows, descs, depth = np.arange(len(first)), first, 0
+        while len(rows):
+            self.costs.desc_visits += len(rows)
+            full = self._is_full(descs)
+            if not full.all():
+                stop[rows[~full]], counts[rows[~full]] = descs[~full], depth * ext
+                rows, descs = rows[full], descs[full]
+            nxt = self.pool.more[descs]
+            depth += 1
+            if not nxt.all():
+                end = nxt == 0
+                tail_rows.append(rows[end])
+                tail_descs.append(descs[end])
+                counts[rows[end]] = depth * ext
+                rows, nxt = rows[~end], nxt[~end]
+            descs = nxt
+        kept = np.flatnonzero(stop)
+        used = self._used(stop[kept])
+        self.costs.slot_reads += self._occupancy_reads(used)
+        counts[kept] += used
+        self.pool.sptes[stop[kept], used] = sptes[kept]
+        self._set_used(stop[kept], used + 1)
+        if tail_rows:
+            grown = np.concatenate(tail_rows)
+            new = self.pool.alloc(len(grown))
+            self.pool.more[np.concatenate(tail_descs)] = new
+            self.pool.sptes[new, 0] = sptes[grown]
+            self._set_used(new, np.ones(len(new), np.int64))
+        self.costs.slot_writes += len(first)
+        return counts
+
+    def _remove_many(
+        self, heads: np.ndarray, indices: np.ndarray, first: np.ndarray, sptes: np.ndarray
+    ) -> None:
+        """__pte_list_remove + pte_list_desc_remove_entry, descriptor form."""
+        descs, slots, prev, used = self._find(first, sptes)
+        last = used - 1
+        table = self.pool.sptes
+        table[descs, slots] = table[descs, last]
+        table[descs, last] = 0
+        self._set_used(descs, last)
+        self.costs.slot_reads += self._last_slot_reads(last)
+        self.costs.slot_writes += 2 * len(descs)
+        emptied = last == 0
+        if emptied.any():
+            self._unlink(heads, indices[emptied], descs[emptied], prev[emptied])
+
+    def _unlink(self, heads: np.ndarray, indices: np.ndarray, descs: np.ndarray, prev: np.ndarray) -> None:
+        """Free emptied descriptors, splicing them out of their chains (head or ``prev->more``)."""
+        nxt = self.pool.more[descs]
+        linked = prev != 0
+        self.pool.more[prev[linked]] = nxt[linked]
+        first = ~linked
+        heads[indices[first]] = np.where(nxt[first] != 0, desc_head(nxt[first]), 0)
+        self.pool.free(descs)
+
+
+class DesignA(TailAppendDesign):
+    """Version A (up to v5.14): ``sptes[3]`` + ``more`` = 32 bytes, no counter.
+
+    Occupancy is found by scanning for the first NULL slot; the list is zapped the way
+    kvm_zap_rmapp did it, by removing the first entry until the list is empty. Pool:
+    24 bytes of slots + 4 (int32 ``more``) + 4 (free stack) = 32 bytes a descriptor.
+    """
+
+    name = "A"
+    PTE_LIST_EXT = 3
+    DESC_BYTES = 32
+    POOL_META = ("more",)
+
+    def _used(self, descs: np.ndarray) -> np.ndarray:
+        """Non-NULL slots, summed column by column (numpy reduces a 3-wide axis slowly)."""
+        held = self.pool.rows(descs) != 0
+        used = held[:, 0].astype(np.int64)
+        for slot in range(1, self.PTE_LIST_EXT):
+            used += held[:, slot]
+        return used
+
+    def _set_used(self, descs: np.ndarray, used: np.ndarray) -> None:
+        """No counter to keep: the NULL slots are the count."""
+
+    def _is_full(self, descs: np.ndarray) -> np.ndarray:
+        """``desc->sptes[PTE_LIST_EXT-1]`` is non-NULL: one slot read a descriptor."""
+        self.costs.slot_reads += len(descs)
+        return self.pool.sptes[descs, self.PTE_LIST_EXT - 1] != 0
+
+    def _occupancy_reads(self, used: np.ndarray) -> int:
+        return self._null_scan_reads(used)
+
+    def _miss_reads(self, used: np.ndarray) -> int:
+        return self._null_scan_reads(used)
+
+    def _last_slot_reads(self, last: np.ndarray) -> int:
+        """The backward scan from slot PTE_LIST_EXT-1 down to the last non-NULL slot."""
+        return int((self.PTE_LIST_EXT - last).sum())
+
+    def _zap_many(
+        self, heads: np.ndarray, indices: np.ndarray, first: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """kvm_zap_rmapp: ``while ((sptep = rmap_get_first(...))) pte_list_remove(...)``."""
+        rows_out, sptes_out = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+        rows, descs = np.arange(len(first)), first
+        while len(rows):
+            firsts = self.pool.sptes[descs, 0]
+            self.costs.slot_reads += len(rows)
+            self._remove_many(heads, indices[rows], descs, firsts)
+            rows_out.append(rows)
+            sptes_out.append(firsts)
+            values = heads[indices[rows]]
+            rows, descs = rows[values != 0], values[values != 0] >> 1
+        return np.concatenate(rows_out), np.concatenate(sptes_out)
+
+
+class DesignB(TailAppendDesign):
+    """Version B (v5.15 - v6.3, Peter Xu): ``more``, ``spte_count``, ``sptes[14]`` = 128 bytes.
+
+    The add walk reads only the counters; pte_list_count sums them over the chain; the
+    list is zapped in one pass (kvm_zap_all_rmap_sptes). Pool: 112 bytes of slots + 4
+    (``more``) + 4 (``spte_count``) + 4 (free stack) = 124 bytes a descriptor.
+    """
+
+    name = "B"
+    PTE_LIST_EXT = 14
+    DESC_BYTES = 128
+    POOL_META = ("more", "spte_count")
