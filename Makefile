@@ -1,0 +1,53 @@
+# kvmdbgfs: `make run` mounts the emulated KVM debugfs tree at ./mnt, `make test` runs the tests.
+# Both set up what they need: a virtualenv with the project, and the FUSE system package.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+MNT ?= mnt
+SCENARIO ?= default
+KERNEL ?= latest
+PYTEST_ARGS ?=
+
+.PHONY: run test bench clean setup fuse
+
+run: setup
+	@mkdir -p $(MNT)
+	$(PY) mount.py $(MNT) --scenario $(SCENARIO) --kernel $(KERNEL)
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) -m kvmdbgfs.bench
+
+setup: fuse $(STAMP)
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || $(MAKE) --no-print-directory apt-python3-venv
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	@touch $(STAMP)
+
+# The FUSE system package: installed with apt when missing and running as root, else named.
+fuse:
+	@if ! command -v fusermount3 >/dev/null 2>&1 && ! command -v fusermount >/dev/null 2>&1; then \
+		$(MAKE) --no-print-directory apt-fuse3; \
+	fi
+	@[ -e /dev/fuse ] || { echo "make: /dev/fuse is missing: load the fuse kernel module (modprobe fuse)" >&2; exit 1; }
+
+apt-%:
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "make: installing the Debian package $*"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $* >/dev/null; \
+	else \
+		echo "make: the Debian package '$*' is missing: install it with 'sudo apt-get install $*'" >&2; exit 1; \
+	fi
+
+clean:
+	@if grep -qs " $$(realpath $(MNT) 2>/dev/null) " /proc/self/mountinfo; then \
+		echo "make: $(MNT) is mounted: stop mount.py first" >&2; exit 1; fi
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis $(MNT)
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

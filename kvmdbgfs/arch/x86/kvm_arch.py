@@ -1,0 +1,47 @@
+"""Per-VM x86 state (struct kvm_arch): memslots of both address spaces and the rmaps behind them."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from kvmdbgfs.arch.x86.mmu.memslot import KvmMemorySlot
+from kvmdbgfs.arch.x86.mmu.rmap import KvmRmaps
+from kvmdbgfs.guest.layout import q35_memslots
+
+if TYPE_CHECKING:
+    from kvmdbgfs.kvm.vm import Kvm
+
+
+class KvmArch:
+    """The x86 part of a VM: MMU mode, memslots and rmaps.
+
+    Rmap arrays exist only when the VM has rmaps (kvm_memslots_have_rmaps):
+    always with the shadow MMU (``shadow`` and ``tdp-legacy``), never in this
+    model with the TDP MMU (``tdp``), which would need a nested shadow root.
+    """
+
+    def __init__(self, kvm: Kvm, rmap_design: str) -> None:
+        self.mmu_mode = kvm.config.mmu
+        self.rmaps = KvmRmaps(rmap_design, kvm.stat)
+        self.memslots: list[KvmMemorySlot] = []
+        self._shadow_root_allocated = self.mmu_mode != "tdp"
+        for slot_id, region in enumerate(q35_memslots(kvm.config.memory)):
+            self.kvm_set_memory_region(slot_id, region.as_id, region.base_gfn, region.npages)
+
+    def memslots_have_rmaps(self) -> bool:
+        """kvm_memslots_have_rmaps()."""
+        return self._shadow_root_allocated
+
+    def kvm_set_memory_region(self, slot_id: int, as_id: int, base_gfn: int, npages: int) -> KvmMemorySlot:
+        """Add a memslot; kvm_alloc_memslot_metadata() allocates its rmaps when the VM has them."""
+        slot = KvmMemorySlot(slot_id, as_id, base_gfn, npages)
+        if self.memslots_have_rmaps():
+            slot.alloc_rmaps()
+        self.memslots.append(slot)
+        return slot
+
+    def destroy(self) -> None:
+        """kvm_arch_destroy_vm(): free every slot's rmaps."""
+        for slot in self.memslots:
+            slot.free_rmaps()
+        self.memslots.clear()

@@ -1,0 +1,121 @@
+"""The `kvmdbgfs` command: drive a running mount through its control socket."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from kvmdbgfs.control.client import RequestError, request
+from kvmdbgfs.control.paths import find_socket
+from kvmdbgfs.kvm.vm import MMU_MODES
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error and exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"kvmdbgfs: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="kvmdbgfs", description="Drive a running kvmdbgfs mount.")
+    parser.add_argument(
+        "-m",
+        "--mount",
+        default=os.environ.get("KVMDBGFS_MOUNT"),
+        help="the mountpoint of a running mount.py (default: $KVMDBGFS_MOUNT)",
+    )
+    parser.add_argument("--control", type=Path, help="talk to this control socket instead of finding it from -m")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    vm = commands.add_parser("vm", help="create, destroy and list VMs").add_subparsers(
+        dest="vm_command", required=True, parser_class=_Parser
+    )
+    create = vm.add_parser("create", help="create a VM; prints its directory name")
+    create.add_argument("--memory", default="6G", help="guest RAM, e.g. 6G or 512M (default 6G)")
+    create.add_argument("--vcpus", type=int, default=2, help="number of vCPUs (default 2)")
+    create.add_argument("--mmu", choices=MMU_MODES, default="shadow", help="MMU mode (default shadow)")
+    create.add_argument("--kernel", help="kernel profile (default: the mount's)")
+    create.add_argument("--seed", type=int, help="seed for everything random in this VM")
+    create.add_argument("--rmap-design", choices=("A", "B", "C", "D"), help="rmap list design (default: the kernel's)")
+    destroy = vm.add_parser("destroy", help="destroy a VM (its directory stays while files are open)")
+    destroy.add_argument("name", help="the VM's directory name, <pid>-<fd>")
+    listing = vm.add_parser("list", help="list VMs")
+    listing.add_argument("--json", action="store_true", help="print JSON")
+    commands.add_parser("status", help="show the mount's state")
+    return parser
+
+
+def _socket(args: argparse.Namespace) -> Path:
+    if args.control is not None:
+        return args.control
+    if not args.mount:
+        raise RequestError("no mount given: use -m MOUNTPOINT (or set KVMDBGFS_MOUNT)")
+    if not os.path.isdir(args.mount):
+        raise RequestError(f"{args.mount}: not a directory")
+    return find_socket(args.mount)
+
+
+def _call(args: argparse.Namespace, cmd: str, **kwargs: Any) -> Any:
+    path = _socket(args)
+    try:
+        return request(path, cmd, **kwargs)
+    except (FileNotFoundError, ConnectionRefusedError):
+        raise RequestError(f"no kvmdbgfs server is listening for {args.mount or path}") from None
+
+
+def _print_vm_table(vms: list[dict[str, Any]]) -> None:
+    print(f"{'NAME':<14}{'MEMORY':>8} {'VCPUS':>5} {'MMU':<11}{'KERNEL':<12}{'RMAP':<5}{'USERS':>5}  STATE")
+    for vm in vms:
+        state = "destroyed (pinned by open files)" if vm["destroyed"] else "running"
+        memory = f"{vm['memory'] >> 20}M" if vm["memory"] % (1 << 30) else f"{vm['memory'] >> 30}G"
+        print(
+            f"{vm['name']:<14}{memory:>8} {vm['vcpus']:>5} {vm['mmu']:<11}{vm['kernel']:<12}"
+            f"{vm['rmap_design']:<5}{vm['users_count']:>5}  {state}"
+        )
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.command == "status":
+        for key, value in _call(args, "status").items():
+            print(f"{key}: {value}")
+    elif args.vm_command == "create":
+        vm = _call(
+            args,
+            "vm.create",
+            memory=args.memory,
+            vcpus=args.vcpus,
+            mmu=args.mmu,
+            kernel=args.kernel,
+            seed=args.seed,
+            rmap_design=args.rmap_design,
+        )
+        print(vm["name"])
+    elif args.vm_command == "destroy":
+        _call(args, "vm.destroy", name=args.name)
+    elif args.vm_command == "list":
+        vms = _call(args, "vm.list")
+        if args.json:
+            print(json.dumps(vms, indent=2))
+        else:
+            _print_vm_table(vms)
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except RequestError as exc:
+        print(f"kvmdbgfs: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

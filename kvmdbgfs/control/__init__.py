@@ -1,0 +1,1 @@
+"""The control plane: a Unix socket through which the `kvmdbgfs` CLI drives a running mount."""

@@ -1,0 +1,166 @@
+"""The control server: answers the CLI's requests on a Unix socket.
+
+One JSON object per line each way. A request is ``{"cmd": ..., "args": {...}}``;
+the answer is ``{"ok": true, "result": ...}`` or ``{"ok": false, "error": "one line"}``.
+A bad request changes nothing and leaves the server running.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import socket
+import socketserver
+import stat
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from kvmdbgfs.control.client import RequestError
+from kvmdbgfs.control.paths import pointer_path
+from kvmdbgfs.kvm.host import KvmHost, require_type
+from kvmdbgfs.kvm.vm import Kvm
+
+MAX_REQUEST_BYTES = 1 << 20
+log = logging.getLogger(__name__)
+
+
+def describe_vm(kvm: Kvm) -> dict[str, Any]:
+    """What `vm list` reports of a VM."""
+    config = kvm.config
+    return {
+        "name": kvm.name,
+        "memory": config.memory,
+        "vcpus": config.vcpus,
+        "mmu": config.mmu,
+        "kernel": kvm.profile.name,
+        "rmap_design": kvm.arch.rmaps.pte_list.name,
+        "seed": config.seed,
+        "users_count": kvm.users_count,
+        "destroyed": kvm.creator_ref_dropped,
+    }
+
+
+class ControlHandlers:
+    """The commands the socket accepts, each validated before it changes anything."""
+
+    def __init__(self, host: KvmHost, status: Callable[[], dict[str, Any]]) -> None:
+        self.host = host
+        self.status_extra = status
+        self.commands: dict[str, Callable[..., Any]] = {
+            "vm.create": self.vm_create,
+            "vm.destroy": self.vm_destroy,
+            "vm.list": self.vm_list,
+            "status": self.status,
+        }
+
+    def dispatch(self, request: Any) -> Any:
+        if not isinstance(request, dict) or not isinstance(request.get("args", {}), dict):
+            raise RequestError("malformed request: expected {\"cmd\": ..., \"args\": {...}}")
+        cmd = request.get("cmd")
+        handler = self.commands.get(cmd) if isinstance(cmd, str) else None
+        if handler is None:
+            raise RequestError(f"unknown command {request.get('cmd')!r}")
+        try:
+            return handler(**request.get("args", {}))
+        except TypeError as exc:
+            raise RequestError(f"bad arguments for {request['cmd']}: {exc}") from None
+        except (ValueError, LookupError) as exc:
+            raise RequestError(exc.args[0] if exc.args else type(exc).__name__) from None
+
+    def vm_create(
+        self,
+        memory: str = "6G",
+        vcpus: int = 2,
+        mmu: str = "shadow",
+        kernel: str | None = None,
+        seed: int | None = None,
+        rmap_design: str | None = None,
+    ) -> dict[str, Any]:
+        config = self.host.make_config(memory, vcpus, mmu, kernel, seed, rmap_design)
+        return describe_vm(self.host.create_vm(config))
+
+    def vm_destroy(self, name: str) -> dict[str, Any]:
+        require_type("name", name, str)
+        return describe_vm(self.host.destroy_vm(name))
+
+    def vm_list(self) -> list[dict[str, Any]]:
+        with self.host.kvm_lock:
+            return [describe_vm(kvm) for kvm in self.host.vm_list]
+
+    def status(self) -> dict[str, Any]:
+        with self.host.kvm_lock:
+            vms = len(self.host.vm_list)
+        return {"kernel": self.host.profile.name, "seed": self.host.seed, "vms": vms, **self.status_extra()}
+
+
+def answer(handlers: ControlHandlers, line: bytes) -> dict[str, Any]:
+    """The reply to one request line: every line gets exactly one."""
+    try:
+        return {"ok": True, "result": handlers.dispatch(json.loads(line))}
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return {"ok": False, "error": "malformed request: not JSON"}
+    except RequestError as exc:
+        return {"ok": False, "error": str(exc)}
+    except Exception as exc:  # a bug must not cost the client its answer or the server its thread
+        log.exception("control request failed")
+        return {"ok": False, "error": f"internal error: {type(exc).__name__}"}
+
+
+class _Handler(socketserver.StreamRequestHandler):
+    def handle(self) -> None:
+        handlers: ControlHandlers = self.server.handlers  # type: ignore[attr-defined]
+        for line in self.rfile:
+            if len(line) > MAX_REQUEST_BYTES:
+                reply: dict[str, Any] = {"ok": False, "error": "request too large"}
+            else:
+                reply = answer(handlers, line)
+            self.wfile.write(json.dumps(reply).encode() + b"\n")
+
+
+class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+
+
+def remove_stale_socket(path: Path) -> None:
+    """Clear the way for a new socket: a dead one is removed; a live one or any other file is refused."""
+    if not (path.exists() or path.is_symlink()):
+        return
+    if not stat.S_ISSOCK(path.lstat().st_mode):
+        raise OSError(errno.EEXIST, "exists and is not a socket")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+        except ConnectionRefusedError:
+            path.unlink()
+            return
+    raise OSError(errno.EADDRINUSE, "another server is listening on it")
+
+
+class ControlServer:
+    """Listens on a Unix socket (mode 0600) in a background thread."""
+
+    def __init__(self, handlers: ControlHandlers, path: Path, mountpoint: str) -> None:
+        self.path = path
+        self.pointer = pointer_path(mountpoint)
+        remove_stale_socket(path)
+        old_umask = os.umask(0o177)
+        try:
+            self._server = _Server(str(path), _Handler)
+        finally:
+            os.umask(old_umask)
+        self._server.handlers = handlers  # type: ignore[attr-defined]
+        self.pointer.write_text(str(path.resolve()) + "\n")
+        self._thread = threading.Thread(target=self._server.serve_forever, name="control", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        for leftover in (self.path, self.pointer):
+            leftover.unlink(missing_ok=True)

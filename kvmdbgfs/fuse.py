@@ -1,0 +1,164 @@
+"""The FUSE adapter: paths to dentries, file handles to open files, errors to errnos.
+
+It adds no semantics of its own. Tree-changing operations answer EPERM, as
+debugfs answers root, and touch nothing; truncating to size 0 succeeds so
+that ``echo 0 > file`` (open with O_TRUNC) works.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+import threading
+from typing import Any
+
+import mfusepy
+
+from kvmdbgfs.debugfs.dentry import Dentry, lookup, tree_lock
+from kvmdbgfs.debugfs.errors import kernel_error
+from kvmdbgfs.debugfs.file import File, vfs_open
+
+DEBUGFS_MAGIC = 0x64626720
+ENOATTR = getattr(errno, "ENOATTR", errno.ENODATA)
+
+
+def _refuse(*_args: Any, **_kwargs: Any) -> int:
+    raise kernel_error(errno.EPERM)
+
+
+class DebugfsOperations(mfusepy.Operations):
+    """mfusepy operations over a debugfs root."""
+
+    use_ns = True
+
+    def __init__(self, root: Dentry) -> None:
+        self.root = root
+        self.uid = os.getuid()
+        self.gid = os.getgid()
+        self._open_files: dict[int, File] = {}
+        self._fh_counter = itertools.count(1)
+        self._open_files_lock = threading.Lock()
+        self.mounted = False
+
+    def init(self, path: str) -> None:
+        self.mounted = True
+
+    # Lookups
+
+    def getattr(self, path: str, fh: int | None = None) -> dict[str, Any]:
+        dentry = self._file(fh).dentry if fh else lookup(self.root, path)
+        nlink = 2 + sum(child.is_dir for child in list(dentry.children.values())) if dentry.is_dir else 1
+        ns = int(dentry.ctime * 1e9)
+        return {
+            "st_mode": dentry.mode,
+            "st_ino": dentry.ino,
+            "st_nlink": nlink,
+            "st_uid": self.uid,
+            "st_gid": self.gid,
+            "st_size": 0,
+            "st_atime": ns,
+            "st_mtime": ns,
+            "st_ctime": ns,
+        }
+
+    def readdir(self, path: str, fh: int) -> list[str]:
+        dentry = lookup(self.root, path)
+        if not dentry.is_dir:
+            raise kernel_error(errno.ENOTDIR)
+        with tree_lock:
+            names = list(dentry.children)
+        return [".", "..", *names]
+
+    def statfs(self, path: str) -> dict[str, int]:
+        return {"f_bsize": 4096, "f_frsize": 4096, "f_namemax": 255}
+
+    # Files
+
+    def open(self, path: str, flags: int) -> int:
+        file = vfs_open(lookup(self.root, path), flags)
+        fh = next(self._fh_counter)
+        with self._open_files_lock:
+            self._open_files[fh] = file
+        return fh
+
+    def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
+        file = self._file(fh)
+        return file.dentry.fops.read(file, size, offset)
+
+    def write(self, path: str, data: bytes, offset: int, fh: int) -> int:
+        file = self._file(fh)
+        return file.dentry.fops.write(file, data, offset)
+
+    def truncate(self, path: str, length: int, fh: int | None = None) -> int:
+        dentry = self._file(fh).dentry if fh else lookup(self.root, path)
+        if dentry.is_dir:
+            raise kernel_error(errno.EISDIR)
+        if length != 0:
+            raise kernel_error(errno.EPERM)
+        return 0
+
+    def release(self, path: str, fh: int) -> int:
+        with self._open_files_lock:
+            file = self._open_files.pop(fh, None)
+        if file is not None:
+            file.dentry.fops.release(file)
+        return 0
+
+    def open_file_count(self) -> int:
+        with self._open_files_lock:
+            return len(self._open_files)
+
+    def _file(self, fh: int | None) -> File:
+        with self._open_files_lock:
+            file = self._open_files.get(fh or 0)
+        if file is None:
+            raise kernel_error(errno.EBADF)
+        return file
+
+    # Extended attributes: debugfs has none.
+
+    def getxattr(self, path: str, name: str, position: int = 0) -> bytes:
+        lookup(self.root, path)
+        raise kernel_error(ENOATTR)
+
+    def listxattr(self, path: str) -> list[str]:
+        lookup(self.root, path)
+        return []
+
+    # Everything that would change the tree's shape or its metadata.
+
+    def create(self, path: str, mode: int, fi: Any = None) -> int:
+        """A new name in a debugfs directory: vfs_create() without ->create gives EACCES."""
+        raise kernel_error(errno.EACCES)
+
+    mkdir = rmdir = unlink = rename = link = symlink = mknod = _refuse
+    chmod = chown = setxattr = removexattr = utimens = _refuse
+
+
+def mount_options(allow_other: bool) -> dict[str, Any]:
+    """Options for FUSE(): direct I/O for size-0 generated files, no caching of entries or attributes."""
+    options: dict[str, Any] = {
+        "foreground": True,
+        "direct_io": True,
+        "entry_timeout": 0,
+        "attr_timeout": 0,
+        "negative_timeout": 0,
+        "default_permissions": True,
+        "fsname": "kvmdbgfs",
+        "subtype": "kvmdbgfs",
+    }
+    if allow_other:
+        options["allow_other"] = True
+    return options
+
+
+def serve(operations: DebugfsOperations, mountpoint: str, allow_other: bool = False) -> None:
+    """Mount and serve until unmounted or signalled (SIGINT/SIGTERM end the loop and unmount)."""
+    try:
+        mfusepy.FUSE(operations, mountpoint, **mount_options(allow_other))
+    except RuntimeError:
+        # libfuse 3 reports a signal-triggered exit as a non-zero return; a
+        # mount that never came up is a real failure.
+        if not operations.mounted:
+            raise

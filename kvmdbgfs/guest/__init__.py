@@ -1,0 +1,1 @@
+"""The emulated guest OS: RAM layout, page tables, processes."""

@@ -1,0 +1,155 @@
+"""Kernel profiles: what differs between kernel versions, as data.
+
+A profile names the stat set (names, order, types) the kernel's tables hold,
+the rmap list design, whether `mmu_rmaps_stat` and the vCPU `pid` file exist,
+and how `mmu_rmaps_stat` buckets counts. ``NAME+ffs`` selects the kernel's
+actual ffs() bucketing instead of the fls() the header promises.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from kvmdbgfs.kvm.stats import StatDesc, counters, icounter, loghist, pcounter
+
+_MMU_COUNTERS = counters(
+    "mmu_shadow_zapped", "mmu_pte_write", "mmu_pde_zapped", "mmu_flooded", "mmu_recycled", "mmu_cache_miss"
+)
+
+VM_STATS_V5_14 = (
+    *counters("remote_tlb_flush"),
+    *_MMU_COUNTERS,
+    icounter("mmu_unsync"),
+    icounter("lpages"),
+    icounter("nx_lpage_splits"),
+    pcounter("max_mmu_page_hash_collisions"),
+)
+
+VM_STATS_V5_15 = (
+    *counters("remote_tlb_flush", "remote_tlb_flush_requests"),
+    *_MMU_COUNTERS,
+    icounter("mmu_unsync"),
+    icounter("pages_4k"),
+    icounter("pages_2m"),
+    icounter("pages_1g"),
+    icounter("nx_lpage_splits"),
+    pcounter("max_mmu_rmap_size"),
+    pcounter("max_mmu_page_hash_collisions"),
+)
+
+_HALT_V5_14 = counters(
+    "halt_successful_poll",
+    "halt_attempted_poll",
+    "halt_poll_invalid",
+    "halt_wakeup",
+    "halt_poll_success_ns",
+    "halt_poll_fail_ns",
+)
+_HALT_V5_15 = (
+    *_HALT_V5_14,
+    *counters("halt_wait_ns"),
+    loghist("halt_poll_success_hist"),
+    loghist("halt_poll_fail_hist"),
+    loghist("halt_wait_hist"),
+)
+
+_X86_VCPU_COMMON = counters(
+    "pf_guest",
+    "tlb_flush",
+    "invlpg",
+    "exits",
+    "io_exits",
+    "mmio_exits",
+    "signal_exits",
+    "irq_window_exits",
+    "nmi_window_exits",
+    "l1d_flush",
+    "halt_exits",
+    "request_irq_exits",
+    "irq_exits",
+    "host_state_reload",
+    "fpu_reload",
+    "insn_emulation",
+    "insn_emulation_fail",
+    "hypercalls",
+    "irq_injections",
+    "nmi_injections",
+    "req_event",
+    "nested_run",
+    "directed_yield_attempted",
+    "directed_yield_successful",
+)
+
+VCPU_STATS_V5_14 = (*_HALT_V5_14, *counters("pf_fixed"), *_X86_VCPU_COMMON, icounter("guest_mode"))
+VCPU_STATS_V5_15 = (*_HALT_V5_15, *counters("pf_fixed"), *_X86_VCPU_COMMON, icounter("guest_mode"))
+VCPU_STATS_LATEST = (
+    *_HALT_V5_15,
+    icounter("blocking"),
+    *counters("pf_taken", "pf_fixed", "pf_emulate", "pf_spurious", "pf_fast", "pf_mmio_spte_created"),
+    *_X86_VCPU_COMMON,
+    *counters("preemption_reported", "preemption_other"),
+    icounter("guest_mode"),
+    *counters("notify_window_exits"),
+)
+
+RMAP_BUCKETS = ("fls", "ffs")
+
+
+@dataclass(frozen=True)
+class KernelProfile:
+    """One kernel version's debugfs-visible behaviour."""
+
+    name: str
+    vm_stats: tuple[StatDesc, ...]
+    vcpu_stats: tuple[StatDesc, ...]
+    rmap_design: str
+    has_mmu_rmaps_stat: bool
+    has_vcpu_pid: bool
+    rmap_bucket: str = "fls"
+
+    @property
+    def all_stats(self) -> tuple[StatDesc, ...]:
+        return self.vm_stats + self.vcpu_stats
+
+
+PROFILES: dict[str, KernelProfile] = {
+    profile.name: profile
+    for profile in (
+        KernelProfile("v5.14", VM_STATS_V5_14, VCPU_STATS_V5_14, "A", False, False),
+        KernelProfile("v5.15", VM_STATS_V5_15, VCPU_STATS_V5_15, "B", True, False),
+        KernelProfile("v6.4", VM_STATS_V5_15, VCPU_STATS_LATEST, "C", True, True),
+        KernelProfile("latest", VM_STATS_V5_15, VCPU_STATS_LATEST, "C", True, True),
+    )
+}
+DEFAULT_PROFILE = "latest"
+
+
+def _union(*stat_sets: tuple[StatDesc, ...]) -> tuple[StatDesc, ...]:
+    seen: dict[str, StatDesc] = {}
+    for stats in stat_sets:
+        for desc in stats:
+            seen.setdefault(desc.name, desc)
+    return tuple(seen.values())
+
+
+# Every stat the model keeps, whichever kernel a VM runs; a profile shows a subset.
+ALL_VM_STATS = _union(*(profile.vm_stats for profile in PROFILES.values()))
+ALL_VCPU_STATS = _union(*(profile.vcpu_stats for profile in PROFILES.values()))
+
+
+def profile_names() -> list[str]:
+    """Every accepted profile name, the ffs variants included."""
+    return [name + suffix for name in PROFILES for suffix in ("", "+ffs")]
+
+
+def get_profile(name: str) -> KernelProfile:
+    """Look a profile up by name; ``NAME+ffs`` gives NAME with the kernel's ffs buckets."""
+    if not isinstance(name, str):
+        raise ValueError(f"kernel profile must be a name, not {name!r}")
+    base, plus, variant = name.partition("+")
+    profile = PROFILES.get(base)
+    if profile is None or (plus and variant != "ffs"):
+        raise ValueError(f"unknown kernel profile {name!r} (known: {', '.join(profile_names())})")
+    if variant == "ffs":
+        return replace(profile, name=name, rmap_bucket="ffs")
+    return profile

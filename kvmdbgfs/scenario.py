@@ -1,0 +1,93 @@
+"""Scenarios: which VMs a mount starts with (`default`, `empty`, or a TOML file).
+
+A scenario file::
+
+    seed = 7                 # optional host seed
+    [[vm]]
+    memory = "6G"
+    vcpus = 2
+    mmu = "shadow"           # shadow | tdp-legacy | tdp
+    kernel = "latest"        # optional, a kernel profile
+    seed = 1                 # optional
+    rmap_design = "C"        # optional, A | B | C | D
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvmdbgfs.kvm.host import KvmHost
+from kvmdbgfs.kvm.vm import VmConfig
+
+VM_KEYS = {"memory", "vcpus", "mmu", "kernel", "seed", "rmap_design"}
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """A host seed and the VMs to create, in order."""
+
+    seed: int = 0
+    vms: list[dict[str, Any]] = field(default_factory=list)
+
+
+BUILTIN_SCENARIOS = {
+    # The seed's contrast: the same 6 GiB guest under shadow paging and under EPT.
+    "default": Scenario(
+        seed=0,
+        vms=[
+            {"memory": "6G", "vcpus": 2, "mmu": "shadow"},
+            {"memory": "6G", "vcpus": 2, "mmu": "tdp-legacy"},
+        ],
+    ),
+    "empty": Scenario(),
+}
+
+
+def load_scenario(name_or_path: str) -> Scenario:
+    """A built-in scenario by name, or one read from a TOML file; ValueError with one line if bad."""
+    if name_or_path in BUILTIN_SCENARIOS:
+        return BUILTIN_SCENARIOS[name_or_path]
+    try:
+        with open(name_or_path, "rb") as handle:
+            data = tomllib.load(handle)
+    except FileNotFoundError:
+        raise ValueError(
+            f"scenario {name_or_path!r}: no such file (built-in: {', '.join(BUILTIN_SCENARIOS)})"
+        ) from None
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ValueError(f"scenario {name_or_path!r}: {exc}") from None
+    unknown = set(data) - {"seed", "vm"}
+    if unknown:
+        raise ValueError(f"scenario {name_or_path!r}: unknown keys {sorted(unknown)}")
+    vms = data.get("vm", [])
+    if not isinstance(vms, list) or not all(isinstance(vm, dict) for vm in vms):
+        raise ValueError(f"scenario {name_or_path!r}: [[vm]] entries expected")
+    for index, vm in enumerate(vms):
+        bad = set(vm) - VM_KEYS
+        if bad:
+            raise ValueError(f"scenario {name_or_path!r}: vm {index}: unknown keys {sorted(bad)}")
+    seed = data.get("seed", 0)
+    if not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"scenario {name_or_path!r}: seed must be a non-negative integer")
+    return Scenario(seed=seed, vms=vms)
+
+
+def scenario_configs(host: KvmHost, scenario: Scenario) -> list[VmConfig]:
+    """Validate every VM of the scenario before any is created."""
+    configs = []
+    for index, vm in enumerate(scenario.vms):
+        try:
+            configs.append(host.make_config(**vm))
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"scenario vm {index}: {exc}") from None
+    return configs
+
+
+def build_host(scenario: Scenario, kernel: str) -> KvmHost:
+    """A host running the scenario's VMs."""
+    host = KvmHost(profile=kernel, seed=scenario.seed)
+    for config in scenario_configs(host, scenario):
+        host.create_vm(config)
+    return host

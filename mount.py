@@ -1,0 +1,87 @@
+#!/usr/bin/env python3
+"""Mount an emulated KVM host's debugfs tree (/sys/kernel/debug/kvm) with FUSE.
+
+    mount.py MOUNTPOINT [--scenario default|empty|FILE] [--kernel PROFILE]
+                        [--control SOCKET] [--allow-other]
+
+Runs in the foreground; Ctrl-C (SIGINT) or SIGTERM unmounts and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from kvmdbgfs.control.paths import default_socket_path
+from kvmdbgfs.control.server import ControlHandlers, ControlServer
+from kvmdbgfs.fuse import DebugfsOperations, serve
+from kvmdbgfs.kvm.profiles import DEFAULT_PROFILE, get_profile
+from kvmdbgfs.mountpoint import MountpointError, prepare_mountpoint
+from kvmdbgfs.scenario import build_host, load_scenario
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"mount.py: error: {message}\n")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = _Parser(prog="mount.py", description=__doc__.splitlines()[0])
+    parser.add_argument("mountpoint", help="an existing, empty directory")
+    parser.add_argument("--scenario", default="default", help="default, empty, or a scenario TOML file")
+    parser.add_argument("--kernel", default=DEFAULT_PROFILE, help=f"kernel profile (default {DEFAULT_PROFILE})")
+    parser.add_argument("--control", type=Path, help="control socket path (default: in the runtime directory)")
+    parser.add_argument("--allow-other", action="store_true", help="let other users read the mount")
+    return parser.parse_args(argv)
+
+
+def fail(message: str) -> int:
+    print(f"mount.py: error: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        get_profile(args.kernel)
+        scenario = load_scenario(args.scenario)
+        note = prepare_mountpoint(args.mountpoint)
+    except (ValueError, MountpointError) as exc:
+        return fail(str(exc))
+    if note:
+        print(f"mount.py: {note}", file=sys.stderr)
+    try:
+        host = build_host(scenario, args.kernel)
+    except ValueError as exc:
+        return fail(str(exc))
+    operations = DebugfsOperations(host.debugfs_dir)
+    mountpoint = os.path.realpath(args.mountpoint)
+    socket_path = args.control or default_socket_path(mountpoint)
+    status = lambda: {  # noqa: E731
+        "mountpoint": mountpoint,
+        "server_pid": os.getpid(),
+        "open_files": operations.open_file_count(),
+        "control": str(socket_path),
+    }
+    try:
+        control = ControlServer(ControlHandlers(host, status), socket_path, mountpoint)
+    except OSError as exc:
+        return fail(f"control socket {socket_path}: {exc.strerror or exc}")
+    control.start()
+    vms = ", ".join(kvm.name for kvm in host.vm_list) or "no VMs"
+    print(f"mount.py: serving {mountpoint} ({args.kernel}; {vms}); Ctrl-C to unmount", file=sys.stderr, flush=True)
+    try:
+        serve(operations, mountpoint, allow_other=args.allow_other)
+    except RuntimeError as exc:
+        return fail(f"could not mount {mountpoint}: {exc}")
+    finally:
+        control.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

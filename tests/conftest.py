@@ -1,0 +1,179 @@
+"""Shared fixtures: a real FUSE mount served by mount.py in a subprocess, and the CLI."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kvmdbgfs.mountpoint import mounted_paths
+
+REPO = Path(__file__).resolve().parent.parent
+MOUNT_PY = REPO / "mount.py"
+START_TIMEOUT = 60.0
+# FUSE sends RELEASE after close() has returned: what a close frees shows up a moment later.
+RELEASE_TIMEOUT = 5.0
+
+
+def wait_until(condition: Callable[[], Any], timeout: float = RELEASE_TIMEOUT) -> Any:
+    """Poll ``condition`` until it is true or ``timeout`` passes; return its last value."""
+    deadline = time.monotonic() + timeout
+    while not (value := condition()) and time.monotonic() < deadline:
+        time.sleep(0.002)
+    return value
+
+
+def is_mounted(path: Path) -> bool:
+    """From /proc/self/mountinfo: os.path.ismount says True on a dead mount too."""
+    return os.path.realpath(path) in mounted_paths()
+
+
+def force_unmount(path: Path) -> None:
+    for flags in (["-u"], ["-u", "-z"]):
+        if not is_mounted(path):
+            return
+        for helper in ("fusermount3", "fusermount"):
+            if subprocess.run([helper, *flags, str(path)], capture_output=True).returncode == 0:
+                break
+
+
+@dataclass
+class Mount:
+    """A running mount.py: its mountpoint, its process and its control socket."""
+
+    path: Path
+    process: subprocess.Popen
+    control: Path
+    env: dict[str, str]
+    log: Path
+
+    def stderr(self) -> str:
+        """What mount.py has written to its stderr so far."""
+        return self.log.read_text()
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        """Run the `kvmdbgfs` CLI against this mount."""
+        result = subprocess.run(
+            [sys.executable, "-m", "kvmdbgfs.cli", "-m", str(self.path), *args],
+            capture_output=True,
+            text=True,
+            env=self.env,
+            timeout=60,
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(f"kvmdbgfs {' '.join(args)} failed: {result.stderr}")
+        return result
+
+    def create_vm(self, *args: str) -> str:
+        return self.cli("vm", "create", *args).stdout.strip()
+
+    def destroy_vm(self, name: str) -> None:
+        self.cli("vm", "destroy", name)
+
+    def sh(self, script: str) -> str:
+        """Run a shell pipeline in the mountpoint; return its stdout."""
+        result = subprocess.run(
+            ["bash", "-c", script], cwd=self.path, capture_output=True, text=True, timeout=60, check=False
+        )
+        if result.returncode != 0:
+            raise AssertionError(f"{script!r} failed ({result.returncode}): {result.stderr}")
+        return result.stdout
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        force_unmount(self.path)
+        return self.process.returncode
+
+
+def start_mount(tmp_path: Path, *args: str) -> Mount:
+    """Start mount.py and wait until a file inside the mount can be stat'ed."""
+    mountpoint = tmp_path / "mnt"
+    with contextlib.suppress(FileExistsError):
+        mountpoint.mkdir()
+    control = tmp_path / "control.sock"
+    log = tmp_path / "mount.log"
+    pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, XDG_RUNTIME_DIR=str(tmp_path), PYTHONPATH=pythonpath)
+    process = subprocess.Popen(
+        [sys.executable, str(MOUNT_PY), str(mountpoint), "--control", str(control), *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=log.open("w"),
+    )
+    mount = Mount(mountpoint, process, control, env, log)
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"mount.py exited with {process.returncode}: {log.read_text()}")
+        if is_mounted(mountpoint) and control.exists():
+            try:
+                os.stat(mountpoint / "exits")
+                return mount
+            except OSError:
+                pass
+        time.sleep(0.05)
+    mount.stop()
+    raise AssertionError("mount.py did not come up in time")
+
+
+@contextlib.contextmanager
+def mount_with_scenario(tmp_path_factory: pytest.TempPathFactory, text: str) -> Iterator[Mount]:
+    """mount.py serving the scenario ``text`` (TOML) for a module's tests; stopped and unmounted at the end."""
+    directory = tmp_path_factory.mktemp("mount")
+    scenario = directory / "scenario.toml"
+    scenario.write_text(text)
+    running = start_mount(directory, "--scenario", str(scenario))
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+def assert_one_error_line(result: subprocess.CompletedProcess, status: int, message: str) -> None:
+    """Exit ``status``, nothing on stdout, one line on stderr: ``message``, or starting with it if it ends in '…'."""
+    assert (result.returncode, result.stdout) == (status, ""), result
+    assert result.stderr.endswith("\n") and result.stderr.count("\n") == 1, result.stderr
+    line = result.stderr[:-1]
+    if message.endswith("…"):
+        assert line.startswith(message[:-1]), line
+    else:
+        assert line == message
+
+
+@pytest.fixture
+def mount_factory(tmp_path: Path) -> Iterator:
+    """Start mounts with given mount.py arguments; every one is stopped and unmounted afterwards."""
+    mounts: list[Mount] = []
+
+    def factory(*args: str) -> Mount:
+        directory = tmp_path / f"m{len(mounts)}"
+        directory.mkdir()
+        mount = start_mount(directory, *args)
+        mounts.append(mount)
+        return mount
+
+    yield factory
+    for mount in mounts:
+        mount.stop()
+
+
+@pytest.fixture
+def empty_mount(mount_factory) -> Mount:
+    """A mount with no VMs (the latest profile)."""
+    return mount_factory("--scenario", "empty")

@@ -1,0 +1,76 @@
+"""Golden mmu_rmaps_stat text for a known rmap state, built through the MMU API (fls and ffs)."""
+
+from __future__ import annotations
+
+import pytest
+from inprocess import cat
+
+from kvmdbgfs.kvm.host import KvmHost
+
+HEADER = "Rmap_Count:\t0\t1\t2-3\t4-7\t8-15\t16-31\t32-63\t64-127\t128-255\t256-511\t512-1023\t\n"
+# 128 MiB guest, both address spaces: 4K heads 2*(160+64+32512+4096+64)+32, 2M 2*(1+7+64+8+1), 1G 2*11.
+HEADS_4K, HEADS_2M, HEADS_1G = 73824, 162, 22
+# Lists built on the low-RAM slot (gfn 0x200 onwards) of address space 0:
+# lengths 1, 2, 3, 5, 6, 8, 12, 64, 100, 1000 at 4K; 3 and 4 at 2M; 2 at 1G.
+LISTS_4K = (1, 2, 3, 5, 6, 8, 12, 64, 100, 1000)
+LISTS_2M = (3, 4)
+LISTS_1G = (2,)
+
+
+def row(level: str, columns: dict[int, int], heads: int) -> str:
+    values = [columns.get(i, 0) for i in range(11)]
+    values[0] = heads - sum(values[1:])
+    return f"Level={level}:\t" + "".join(f"{v}\t" for v in values) + "\n"
+
+
+GOLDEN = {
+    # fls: 1->1, 2,3->2, 5,6->3, 8,12->4, 64,100->7, 1000->10; 2M 3->2, 4->3; 1G 2->2.
+    "fls": HEADER
+    + row("4K", {1: 1, 2: 2, 3: 2, 4: 2, 7: 2, 10: 1}, HEADS_4K)
+    + row("2M", {2: 1, 3: 1}, HEADS_2M)
+    + row("1G", {2: 1}, HEADS_1G),
+    # ffs: odd -> 1 (1,3,5), 2,6->2, 8->4, 12,100->3, 64->7, 1000->4; 2M 3->1, 4->3; 1G 2->2.
+    "ffs": HEADER
+    + row("4K", {1: 3, 2: 2, 3: 2, 4: 2, 7: 1}, HEADS_4K)
+    + row("2M", {1: 1, 3: 1}, HEADS_2M)
+    + row("1G", {2: 1}, HEADS_1G),
+}
+
+
+def build_known_state(kernel: str, design: str | None = None) -> tuple[KvmHost, str]:
+    host = KvmHost(profile=kernel)
+    kvm = host.create_vm(host.make_config(memory="128M", vcpus=1, mmu="shadow", rmap_design=design))
+    slot = next(s for s in kvm.arch.memslots if s.as_id == 0 and s.base_gfn == 0x100)
+    spte = 8
+    for level, lengths in ((1, LISTS_4K), (2, LISTS_2M), (3, LISTS_1G)):
+        for number, length in enumerate(lengths):
+            gfn = 0x200 + (number << (9 * (level - 1)))
+            for _ in range(length):
+                kvm.arch.rmaps.rmap_add(slot, gfn, level, spte)
+                spte += 8
+    return host, kvm.name
+
+
+@pytest.mark.parametrize("design", ["A", "B", "C", "D"])
+@pytest.mark.parametrize("bucket", ["fls", "ffs"])
+def test_golden_text(bucket: str, design: str) -> None:
+    kernel = "latest" if bucket == "fls" else "latest+ffs"
+    host, name = build_known_state(kernel, design)
+    assert cat(host.debugfs_dir, f"{name}/mmu_rmaps_stat") == GOLDEN[bucket]
+    # The longest list was 1000 before its last add: the peak stat saw 999.
+    assert cat(host.debugfs_dir, f"{name}/max_mmu_rmap_size") == "999\n"
+
+
+def test_golden_text_for_the_kernels_own_designs() -> None:
+    for kernel in ("v5.15+ffs", "latest+ffs"):
+        host, name = build_known_state(kernel)
+        assert cat(host.debugfs_dir, f"{name}/mmu_rmaps_stat") == GOLDEN["ffs"]
+
+
+def test_clearing_max_mmu_rmap_size_then_growing_again() -> None:
+    host, name = build_known_state("latest")
+    kvm = host.find_vm(name)
+    kvm.stat.max_mmu_rmap_size = 0
+    slot = next(s for s in kvm.arch.memslots if s.as_id == 0 and s.base_gfn == 0x100)
+    kvm.arch.rmaps.rmap_add(slot, 0x200 + 7, 1, 1 << 20)
+    assert cat(host.debugfs_dir, f"{name}/max_mmu_rmap_size") == "64\n"
