@@ -74,3 +74,15 @@ def test_clearing_max_mmu_rmap_size_then_growing_again() -> None:
     slot = next(s for s in kvm.arch.memslots if s.as_id == 0 and s.base_gfn == 0x100)
     kvm.arch.rmaps.rmap_add(slot, 0x200 + 7, 1, 1 << 20)
     assert cat(host.debugfs_dir, f"{name}/max_mmu_rmap_size") == "64\n"
+
+
+def test_vm_list_reports_the_designs_work() -> None:
+    from kvmdbgfs.control.server import describe_vm
+
+    host, name = build_known_state("latest", "A")
+    described = describe_vm(host.find_vm(name))
+    # Design A holds a list of n >= 2 entries in ceil(n / 3) three-slot descriptors.
+    expected = sum(-(-n // 3) for n in LISTS_4K + LISTS_2M + LISTS_1G if n >= 2)
+    assert (described["rmap_design"], expected) == ("A", 407)
+    assert described["rmap_costs"]["allocs"] == described["live_descs"] == expected
+    assert described["rmap_costs"]["desc_visits"] > described["rmap_costs"]["allocs"]

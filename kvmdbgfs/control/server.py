@@ -41,6 +41,8 @@ def describe_vm(kvm: Kvm) -> dict[str, Any]:
         "seed": config.seed,
         "users_count": kvm.users_count,
         "destroyed": kvm.creator_ref_dropped,
+        "rmap_costs": kvm.arch.rmaps.pte_list.costs.as_dict(),
+        "live_descs": kvm.arch.rmaps.pte_list.live_descs,
     }
 
 
