@@ -9,9 +9,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from kvmdbgfs.control.client import RequestError, request
+from kvmdbgfs.control.client import ProgressCallback, RequestError, request
 from kvmdbgfs.control.paths import find_socket
 from kvmdbgfs.kvm.vm import MMU_MODES
+from kvmdbgfs.progress import progress_bar
+from kvmdbgfs.workload import parse_assignments
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -49,6 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
     listing = vm.add_parser("list", help="list VMs")
     listing.add_argument("--json", action="store_true", help="print JSON")
     commands.add_parser("status", help="show the mount's state")
+    run = commands.add_parser("run", help="run a workload on a VM")
+    run.add_argument("workload", help="idle, rmap_fork, kbuild, memhog or hotplug (see `workloads`)")
+    run.add_argument("--vm", required=True, help="the VM's directory name, <pid>-<fd>")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a workload parameter")
+    run.add_argument("--json", action="store_true", help="print the summary as JSON")
+    commands.add_parser("workloads", help="list workloads and their parameters")
     return parser
 
 
@@ -62,10 +70,10 @@ def _socket(args: argparse.Namespace) -> Path:
     return find_socket(args.mount)
 
 
-def _call(args: argparse.Namespace, cmd: str, **kwargs: Any) -> Any:
+def _call(args: argparse.Namespace, cmd: str, on_progress: ProgressCallback | None = None, **kwargs: Any) -> Any:
     path = _socket(args)
     try:
-        return request(path, cmd, **kwargs)
+        return request(path, cmd, on_progress, **kwargs)
     except (FileNotFoundError, ConnectionRefusedError):
         raise RequestError(f"no kvmdbgfs server is listening for {args.mount or path}") from None
 
@@ -81,7 +89,34 @@ def _print_vm_table(vms: list[dict[str, Any]]) -> None:
         )
 
 
+def _run_workload(args: argparse.Namespace) -> dict[str, Any]:
+    try:
+        settings = parse_assignments(args.set)
+    except ValueError as exc:
+        raise RequestError(str(exc)) from None
+    with progress_bar(f"{args.vm} {args.workload}") as progress:
+        return _call(args, "workload.run", on_progress=progress, vm=args.vm, workload=args.workload, settings=settings)
+
+
+def _print_workloads(workloads: list[dict[str, Any]]) -> None:
+    for workload in workloads:
+        print(f"{workload['name']}: {workload['description']}")
+        for param in workload["params"]:
+            print(f"  {param['name']}={param['default']}  ({param['min']}..{param['max']}) {param['help']}")
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.command == "run":
+        summary = _run_workload(args)
+        if args.json:
+            print(json.dumps(summary, indent=2))
+        else:
+            for key, value in summary.items():
+                print(f"{key}: {value}")
+        return EXIT_OK
+    if args.command == "workloads":
+        _print_workloads(_call(args, "workload.list"))
+        return EXIT_OK
     if args.command == "status":
         for key, value in _call(args, "status").items():
             print(f"{key}: {value}")

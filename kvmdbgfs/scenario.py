@@ -10,6 +10,8 @@ A scenario file::
     kernel = "latest"        # optional, a kernel profile
     seed = 1                 # optional
     rmap_design = "C"        # optional, A | B | C | D
+    workload = "idle"        # optional, run once the VM exists
+    settings = { processes = 150 }   # optional, the workload's parameters
 """
 
 from __future__ import annotations
@@ -20,8 +22,11 @@ from typing import Any
 
 from kvmdbgfs.kvm.host import KvmHost
 from kvmdbgfs.kvm.vm import VmConfig
+from kvmdbgfs.progress import progress_bar
+from workloads import get_workload, run_workload
 
-VM_KEYS = {"memory", "vcpus", "mmu", "kernel", "seed", "rmap_design"}
+CONFIG_KEYS = {"memory", "vcpus", "mmu", "kernel", "seed", "rmap_design"}
+VM_KEYS = CONFIG_KEYS | {"workload", "settings"}
 
 
 @dataclass(frozen=True)
@@ -74,20 +79,40 @@ def load_scenario(name_or_path: str) -> Scenario:
     return Scenario(seed=seed, vms=vms)
 
 
-def scenario_configs(host: KvmHost, scenario: Scenario) -> list[VmConfig]:
-    """Validate every VM of the scenario before any is created."""
-    configs = []
+@dataclass(frozen=True)
+class VmPlan:
+    """One scenario VM, validated: its configuration and the workload to run on it, if any."""
+
+    config: VmConfig
+    workload: str | None
+    settings: dict[str, Any]
+
+
+def scenario_plans(host: KvmHost, scenario: Scenario) -> list[VmPlan]:
+    """Validate every VM and workload of the scenario before any VM is created."""
+    plans = []
     for index, vm in enumerate(scenario.vms):
         try:
-            configs.append(host.make_config(**vm))
+            config = host.make_config(**{key: vm[key] for key in CONFIG_KEYS & set(vm)})
+            workload, settings = vm.get("workload"), vm.get("settings", {})
+            if workload is not None:
+                if not isinstance(settings, dict):
+                    raise ValueError("settings must be a table")
+                get_workload(workload).settings(settings)
+            elif settings:
+                raise ValueError("settings given without a workload")
         except (TypeError, ValueError) as exc:
             raise ValueError(f"scenario vm {index}: {exc}") from None
-    return configs
+        plans.append(VmPlan(config, workload, settings))
+    return plans
 
 
 def build_host(scenario: Scenario, kernel: str) -> KvmHost:
-    """A host running the scenario's VMs."""
+    """A host running the scenario's VMs, each workload run to completion (with a progress bar)."""
     host = KvmHost(profile=kernel, seed=scenario.seed)
-    for config in scenario_configs(host, scenario):
-        host.create_vm(config)
+    for plan in scenario_plans(host, scenario):
+        kvm = host.create_vm(plan.config)
+        if plan.workload is not None:
+            with progress_bar(f"{kvm.name} {plan.workload}") as progress:
+                run_workload(kvm, plan.workload, plan.settings, progress)
     return host

@@ -23,6 +23,8 @@ from kvmdbgfs.control.client import RequestError
 from kvmdbgfs.control.paths import pointer_path
 from kvmdbgfs.kvm.host import KvmHost, require_type
 from kvmdbgfs.kvm.vm import Kvm
+from kvmdbgfs.workload import Progress, no_progress
+from workloads import WORKLOADS, describe_workload, run_workload
 
 MAX_REQUEST_BYTES = 1 << 20
 log = logging.getLogger(__name__)
@@ -57,17 +59,24 @@ class ControlHandlers:
             "vm.destroy": self.vm_destroy,
             "vm.list": self.vm_list,
             "status": self.status,
+            "workload.list": self.workload_list,
         }
+        # Commands that report progress while they run.
+        self.long_commands: dict[str, Callable[..., Any]] = {"workload.run": self.workload_run}
 
-    def dispatch(self, request: Any) -> Any:
+    def dispatch(self, request: Any, progress: Progress = no_progress) -> Any:
         if not isinstance(request, dict) or not isinstance(request.get("args", {}), dict):
             raise RequestError("malformed request: expected {\"cmd\": ..., \"args\": {...}}")
         cmd = request.get("cmd")
+        args = dict(request.get("args", {}))
         handler = self.commands.get(cmd) if isinstance(cmd, str) else None
+        if isinstance(cmd, str) and cmd in self.long_commands:
+            handler = self.long_commands[cmd]
+            args["progress"] = progress
         if handler is None:
             raise RequestError(f"unknown command {request.get('cmd')!r}")
         try:
-            return handler(**request.get("args", {}))
+            return handler(**args)
         except TypeError as exc:
             raise RequestError(f"bad arguments for {request['cmd']}: {exc}") from None
         except (ValueError, LookupError) as exc:
@@ -93,16 +102,25 @@ class ControlHandlers:
         with self.host.kvm_lock:
             return [describe_vm(kvm) for kvm in self.host.vm_list]
 
+    def workload_list(self) -> list[dict[str, Any]]:
+        return [describe_workload(workload) for workload in WORKLOADS.values()]
+
+    def workload_run(self, vm: str, workload: str, settings: dict[str, Any], progress: Progress) -> dict[str, Any]:
+        require_type("vm", vm, str)
+        require_type("workload", workload, str)
+        require_type("settings", settings, dict)
+        return run_workload(self.host.find_vm(vm), workload, settings, progress)
+
     def status(self) -> dict[str, Any]:
         with self.host.kvm_lock:
             vms = len(self.host.vm_list)
         return {"kernel": self.host.profile.name, "seed": self.host.seed, "vms": vms, **self.status_extra()}
 
 
-def answer(handlers: ControlHandlers, line: bytes) -> dict[str, Any]:
-    """The reply to one request line: every line gets exactly one."""
+def answer(handlers: ControlHandlers, line: bytes, progress: Progress = no_progress) -> dict[str, Any]:
+    """The reply to one request line: every line gets exactly one (after any progress lines)."""
     try:
-        return {"ok": True, "result": handlers.dispatch(json.loads(line))}
+        return {"ok": True, "result": handlers.dispatch(json.loads(line), progress)}
     except (json.JSONDecodeError, UnicodeDecodeError):
         return {"ok": False, "error": "malformed request: not JSON"}
     except RequestError as exc:
@@ -119,8 +137,12 @@ class _Handler(socketserver.StreamRequestHandler):
             if len(line) > MAX_REQUEST_BYTES:
                 reply: dict[str, Any] = {"ok": False, "error": "request too large"}
             else:
-                reply = answer(handlers, line)
+                reply = answer(handlers, line, self.send_progress)
             self.wfile.write(json.dumps(reply).encode() + b"\n")
+
+    def send_progress(self, done: int, total: int) -> None:
+        self.wfile.write(json.dumps({"progress": [done, total]}).encode() + b"\n")
+        self.wfile.flush()
 
 
 class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):

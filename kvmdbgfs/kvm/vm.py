@@ -48,6 +48,7 @@ class Kvm:
         # kvm->mmu_lock: held by anything that reads or changes MMU state.
         self.mmu_lock = threading.RLock()
         self.debugfs_dentry: Dentry | None = None
+        self.workload_runs = 0
         self.arch: KvmArch
 
     def get_kvm_safe(self) -> bool:
