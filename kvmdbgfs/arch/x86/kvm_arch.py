@@ -1,10 +1,11 @@
-"""Per-VM x86 state (struct kvm_arch): memslots of both address spaces and the rmaps behind them."""
+"""Per-VM x86 state (struct kvm_arch): memslots of both address spaces, the rmaps behind them and the MMU."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
 from kvmdbgfs.arch.x86.mmu.memslot import KvmMemorySlot
+from kvmdbgfs.arch.x86.mmu.mmu import KvmMmu
 from kvmdbgfs.arch.x86.mmu.rmap import KvmRmaps
 from kvmdbgfs.guest.layout import q35_memslots
 
@@ -13,7 +14,7 @@ if TYPE_CHECKING:
 
 
 class KvmArch:
-    """The x86 part of a VM: MMU mode, memslots and rmaps.
+    """The x86 part of a VM: MMU mode, memslots, rmaps and the MMU (``mmu``, the guest's GuestHardware).
 
     Rmap arrays exist only when the VM has rmaps (kvm_memslots_have_rmaps):
     always with the shadow MMU (``shadow`` and ``tdp-legacy``), never in this
@@ -25,6 +26,7 @@ class KvmArch:
         self.rmaps = KvmRmaps(rmap_design, kvm.stat)
         self.memslots: list[KvmMemorySlot] = []
         self._shadow_root_allocated = self.mmu_mode != "tdp"
+        self.mmu = KvmMmu(kvm, self)
         for slot_id, region in enumerate(q35_memslots(kvm.config.memory)):
             self.kvm_set_memory_region(slot_id, region.as_id, region.base_gfn, region.npages)
 
@@ -38,10 +40,19 @@ class KvmArch:
         if self.memslots_have_rmaps():
             slot.alloc_rmaps()
         self.memslots.append(slot)
+        self.mmu.kvm_arch_commit_memory_region()
         return slot
 
+    def kvm_delete_memory_region(self, slot: KvmMemorySlot) -> None:
+        """KVM_MR_DELETE: kvm_arch_flush_shadow_memslot() zaps the MMU, then the slot goes with its rmaps."""
+        self.mmu.kvm_arch_flush_shadow_memslot()
+        self.memslots.remove(slot)
+        slot.free_rmaps()
+        self.mmu.kvm_arch_commit_memory_region()
+
     def destroy(self) -> None:
-        """kvm_arch_destroy_vm(): free every slot's rmaps."""
+        """kvm_arch_flush_shadow_all() then kvm_arch_destroy_vm(): zap every shadow page, free every slot's rmaps."""
+        self.mmu.kvm_mmu_zap_all()
         for slot in self.memslots:
             slot.free_rmaps()
         self.memslots.clear()

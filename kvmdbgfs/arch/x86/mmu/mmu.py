@@ -1,0 +1,335 @@
+"""A VM's x86 MMU (the MMU part of struct kvm_arch) and the GuestHardware a guest OS runs on under KVM.
+
+The guest model drives it through the GuestHardware protocol (kvmdbgfs/guest/hardware.py):
+every guest access, page-table store, CR3 load, INVLPG and TLB flush becomes what KVM
+does for it in the VM's MMU mode:
+
+- ``shadow`` (EPT off): accesses through sptes that are missing or lack a permission take a
+  shadow page fault (FNAME(page_fault)); CR3 loads, flushes and INVLPG exit and sync
+  unsync pages; page-table stores reach KVM as write faults on the guest's direct map
+  (``direct_map_base``, Linux's PAGE_OFFSET by default): a store to a write-protected
+  table unsyncs it or is emulated (kvm_mmu_track_write).
+- ``tdp-legacy`` (EPT over the shadow MMU): the guest's own tables are walked by the CPU;
+  only EPT violations reach KVM (direct_page_fault). CR3 loads, flushes and INVLPG do not exit.
+- ``tdp`` (the TDP MMU): as ``tdp-legacy``, with tdp.py's MMU and no rmaps.
+
+Every entry point takes ``kvm->mmu_lock``; deferred rmap adds are committed before it is
+dropped, so debugfs readers always see a consistent state. ``access`` over many addresses
+handles them in order, exactly as one call per address would (tests hold it to that).
+"""
+
+from __future__ import annotations
+
+from threading import RLock
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from kvmdbgfs.arch.x86.mmu.leaf_rmap import LeafRmaps
+from kvmdbgfs.arch.x86.mmu.mmu_memslots import KVM_MIN_ALLOC_MMU_PAGES, MmuMemslots
+from kvmdbgfs.arch.x86.mmu.page_fault import kvm_mmu_do_page_fault
+from kvmdbgfs.arch.x86.mmu.paging_tmpl import translate_gvas, walk_addr
+from kvmdbgfs.arch.x86.mmu.pte_write import kvm_mmu_track_write
+from kvmdbgfs.arch.x86.mmu.roots import kvm_set_cr3, vcpu_enter
+from kvmdbgfs.arch.x86.mmu.set_spte import RetPf
+from kvmdbgfs.arch.x86.mmu.shadow_page import ParentPtes, ShadowPages
+from kvmdbgfs.arch.x86.mmu.spt_pool import SptPool
+from kvmdbgfs.arch.x86.mmu.spte import (
+    PAGE_SHIFT,
+    PG_LEVEL_2M,
+    PT_USER_MASK,
+    PT_WRITABLE_MASK,
+    SPTE_MMU_PRESENT_MASK,
+    U64,
+)
+from kvmdbgfs.arch.x86.mmu.sync import kvm_mmu_invalidate_addr
+from kvmdbgfs.arch.x86.mmu.tdp import TdpMmu
+from kvmdbgfs.arch.x86.mmu.vcpu_mmu import KVM_REQ_TLB_FLUSH, MmuVcpu
+from kvmdbgfs.arch.x86.mmu.zap import (
+    kvm_mmu_change_mmu_pages,
+    kvm_mmu_unprotect_page,
+    kvm_mmu_zap_all,
+    kvm_mmu_zap_all_fast,
+)
+from kvmdbgfs.guest.memory import GuestMemory
+
+if TYPE_CHECKING:
+    from kvmdbgfs.arch.x86.kvm_arch import KvmArch
+    from kvmdbgfs.kvm.vm import Kvm
+
+LINUX_PAGE_OFFSET = 0xFFFF888000000000  # x86-64 Linux's direct map, without KASLR
+SCALAR_BATCH = 16  # up to this many addresses, checking each in Python beats numpy
+
+
+class MmuLock:
+    """``with mmu.locked:`` holds kvm->mmu_lock and commits the deferred rmap adds before letting go."""
+
+    def __init__(self, lock: RLock, leaf: LeafRmaps) -> None:
+        self.lock = lock
+        self.leaf = leaf
+
+    def __enter__(self) -> None:
+        self.lock.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self.leaf.flush()
+        finally:
+            self.lock.release()
+
+
+class KvmMmu:
+    """One VM's MMU. ``host_max_level`` is the largest page the host backs guest RAM with
+    (2: transparent huge pages, the default; 3: 1 GiB hugetlbfs; 1: small pages only)."""
+
+    def __init__(
+        self, kvm: Kvm, arch: KvmArch, host_max_level: int = PG_LEVEL_2M, direct_map_base: int = LINUX_PAGE_OFFSET
+    ) -> None:
+        self.kvm = kvm
+        self.arch = arch
+        self.stat = kvm.stat
+        self.shadow_paging = arch.mmu_mode == "shadow"
+        self.direct_map_base = direct_map_base
+        self.memory = GuestMemory()
+        self.memslots = MmuMemslots(host_max_level)
+        self.pool = SptPool()
+        self.sps = ShadowPages()
+        self.parents = ParentPtes(arch.rmaps.pte_list.name, self.pool)
+        self.leaf = LeafRmaps(arch.rmaps, self.pool, self.memslots, kvm.stat)
+        self.tdp = TdpMmu(self.memslots, kvm.stat) if arch.mmu_mode == "tdp" else None
+        self.n_used_mmu_pages = 0
+        self.n_max_mmu_pages = 0
+        self.n_requested_mmu_pages = 0
+        self.indirect_shadow_pages = 0
+        self.vcpus: dict[int, MmuVcpu] = {}
+        self.locked = MmuLock(kvm.mmu_lock, self.leaf)
+
+    # -- plumbing used by the MMU's parts ------------------------------------------------
+
+    def vcpu(self, vcpu_id: int) -> MmuVcpu:
+        vcpu = self.vcpus.get(vcpu_id)
+        if vcpu is None:
+            vcpu = self.vcpus[vcpu_id] = MmuVcpu(vcpu_id, self.kvm.vcpus[vcpu_id].stat)
+        return vcpu
+
+    def make_all_cpus_request(self, request: int) -> None:
+        """kvm_make_all_cpus_request()."""
+        for kvm_vcpu in self.kvm.vcpus:
+            self.vcpu(kvm_vcpu.vcpu_id).requests |= request
+
+    def flush_remote_tlbs(self) -> None:
+        """kvm_flush_remote_tlbs(): one request to every vCPU (no range flush on this host)."""
+        self.stat.remote_tlb_flush_requests += 1
+        self.stat.remote_tlb_flush += 1
+        self.make_all_cpus_request(KVM_REQ_TLB_FLUSH)
+
+    def _enter(self, vcpu_id: int) -> MmuVcpu:
+        vcpu = self.vcpu(vcpu_id)
+        vcpu_enter(self, vcpu)
+        return vcpu
+
+    # -- translations --------------------------------------------------------------------
+
+    def _pool(self) -> SptPool:
+        return self.tdp.pool if self.tdp is not None else self.pool
+
+    def _root_id(self, vcpu: MmuVcpu) -> int | None:
+        if self.tdp is not None:
+            return self.tdp.root
+        return vcpu.root.id if vcpu.root is not None else None
+
+    def _addrs(self, vcpu: MmuVcpu, gvas: np.ndarray, write: bool, user: bool) -> np.ndarray:
+        """What KVM's tables translate: the gvas themselves (shadow), else the gpas the CPU's walk of the
+        guest tables gives (addresses the guest takes a #PF on never reach KVM)."""
+        if self.shadow_paging:
+            return gvas
+        assert vcpu.cr3 is not None
+        gfns = translate_gvas(self.memory, vcpu.cr3, gvas, write, user)
+        return gfns[gfns >= 0].astype(np.uint64) << U64(PAGE_SHIFT)
+
+    def _addr(self, vcpu: MmuVcpu, gva: int, write: bool, user: bool) -> int | None:
+        """_addrs() of one address."""
+        if self.shadow_paging:
+            return gva
+        assert vcpu.cr3 is not None
+        walker = walk_addr(self.memory, vcpu.cr3, gva, write, user, set_accessed_dirty=False)
+        return None if walker is None else walker.gfn << PAGE_SHIFT
+
+    def _leaf_spte(self, vcpu: MmuVcpu, addr: int) -> int:
+        root = self._root_id(vcpu)
+        return 0 if root is None else self._pool().leaf_spte(root, addr)
+
+    def _usable(self, vcpu: MmuVcpu, addrs: np.ndarray, write: bool, user: bool) -> np.ndarray:
+        """Which addresses the hardware translates without exiting (present, and W / U as needed)."""
+        root = self._root_id(vcpu)
+        if root is None:
+            return np.zeros(len(addrs), bool)
+        needed = SPTE_MMU_PRESENT_MASK | (PT_WRITABLE_MASK if write else 0) | (PT_USER_MASK if user else 0)
+        return (self._pool().leaf_sptes(root, addrs) & U64(needed)) == U64(needed)
+
+    @staticmethod
+    def _usable_spte(spte: int, write: bool, user: bool) -> bool:
+        needed = SPTE_MMU_PRESENT_MASK | (PT_WRITABLE_MASK if write else 0) | (PT_USER_MASK if user else 0)
+        return spte & needed == needed
+
+    # -- GuestHardware -------------------------------------------------------------------------
+
+    def access(self, vcpu_id: int, gvas: np.ndarray, write: bool, user: bool) -> None:
+        """The vCPU touches each address in order; each one the hardware cannot translate exits to a fault."""
+        with self.locked:
+            vcpu = self._enter(vcpu_id)
+            if vcpu.cr3 is None:
+                raise ValueError(f"vCPU {vcpu_id} accesses memory before loading CR3")
+            gvas = np.asarray(gvas, np.uint64).ravel()
+            if len(gvas) > SCALAR_BATCH:
+                self._access_batch(vcpu, self._addrs(vcpu, gvas, write, user), write, user)
+                return
+            for gva in gvas.tolist():
+                addr = self._addr(vcpu, gva, write, user)
+                if addr is not None and not self._usable_spte(self._leaf_spte(vcpu, addr), write, user):
+                    self._access_fault(vcpu, addr, write, user)
+
+    def _access_batch(self, vcpu: MmuVcpu, addrs: np.ndarray, write: bool, user: bool) -> None:
+        """access() over many addresses at once, as one by one: translations are checked for all of them,
+        then again only after a fault took translations away (a zap, a write protection, a new root),
+        and individually for the misses an earlier fault may have filled (the prefetch)."""
+        pos = 0
+        while pos < len(addrs):
+            rest = addrs[pos:]
+            misses = np.flatnonzero(~self._usable(vcpu, rest, write, user)).tolist()
+            seq, root = self._pool().revoke_seq, self._root_id(vcpu)
+            pos = len(addrs)
+            for n, miss in enumerate(misses):
+                addr = int(rest[miss])
+                if n and self._usable_spte(self._leaf_spte(vcpu, addr), write, user):
+                    continue
+                self._access_fault(vcpu, addr, write, user)
+                if self._pool().revoke_seq != seq or self._root_id(vcpu) != root:
+                    pos = len(addrs) - len(rest) + miss + 1
+                    break
+
+    def _access_fault(self, vcpu: MmuVcpu, addr: int, write: bool, user: bool) -> None:
+        """A #PF or EPT-violation exit. A write KVM must emulate that is not a page-table write (a data
+        access) is not emulated: retry_instruction() unprotects the gfn and lets the guest retry once."""
+        for attempt in range(2):
+            present = bool(self._leaf_spte(vcpu, addr) & SPTE_MMU_PRESENT_MASK)
+            vcpu.stat.exits += 1
+            ret = kvm_mmu_do_page_fault(self, vcpu, addr, write, user, present)
+            retry = False
+            if ret == RetPf.EMULATE:
+                vcpu.stat.insn_emulation += 1
+                if not attempt:
+                    assert vcpu.cr3 is not None
+                    gfn = int(translate_gvas(self.memory, vcpu.cr3, np.array([addr], np.uint64), write, user)[0])
+                    kvm_mmu_unprotect_page(self, gfn)
+                    retry = True
+            vcpu_enter(self, vcpu)
+            if not retry:
+                return
+
+    def store_pte(self, vcpu_id: int, gfn: int, index: int, value: int) -> None:
+        """One guest store into a page-table page (see store_ptes)."""
+        self.store_ptes(vcpu_id, gfn, np.array([index]), np.array([value], np.uint64))
+
+    def store_ptes(self, vcpu_id: int, gfn: int, indices: np.ndarray, values: np.ndarray) -> None:
+        """Guest stores into page-table page ``gfn``, through the kernel's direct map.
+
+        A store the hardware lets through changes nothing in the MMU, so once one does, the rest
+        of the batch goes to memory at once; until then each store is a write fault on the gfn
+        (which may unsync its shadow pages) and, if KVM must emulate it, a tracked write."""
+        with self.locked:
+            vcpu = self._enter(vcpu_id)
+            indices = np.asarray(indices, np.int64)
+            values = np.asarray(values, np.uint64)
+            addr = self.direct_map_base + (gfn << PAGE_SHIFT) if self.shadow_paging else gfn << PAGE_SHIFT
+            for pos in range(len(indices)):
+                if (self.shadow_paging and vcpu.cr3 is None) or self._usable_spte(
+                    self._leaf_spte(vcpu, addr), True, False
+                ):
+                    self.memory.table(gfn)[indices[pos:]] = values[pos:]
+                    return
+                self._faulting_store(vcpu, addr, gfn, int(indices[pos]), int(values[pos]))
+
+    def _faulting_store(self, vcpu: MmuVcpu, addr: int, gfn: int, index: int, value: int) -> None:
+        """A store through a translation that is missing or read-only: a write fault; the store then
+        completes (the guest retries it), and if KVM had to emulate it, the write is tracked."""
+        present = bool(self._leaf_spte(vcpu, addr) & SPTE_MMU_PRESENT_MASK)
+        vcpu.stat.exits += 1
+        ret = kvm_mmu_do_page_fault(self, vcpu, addr, True, False, present)
+        self.memory.store_pte(gfn, index, value)
+        if ret == RetPf.EMULATE:
+            vcpu.stat.insn_emulation += 1
+            kvm_mmu_track_write(self, gfn, index, value)
+        vcpu_enter(self, vcpu)
+
+    def load_cr3(self, vcpu_id: int, root_gfn: int) -> None:
+        """MOV to CR3: exits under shadow paging only."""
+        with self.locked:
+            vcpu = self._enter(vcpu_id)
+            if not self.shadow_paging:
+                vcpu.cr3 = root_gfn
+                return
+            vcpu.stat.exits += 1
+            kvm_set_cr3(self, vcpu, root_gfn)
+            vcpu_enter(self, vcpu)
+
+    def flush_tlb(self, vcpu_id: int) -> None:
+        """A CR3 reload: under shadow paging, an exit that syncs the unsync pages of the current root."""
+        cr3 = self.vcpu(vcpu_id).cr3
+        if self.shadow_paging and cr3 is not None:
+            self.load_cr3(vcpu_id, cr3)
+
+    def invlpg(self, vcpu_id: int, gva: int) -> None:
+        """INVLPG: exits under shadow paging only (kvm_mmu_invlpg)."""
+        if not self.shadow_paging:
+            return
+        with self.locked:
+            vcpu = self._enter(vcpu_id)
+            vcpu.stat.exits += 1
+            kvm_mmu_invalidate_addr(self, vcpu, gva)
+            vcpu.stat.invlpg += 1
+            vcpu_enter(self, vcpu)
+
+    # -- the host side ---------------------------------------------------------------------------
+
+    def kvm_arch_commit_memory_region(self) -> None:
+        """After a memslot was created or deleted: the default shadow-page limit follows the memory size."""
+        with self.locked:
+            self.memslots.update(self.arch.memslots)
+            if not self.n_requested_mmu_pages:
+                kvm_mmu_change_mmu_pages(self, self.memslots.default_mmu_pages())
+
+    def set_nr_mmu_pages(self, nr_mmu_pages: int) -> None:
+        """KVM_SET_NR_MMU_PAGES (at least KVM_MIN_ALLOC_MMU_PAGES)."""
+        if nr_mmu_pages < KVM_MIN_ALLOC_MMU_PAGES:
+            raise ValueError(f"KVM_SET_NR_MMU_PAGES: at least {KVM_MIN_ALLOC_MMU_PAGES} pages (-EINVAL)")
+        with self.locked:
+            self.n_requested_mmu_pages = nr_mmu_pages
+            kvm_mmu_change_mmu_pages(self, nr_mmu_pages)
+
+    def kvm_arch_flush_shadow_memslot(self) -> None:
+        """A memslot is being deleted or moved: kvm_mmu_zap_all_fast() (every page, not just the slot's)."""
+        with self.locked:
+            if self.tdp is None:
+                kvm_mmu_zap_all_fast(self)
+            elif self.tdp.invalidate_all_roots():
+                self.flush_remote_tlbs()
+
+    def kvm_unmap_gfn_range(self, start: int, end: int) -> None:
+        """The mmu-notifier invalidation of guest memory [start, end) (e.g. the host reclaimed or
+        migrated it): every leaf spte of those gfns is zapped, at every level."""
+        with self.locked:
+            if self.tdp is not None:
+                flush = self.tdp.zap_leafs(start, end)
+            else:
+                flush = self.leaf.zap_gfn_range(self.arch.memslots, start, end) > 0
+            if flush:
+                self.flush_remote_tlbs()
+
+    def kvm_mmu_zap_all(self) -> None:
+        """kvm_arch_flush_shadow_all() at VM teardown."""
+        with self.locked:
+            if self.tdp is None:
+                kvm_mmu_zap_all(self)
+            else:
+                self.tdp.invalidate_all_roots()

@@ -1,0 +1,118 @@
+"""What the MMU keeps beside each memslot, and gfn -> memslot lookups in address space 0.
+
+Per slot (struct kvm_arch_memory_slot): ``lpage_info`` disallow counts for 2M and 1G
+(kvm_alloc_memslot_metadata, account_shadowed), ``gfn_write_track`` counts (page_track.c),
+and, when the slot has rmaps, the number of present leaf sptes per rmap head (``leaf_count``, a model-side count:
+the kernel does not keep it; it lets a batch know no rmap list can pass the recycle
+threshold before it commits its adds). Lookups bisect over the slot bases, as
+search_memslots does over its sorted array.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterable
+
+import numpy as np
+
+from kvmdbgfs.arch.x86.mmu.memslot import KVM_NR_PAGE_SIZES, KvmMemorySlot, gfn_to_index, kvm_mmu_slot_lpages
+from kvmdbgfs.arch.x86.mmu.spte import KVM_MAX_HUGEPAGE_LEVEL, KVM_PAGES_PER_HPAGE, PG_LEVEL_2M, PG_LEVEL_4K
+
+KVM_PERMILLE_MMU_PAGES = 20
+KVM_MIN_ALLOC_MMU_PAGES = 64
+
+
+class MmioAccess(Exception):
+    """A fault on a gfn outside every memslot: KVM would create an MMIO spte and exit to userspace (not modelled)."""
+
+
+class MmuSlot:
+    """One address-space-0 memslot as the MMU sees it."""
+
+    def __init__(self, slot: KvmMemorySlot) -> None:
+        self.slot = slot
+        self.base_gfn = slot.base_gfn
+        self.end_gfn = slot.base_gfn + slot.npages
+        self.disallow_lpage: list[np.ndarray] = []
+        for level in range(PG_LEVEL_2M, KVM_NR_PAGE_SIZES + 1):
+            linfo = np.zeros(kvm_mmu_slot_lpages(slot, level), np.int32)
+            mask = KVM_PAGES_PER_HPAGE(level) - 1
+            if self.base_gfn & mask:
+                linfo[0] = 1
+            if self.end_gfn & mask:
+                linfo[-1] += 1
+            self.disallow_lpage.append(linfo)
+        self.write_track: dict[int, int] = {}
+        self.leaf_count: list[np.ndarray] = []
+        if slot.rmap is not None:
+            self.leaf_count = [np.zeros(len(heads), np.int32) for heads in slot.rmap]
+
+    def lpage_disallowed(self, gfn: int, level: int) -> bool:
+        return bool(self.disallow_lpage[level - 2][gfn_to_index(gfn, self.base_gfn, level)])
+
+    def update_disallow_lpage(self, gfn: int, delta: int) -> None:
+        """kvm_mmu_gfn_disallow_lpage (+1) / kvm_mmu_gfn_allow_lpage (-1) at 2M and 1G."""
+        for level in range(PG_LEVEL_2M, KVM_NR_PAGE_SIZES + 1):
+            self.disallow_lpage[level - 2][gfn_to_index(gfn, self.base_gfn, level)] += delta
+
+    def update_write_track(self, gfn: int, delta: int) -> None:
+        """update_gfn_write_track."""
+        count = self.write_track.get(gfn, 0) + delta
+        if count:
+            self.write_track[gfn] = count
+        else:
+            del self.write_track[gfn]
+
+
+class MmuMemslots:
+    """The MmuSlot of every address-space-0 memslot, sorted by base gfn."""
+
+    def __init__(self, host_max_level: int) -> None:
+        self.host_max_level = host_max_level
+        self.slots: list[MmuSlot] = []
+        self._bases: list[int] = []
+        self._base_array = np.zeros(0, np.int64)
+        self._end_array = np.zeros(0, np.int64)
+
+    def update(self, memslots: Iterable[KvmMemorySlot]) -> None:
+        """After a memslot was created or deleted: keep the MmuSlot of slots that stay, add new ones."""
+        known = {id(ms.slot): ms for ms in self.slots}
+        current = [slot for slot in memslots if slot.as_id == 0]
+        self.slots = sorted((known.get(id(slot)) or MmuSlot(slot) for slot in current), key=lambda ms: ms.base_gfn)
+        self._bases = [ms.base_gfn for ms in self.slots]
+        self._base_array = np.array(self._bases, np.int64)
+        self._end_array = np.array([ms.end_gfn for ms in self.slots], np.int64)
+
+    def lookup(self, gfn: int) -> MmuSlot | None:
+        """gfn_to_memslot() in address space 0."""
+        pos = bisect.bisect_right(self._bases, gfn) - 1
+        if pos >= 0 and gfn < self.slots[pos].end_gfn:
+            return self.slots[pos]
+        return None
+
+    def fault_slot(self, gfn: int) -> MmuSlot:
+        """The memslot of a faulting gfn (fault->slot); there must be one."""
+        ms = self.lookup(gfn)
+        if ms is None:
+            raise MmioAccess(f"gfn {gfn:#x} is in no memslot (an MMIO access)")
+        return ms
+
+    def lookup_many(self, gfns: np.ndarray) -> np.ndarray:
+        """Position in ``slots`` of each gfn's slot, -1 where none."""
+        pos = np.searchsorted(self._base_array, gfns, side="right") - 1
+        inside = (pos >= 0) & (gfns < self._end_array[np.maximum(pos, 0)])
+        return np.where(inside, pos, -1)
+
+    def max_mapping_level(self, ms: MmuSlot, gfn: int, max_level: int) -> int:
+        """kvm_mmu_max_mapping_level(): the largest level not disallowed, capped by the host mapping."""
+        level = min(max_level, KVM_MAX_HUGEPAGE_LEVEL)
+        while level > PG_LEVEL_4K and ms.lpage_disallowed(gfn, level):
+            level -= 1
+        if level == PG_LEVEL_4K:
+            return PG_LEVEL_4K
+        return min(level, self.host_max_level)
+
+    def default_mmu_pages(self) -> int:
+        """kvm_mmu_calculate_default_mmu_pages(): 20 per 1000 pages of the slots, at least 64."""
+        nr_pages = sum(ms.end_gfn - ms.base_gfn for ms in self.slots)
+        return max(nr_pages * KVM_PERMILLE_MMU_PAGES // 1000, KVM_MIN_ALLOC_MMU_PAGES)

@@ -1,0 +1,217 @@
+"""Page faults of the shadow MMU: FNAME(page_fault)/FNAME(fetch) for shadow paging, direct_page_fault()/
+direct_map() for EPT over the shadow MMU (tdp-legacy), the prefetch of neighbouring entries, and the
+common wrapper kvm_mmu_do_page_fault() with its vCPU stats.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from kvmdbgfs.arch.x86.mmu.mmu_memslots import MmuSlot
+from kvmdbgfs.arch.x86.mmu.page_hash import child_sp, kvm_mmu_get_child_sp, link_shadow_page, validate_direct_spte
+from kvmdbgfs.arch.x86.mmu.page_track import kvm_gfn_is_write_tracked
+from kvmdbgfs.arch.x86.mmu.paging_tmpl import GuestWalker, gpte_access, gpte_valid_for_prefetch, read_gptes, walk_addr
+from kvmdbgfs.arch.x86.mmu.set_spte import RetPf, mmu_set_spte
+from kvmdbgfs.arch.x86.mmu.shadow_page import KvmMmuPage
+from kvmdbgfs.arch.x86.mmu.spte import (
+    ACC_ALL,
+    ACC_WRITE_MASK,
+    KVM_MAX_HUGEPAGE_LEVEL,
+    PAGE_SHIFT,
+    PG_LEVEL_4K,
+    PT_DIRTY_MASK,
+    PTE_PREFETCH_NUM,
+    gfn_round_for_level,
+    is_last_spte,
+    is_shadow_present_pte,
+    spte_index,
+)
+from kvmdbgfs.arch.x86.mmu.sync import mmu_sync_children
+from kvmdbgfs.arch.x86.mmu.zap import make_mmu_pages_available
+from kvmdbgfs.guest.pte import pte_gfn
+
+if TYPE_CHECKING:
+    from kvmdbgfs.arch.x86.mmu.mmu import KvmMmu, MmuVcpu
+
+
+def kvm_mmu_do_page_fault(mmu: KvmMmu, vcpu: MmuVcpu, addr: int, write: bool, user: bool, present: bool) -> RetPf:
+    """kvm_mmu_do_page_fault(): the MMU's fault handler, counted in pf_taken and pf_fixed/emulate/spurious."""
+    stat = vcpu.stat
+    stat.pf_taken += 1
+    if mmu.tdp is not None:
+        ret = mmu.tdp.page_fault(addr >> PAGE_SHIFT)
+    elif not mmu.shadow_paging:
+        ret = direct_page_fault(mmu, vcpu, addr >> PAGE_SHIFT, write)
+    else:
+        ret = paging64_page_fault(mmu, vcpu, addr, write, user, present)
+    if ret == RetPf.FIXED:
+        stat.pf_fixed += 1
+    elif ret == RetPf.EMULATE:
+        stat.pf_emulate += 1
+    elif ret == RetPf.SPURIOUS:
+        stat.pf_spurious += 1
+    return ret
+
+
+def paging64_page_fault(mmu: KvmMmu, vcpu: MmuVcpu, gva: int, write: bool, user: bool, present: bool) -> RetPf:
+    """FNAME(page_fault)(): walk the guest tables, then map the address through shadow pages."""
+    assert vcpu.cr3 is not None
+    walker = walk_addr(mmu.memory, vcpu.cr3, gva, write, user)
+    if walker is None:
+        vcpu.stat.pf_guest += 1  # kvm_inject_emulated_page_fault()
+        return RetPf.RETRY
+    ms = mmu.memslots.fault_slot(walker.gfn)
+    if present and write and kvm_gfn_is_write_tracked(ms, walker.gfn):
+        shadow_page_table_clear_flood(mmu, vcpu, gva)  # page_fault_handle_page_track()
+        return RetPf.EMULATE
+    make_mmu_pages_available(mmu)
+    return paging64_fetch(mmu, vcpu, gva, walker, ms, write)
+
+
+def shadow_page_table_clear_flood(mmu: KvmMmu, vcpu: MmuVcpu, gva: int) -> None:
+    """Reset the write-flooding count of every page on ``gva``'s shadow walk."""
+    sp = vcpu.root
+    while sp is not None:
+        sp.write_flooding_count = 0
+        index = spte_index(gva, sp.level)
+        spte = mmu.pool.get(sp.id, index)
+        sp = None if not is_shadow_present_pte(spte) or is_last_spte(spte, sp.level) else child_sp(mmu, sp, index)
+
+
+def paging64_fetch(mmu: KvmMmu, vcpu: MmuVcpu, gva: int, gw: GuestWalker, ms: MmuSlot, write: bool) -> RetPf:
+    """FNAME(fetch)(): indirect pages for the guest tables down to the guest leaf's level, direct pages
+    below a guest huge page where the host cannot map it whole, then the leaf and the prefetch."""
+    sp = vcpu.root
+    assert sp is not None
+    level = sp.level
+    while True:
+        index = spte_index(gva, level)
+        sp.write_flooding_count = 0  # clear_sp_write_flooding_count()
+        if level == gw.level:
+            break
+        child = kvm_mmu_get_child_sp(mmu, sp, index, gw.table_gfn[level - 2], False, gw.pt_access[level - 2])
+        if child is None:
+            child = child_sp(mmu, sp, index)
+        else:
+            if child.unsync_children:
+                mmu_sync_children(mmu, child)
+            link_shadow_page(mmu, sp, index, child)
+        sp, level = child, level - 1
+    goal_level = kvm_mmu_hugepage_adjust(mmu, ms, gw.gfn, gw.level)
+    while True:
+        index = spte_index(gva, level)
+        base_gfn = gfn_round_for_level(gw.gfn, level)
+        if level == goal_level:
+            break
+        validate_direct_spte(mmu, sp, index, gw.pte_access)
+        child = kvm_mmu_get_child_sp(mmu, sp, index, base_gfn, True, gw.pte_access)
+        if child is None:
+            child = child_sp(mmu, sp, index)
+        else:
+            link_shadow_page(mmu, sp, index, child)
+        sp, level = child, level - 1
+    ret = mmu_set_spte(mmu, ms, sp, index, gw.pte_access, base_gfn, prefetch=False, write_fault=write)
+    if ret != RetPf.SPURIOUS:
+        paging64_pte_prefetch(mmu, sp, index)
+    return ret
+
+
+def kvm_mmu_hugepage_adjust(mmu: KvmMmu, ms: MmuSlot, gfn: int, max_level: int) -> int:
+    """kvm_mmu_hugepage_adjust(): the goal level of the leaf (dirty logging and the NX workaround are off)."""
+    if max_level == PG_LEVEL_4K:
+        return PG_LEVEL_4K
+    return mmu.memslots.max_mapping_level(ms, gfn, max_level)
+
+
+def paging64_pte_prefetch(mmu: KvmMmu, sp: KvmMmuPage, index: int) -> None:
+    """FNAME(pte_prefetch)(): map the other accessed guest PTEs of the 8-entry block, stopping at the first
+    one that cannot be; present entries are skipped. Direct pages prefetch by gfn instead."""
+    if sp.level > PG_LEVEL_4K:
+        return
+    if sp.direct:
+        direct_pte_prefetch(mmu, sp, index)
+        return
+    first = index & ~(PTE_PREFETCH_NUM - 1)
+    gptes = read_gptes(mmu.memory, sp.gfn, np.arange(first, first + PTE_PREFETCH_NUM)).tolist()
+    for i, gpte in enumerate(gptes):
+        entry = first + i
+        if entry == index or is_shadow_present_pte(mmu.pool.get(sp.id, entry)):
+            continue
+        if not prefetch_gpte(mmu, sp, entry, gpte):
+            break
+
+
+def prefetch_gpte(mmu: KvmMmu, sp: KvmMmuPage, index: int, gpte: int) -> bool:
+    """FNAME(prefetch_gpte)()."""
+    if not gpte_valid_for_prefetch(gpte):
+        return False
+    gfn = pte_gfn(gpte)
+    pte_access = sp.access & gpte_access(gpte)
+    if not gpte & PT_DIRTY_MASK:
+        pte_access &= ~ACC_WRITE_MASK
+    ms = mmu.memslots.lookup(gfn)
+    if ms is None:
+        return False
+    mmu_set_spte(mmu, ms, sp, index, pte_access, gfn, prefetch=True, write_fault=False)
+    return True
+
+
+def direct_pte_prefetch(mmu: KvmMmu, sp: KvmMmuPage, index: int) -> None:
+    """__direct_pte_prefetch(): map each run of empty entries of the 8-entry block by gfn."""
+    first = index & ~(PTE_PREFETCH_NUM - 1)
+    start = None
+    for entry in range(first, first + PTE_PREFETCH_NUM):
+        if entry == index or is_shadow_present_pte(mmu.pool.get(sp.id, entry)):
+            if start is None:
+                continue
+            if not direct_pte_prefetch_many(mmu, sp, start, entry):
+                return
+            start = None
+        elif start is None:
+            start = entry
+    if start is not None:
+        direct_pte_prefetch_many(mmu, sp, start, first + PTE_PREFETCH_NUM)
+
+
+def direct_pte_prefetch_many(mmu: KvmMmu, sp: KvmMmuPage, start: int, end: int) -> bool:
+    """direct_pte_prefetch_many(): the run must lie in one memslot (gfn_to_page_many_atomic)."""
+    gfn = sp.gfn_at(start)
+    ms = mmu.memslots.lookup(gfn)
+    if ms is None or gfn + end - start > ms.end_gfn:
+        return False
+    for i in range(end - start):
+        mmu_set_spte(mmu, ms, sp, start + i, sp.access, gfn + i, prefetch=True, write_fault=False)
+    return True
+
+
+def direct_page_fault(mmu: KvmMmu, vcpu: MmuVcpu, gfn: int, write: bool) -> RetPf:
+    """direct_page_fault() (kvm_tdp_page_fault with EPT over the shadow MMU)."""
+    ms = mmu.memslots.fault_slot(gfn)
+    make_mmu_pages_available(mmu)
+    return direct_map(mmu, vcpu, gfn, ms, write)
+
+
+def direct_map(mmu: KvmMmu, vcpu: MmuVcpu, gfn: int, ms: MmuSlot, write: bool) -> RetPf:
+    """direct_map(): direct pages from the root down to the largest level the memslot and host allow."""
+    goal_level = mmu.memslots.max_mapping_level(ms, gfn, KVM_MAX_HUGEPAGE_LEVEL)
+    gpa = gfn << PAGE_SHIFT
+    sp = vcpu.root
+    assert sp is not None
+    level = sp.level
+    while True:
+        index = spte_index(gpa, level)
+        base_gfn = gfn_round_for_level(gfn, level)
+        if level == goal_level:
+            break
+        child = kvm_mmu_get_child_sp(mmu, sp, index, base_gfn, True, ACC_ALL)
+        if child is None:
+            child = child_sp(mmu, sp, index)
+        else:
+            link_shadow_page(mmu, sp, index, child)
+        sp, level = child, level - 1
+    ret = mmu_set_spte(mmu, ms, sp, index, ACC_ALL, base_gfn, prefetch=False, write_fault=write)
+    if ret != RetPf.SPURIOUS and sp.level == PG_LEVEL_4K:
+        direct_pte_prefetch(mmu, sp, index)
+    return ret

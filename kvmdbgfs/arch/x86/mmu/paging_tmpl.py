@@ -1,0 +1,167 @@
+"""Reading the guest's 4-level page tables (paging_tmpl.h for a 64-bit guest, PTTYPE 64).
+
+walk_addr() is FNAME(walk_addr): the shadow MMU's walk of one address, which sets the
+accessed (and, for writes, dirty) bits in the guest PTEs it used, as KVM does through
+the host mapping. translate_gvas() is the hardware's walk under EPT (the TDP modes), for
+many addresses at once; it leaves A/D bits alone, nothing in the model reads them there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from kvmdbgfs.arch.x86.mmu.spte import (
+    ACC_ALL,
+    ACC_EXEC_MASK,
+    ACC_USER_MASK,
+    ACC_WRITE_MASK,
+    KVM_PAGES_PER_HPAGE,
+    PAGE_SHIFT,
+    PG_LEVEL_1G,
+    PG_LEVEL_4K,
+    PT64_ROOT_4LEVEL,
+    U64,
+)
+from kvmdbgfs.guest.memory import GuestMemory
+from kvmdbgfs.guest.pte import (
+    PT64_BASE_ADDR_MASK,
+    PT64_NX_MASK,
+    PT_ACCESSED_MASK,
+    PT_DIRTY_MASK,
+    PT_PAGE_SIZE_MASK,
+    PT_PRESENT_MASK,
+    pt_index,
+    pte_gfn,
+)
+
+
+def gpte_access(gpte: int) -> int:
+    """FNAME(gpte_access)(): ACC_* bits granted by one guest PTE."""
+    return (gpte & (ACC_WRITE_MASK | ACC_USER_MASK)) | (0 if gpte & PT64_NX_MASK else ACC_EXEC_MASK)
+
+
+def gptes_access(gptes: np.ndarray, protect_clean: bool) -> np.ndarray:
+    """gpte_access() of several PTEs as uint8; with ``protect_clean``, FNAME(protect_clean_gpte) too."""
+    access = (gptes & U64(ACC_WRITE_MASK | ACC_USER_MASK)) | (~(gptes >> U64(63)) & U64(ACC_EXEC_MASK))
+    if protect_clean:
+        access &= np.where(gptes & U64(PT_DIRTY_MASK), U64(ACC_ALL), U64(ACC_ALL & ~ACC_WRITE_MASK))
+    return access.astype(np.uint8)
+
+
+def is_last_gpte(level: int, gpte: int) -> bool:
+    return level == PG_LEVEL_4K or (level <= PG_LEVEL_1G and bool(gpte & PT_PAGE_SIZE_MASK))
+
+
+def gpte_valid_for_prefetch(gpte: int) -> bool:
+    """Not FNAME(prefetch_invalid_gpte)(): present and accessed (only accessed entries are prefetched)."""
+    return gpte & (PT_PRESENT_MASK | PT_ACCESSED_MASK) == PT_PRESENT_MASK | PT_ACCESSED_MASK
+
+
+def read_gptes(memory: GuestMemory, gfn: int, indices: np.ndarray) -> np.ndarray:
+    """Entries of guest page ``gfn`` as uint64 (a page the guest never wrote reads as zeros)."""
+    if not memory.holds_table(gfn):
+        return np.zeros(len(indices), np.uint64)
+    return memory.table(gfn)[indices]
+
+
+@dataclass(slots=True)
+class GuestWalker:
+    """struct guest_walker: per level (index level - 1) the table gfn, the PTE and the access above it."""
+
+    level: int = PT64_ROOT_4LEVEL
+    gfn: int = 0
+    pte_access: int = ACC_ALL
+    table_gfn: list[int] = field(default_factory=lambda: [0] * PT64_ROOT_4LEVEL)
+    ptes: list[int] = field(default_factory=lambda: [0] * PT64_ROOT_4LEVEL)
+    pt_access: list[int] = field(default_factory=lambda: [ACC_ALL] * PT64_ROOT_4LEVEL)
+
+
+def walk_addr(
+    memory: GuestMemory, root_gfn: int, gva: int, write: bool, user: bool, set_accessed_dirty: bool = True
+) -> GuestWalker | None:
+    """FNAME(walk_addr)(): None when the guest must get a #PF (not present, or a permission fault).
+
+    Without ``set_accessed_dirty`` it is the CPU's walk under EPT (see translate_gvas)."""
+    walker = GuestWalker()
+    table_gfn = root_gfn
+    access = ACC_ALL
+    level = PT64_ROOT_4LEVEL
+    while True:
+        walker.table_gfn[level - 1] = table_gfn
+        walker.pt_access[level - 1] = access
+        gpte = memory.read_pte(table_gfn, pt_index(gva, level))
+        if not gpte & PT_PRESENT_MASK:
+            return None
+        walker.ptes[level - 1] = gpte
+        access &= gpte_access(gpte)
+        if is_last_gpte(level, gpte):
+            break
+        table_gfn = pte_gfn(gpte)
+        level -= 1
+    if (write and not access & ACC_WRITE_MASK) or (user and not access & ACC_USER_MASK):
+        return None
+    pages = KVM_PAGES_PER_HPAGE(level)
+    walker.level = level
+    walker.gfn = (pte_gfn(gpte) & -pages) + ((gva >> PAGE_SHIFT) & (pages - 1))
+    if not write and not gpte & PT_DIRTY_MASK:
+        access &= ~ACC_WRITE_MASK  # FNAME(protect_clean_gpte)
+    walker.pte_access = access
+    if set_accessed_dirty:
+        _update_accessed_dirty_bits(memory, walker, gva, write)
+    return walker
+
+
+def _update_accessed_dirty_bits(memory: GuestMemory, walker: GuestWalker, gva: int, write: bool) -> None:
+    """FNAME(update_accessed_dirty_bits)(): A on every PTE walked, D on the leaf of a write."""
+    for level in range(PT64_ROOT_4LEVEL, walker.level - 1, -1):
+        pte = walker.ptes[level - 1]
+        new = pte | PT_ACCESSED_MASK
+        if level == walker.level and write:
+            new |= PT_DIRTY_MASK
+        if new != pte:
+            memory.store_pte(walker.table_gfn[level - 1], pt_index(gva, level), new)
+            walker.ptes[level - 1] = new
+
+
+def _gather(memory: GuestMemory, tables: np.ndarray, indices: np.ndarray) -> np.ndarray:
+    """Entry ``indices[i]`` of guest page ``tables[i]`` for every i, as uint64."""
+    out = np.zeros(len(tables), np.uint64)
+    unique, inverse = np.unique(tables, return_inverse=True)
+    for position, gfn in enumerate(unique.tolist()):
+        if memory.holds_table(gfn):
+            mine = inverse == position
+            out[mine] = memory.table(gfn)[indices[mine]]
+    return out
+
+
+def translate_gvas(memory: GuestMemory, root_gfn: int, gvas: np.ndarray, write: bool, user: bool) -> np.ndarray:
+    """The hardware walk of many addresses: each one's 4K gfn, -1 where the guest takes a #PF."""
+    gvas = np.asarray(gvas, np.uint64)
+    gfns = np.full(len(gvas), -1, np.int64)
+    alive = np.arange(len(gvas))
+    tables = np.full(len(gvas), root_gfn, np.int64)
+    access = np.full(len(gvas), ACC_ALL, np.uint8)
+    for level in range(PT64_ROOT_4LEVEL, 0, -1):
+        index = ((gvas[alive] >> U64(PAGE_SHIFT + 9 * (level - 1))) & U64(511)).astype(np.int64)
+        gptes = _gather(memory, tables[alive], index)
+        present = (gptes & U64(PT_PRESENT_MASK)) != 0
+        alive, gptes = alive[present], gptes[present]
+        access[alive] &= gptes_access(gptes, protect_clean=False)
+        frames = ((gptes & U64(PT64_BASE_ADDR_MASK)) >> U64(PAGE_SHIFT)).astype(np.int64)
+        last = (gptes & U64(PT_PAGE_SIZE_MASK)) != 0 if level <= PG_LEVEL_1G else np.zeros(len(alive), bool)
+        if level == PG_LEVEL_4K:
+            last[:] = True
+        pages = KVM_PAGES_PER_HPAGE(level)
+        done = alive[last]
+        gfns[done] = (frames[last] & -pages) + ((gvas[done] >> U64(PAGE_SHIFT)).astype(np.int64) & (pages - 1))
+        tables[alive[~last]] = frames[~last]
+        alive = alive[~last]
+    denied = np.zeros(len(gvas), bool)
+    if write:
+        denied |= (access & ACC_WRITE_MASK) == 0
+    if user:
+        denied |= (access & ACC_USER_MASK) == 0
+    gfns[denied] = -1
+    return gfns

@@ -1,0 +1,132 @@
+"""Installing leaf sptes: make_spte() (spte.c) and mmu_set_spte() (mmu.c).
+
+A writable spte for a gfn that is a shadowed guest table is only granted if the
+shadow pages of that gfn can go unsync (mmu_try_to_unsync_pages); otherwise it is
+installed read-only and a write fault on it must be emulated.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from kvmdbgfs.arch.x86.mmu.mmu_memslots import MmuSlot
+from kvmdbgfs.arch.x86.mmu.shadow_page import KvmMmuPage
+from kvmdbgfs.arch.x86.mmu.spte import (
+    ACC_EXEC_MASK,
+    ACC_USER_MASK,
+    ACC_WRITE_MASK,
+    PAGE_SHIFT,
+    PG_LEVEL_4K,
+    PT64_NX_MASK,
+    PT_ACCESSED_MASK,
+    PT_DIRTY_MASK,
+    PT_PRESENT_MASK,
+    PT_USER_MASK,
+    PT_WRITABLE_MASK,
+    SPTE_HOST_WRITEABLE,
+    SPTE_MMU_PRESENT_MASK,
+    SPTE_MMU_WRITEABLE,
+    U64,
+    is_large_pte,
+    is_shadow_present_pte,
+    is_writable_pte,
+    leaf_spte_bits,
+    spte_to_pfn,
+    sptep,
+)
+from kvmdbgfs.arch.x86.mmu.unsync import mmu_try_to_unsync_pages
+from kvmdbgfs.arch.x86.mmu.zap import drop_parent_pte
+
+if TYPE_CHECKING:
+    from kvmdbgfs.arch.x86.mmu.mmu import KvmMmu
+
+
+class RetPf(IntEnum):
+    """RET_PF_*: what a page fault handler did."""
+
+    RETRY = 1
+    EMULATE = 2
+    FIXED = 3
+    SPURIOUS = 4
+
+
+def make_spte(
+    mmu: KvmMmu, ms: MmuSlot, level: int, pte_access: int, gfn: int, old_spte: int, prefetch: bool
+) -> tuple[int, bool]:
+    """make_spte() outside synchronization: (the new spte, whether W had to be withheld)."""
+    spte = leaf_spte_bits(pte_access, level, gfn, accessed=not prefetch)
+    if not pte_access & ACC_WRITE_MASK:
+        return spte, False
+    spte |= PT_WRITABLE_MASK | SPTE_MMU_WRITEABLE
+    if is_writable_pte(old_spte):
+        return spte, False
+    if mmu_try_to_unsync_pages(mmu, ms, gfn, synchronizing=False, prefetch=prefetch):
+        return spte & ~(PT_WRITABLE_MASK | SPTE_MMU_WRITEABLE), True
+    return spte | PT_DIRTY_MASK, False
+
+
+def mmu_spte_update(mmu: KvmMmu, sp_id: int, index: int, old_spte: int, new_spte: int) -> bool:
+    """mmu_spte_update(): store; True if a writable spte became read-only (a flush is due)."""
+    mmu.pool.set(sp_id, index, new_spte)
+    return is_shadow_present_pte(old_spte) and bool(old_spte & SPTE_MMU_WRITEABLE) and not is_writable_pte(new_spte)
+
+
+def mmu_set_spte(
+    mmu: KvmMmu, ms: MmuSlot, sp: KvmMmuPage, index: int, pte_access: int, gfn: int, prefetch: bool, write_fault: bool
+) -> RetPf:
+    """mmu_set_spte(): map ``gfn`` at entry ``index`` of ``sp``; rmap_add it unless it was mapped already."""
+    level = sp.level
+    old = mmu.pool.get(sp.id, index)
+    was_rmapped = False
+    flush = False
+    if is_shadow_present_pte(old):
+        if level > PG_LEVEL_4K and not is_large_pte(old):
+            drop_parent_pte(mmu, mmu.sps.by_id[spte_to_pfn(old)], sptep(sp.id, index))
+            flush = True
+        elif spte_to_pfn(old) != gfn:
+            mmu.leaf.drop_sptes(sp.id, level, np.array([index]))
+            flush = True
+        else:
+            was_rmapped = True
+        old = mmu.pool.get(sp.id, index)
+    spte, wrprot = make_spte(mmu, ms, level, pte_access, gfn, old, prefetch)
+    ret = RetPf.FIXED
+    if old == spte:
+        ret = RetPf.SPURIOUS
+    else:
+        flush |= mmu_spte_update(mmu, sp.id, index, old, spte)
+    if wrprot and write_fault:
+        ret = RetPf.EMULATE
+    if flush:
+        mmu.flush_remote_tlbs()
+    mmu.pool.access[sp.id, index] = pte_access
+    if not was_rmapped:
+        mmu.leaf.rmap_add(ms, gfn, level, sptep(sp.id, index))
+    return ret
+
+
+def make_sptes_synchronizing(
+    mmu: KvmMmu, gfns: np.ndarray, pte_access: np.ndarray, old_sptes: np.ndarray
+) -> np.ndarray:
+    """make_spte() with synchronizing=true (FNAME(sync_spte)) for level-1 entries, vectorised.
+
+    A gfn with shadow pages never gets W back while syncing (mmu_try_to_unsync_pages refuses)."""
+    access = pte_access.astype(np.uint64)
+    spte = (
+        U64(SPTE_MMU_PRESENT_MASK | PT_PRESENT_MASK | SPTE_HOST_WRITEABLE | PT_ACCESSED_MASK)
+        | (gfns.astype(np.uint64) << U64(PAGE_SHIFT))
+        | np.where(access & U64(ACC_EXEC_MASK), U64(0), U64(PT64_NX_MASK))
+        | np.where(access & U64(ACC_USER_MASK), U64(PT_USER_MASK), U64(0))
+    )
+    wants_w = (access & U64(ACC_WRITE_MASK)) != 0
+    keeps_w = wants_w & ((old_sptes & U64(PT_WRITABLE_MASK)) != 0)
+    check = np.flatnonzero(wants_w & ~keeps_w)
+    shadowed = np.array([mmu.sps.has_gptes(gfn) for gfn in gfns[check].tolist()], bool)
+    granted = keeps_w.copy()
+    granted[check[~shadowed]] = True
+    spte[granted] |= U64(PT_WRITABLE_MASK | SPTE_MMU_WRITEABLE)
+    spte[granted & ~keeps_w] |= U64(PT_DIRTY_MASK)
+    return spte

@@ -1,0 +1,129 @@
+"""The page-table pages an MMU builds (each kvm_mmu_page's ``spt``), as rows of one numpy array.
+
+Page ``id`` owns row ``id`` of ``spt`` (its 512 sptes), of ``access`` (the access bits
+recorded per spte, ``shadowed_translation``) and ``level``. Ids come back LIFO when
+pages are freed, as slab objects do; id 0 is never used. Rows are zero when handed
+out, like pages from the zeroing shadow-page cache.
+
+``revoke_seq`` moves whenever a present spte is cleared or loses W or U: a batch of
+accesses uses it to know when translations it found usable may have gone.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from kvmdbgfs.arch.x86.mmu.spte import (
+    PAGE_SHIFT,
+    PT_PAGE_SIZE_MASK,
+    SPTE_BASE_ADDR_MASK,
+    SPTE_ENT_PER_PAGE,
+    SPTE_MMU_PRESENT_MASK,
+    SPTE_PERM_MASK,
+    U64,
+    sptes_to_pfn,
+)
+
+INITIAL_PAGES = 64
+
+
+class SptPool:
+    def __init__(self) -> None:
+        self.spt = np.zeros((INITIAL_PAGES, SPTE_ENT_PER_PAGE), np.uint64)
+        self.access = np.zeros((INITIAL_PAGES, SPTE_ENT_PER_PAGE), np.uint8)
+        self.level = np.zeros(INITIAL_PAGES, np.int8)
+        self.free_ids: list[int] = []
+        self.next_id = 1
+        self.revoke_seq = 0
+
+    @property
+    def capacity(self) -> int:
+        return len(self.level)
+
+    def alloc(self, level: int) -> int:
+        """A zeroed page for ``level``; returns its id."""
+        if self.free_ids:
+            sp_id = self.free_ids.pop()
+        else:
+            sp_id = self.next_id
+            self.next_id += 1
+            if sp_id >= self.capacity:
+                self._grow()
+        self.level[sp_id] = level
+        return sp_id
+
+    def free(self, sp_id: int) -> None:
+        """The page goes back to the cache; its row is cleared for the next user."""
+        self.spt[sp_id] = 0
+        self.access[sp_id] = 0
+        self.free_ids.append(sp_id)
+
+    def _grow(self) -> None:
+        grown = 2 * self.capacity
+        self.spt = np.concatenate([self.spt, np.zeros_like(self.spt)])
+        self.access = np.concatenate([self.access, np.zeros_like(self.access)])
+        self.level = np.concatenate([self.level, np.zeros(grown - len(self.level), np.int8)])
+
+    def get(self, sp_id: int, index: int) -> int:
+        return int(self.spt[sp_id, index])
+
+    def set(self, sp_id: int, index: int, spte: int) -> None:
+        """mmu_spte_set / mmu_spte_update / mmu_spte_clear: store one spte."""
+        old = int(self.spt[sp_id, index])
+        if old & ~spte & SPTE_PERM_MASK:
+            self.revoke_seq += 1
+        self.spt[sp_id, index] = spte
+
+    def store_many(self, sp_id: int, indices: np.ndarray, sptes: np.ndarray) -> np.ndarray:
+        """Store several sptes of one page; returns their old values."""
+        old = self.spt[sp_id, indices]
+        if (old & ~sptes & U64(SPTE_PERM_MASK)).any():
+            self.revoke_seq += 1
+        self.spt[sp_id, indices] = sptes
+        return old
+
+    def clear_many(self, sp_ids: np.ndarray, indices: np.ndarray) -> np.ndarray:
+        """Clear several sptes; returns their old values."""
+        old = self.spt[sp_ids, indices]
+        if len(old):
+            self.revoke_seq += 1
+            self.spt[sp_ids, indices] = 0
+        return old
+
+    def clear_bits(self, sp_ids: np.ndarray, indices: np.ndarray, bits: int) -> np.ndarray:
+        """Clear ``bits`` in several sptes; returns which of them had any of those bits."""
+        old = self.spt[sp_ids, indices]
+        had = (old & U64(bits)) != 0
+        if had.any():
+            self.revoke_seq += 1
+            self.spt[sp_ids[had], indices[had]] = old[had] & ~U64(bits)
+        return had
+
+    def leaf_sptes(self, root_id: int, addrs: np.ndarray) -> np.ndarray:
+        """The leaf spte that translates each address (a gva, or a gpa under EPT) from page ``root_id``; 0 where
+        the walk ends at a non-present entry."""
+        addrs = np.asarray(addrs, np.uint64)
+        out = np.zeros(len(addrs), np.uint64)
+        alive = np.arange(len(addrs))
+        pages = np.full(len(addrs), root_id, np.int64)
+        for level in range(int(self.level[root_id]), 0, -1):
+            index = ((addrs[alive] >> U64(PAGE_SHIFT + 9 * (level - 1))) & U64(SPTE_ENT_PER_PAGE - 1)).astype(np.int64)
+            sptes = self.spt[pages[alive], index]
+            present = (sptes & U64(SPTE_MMU_PRESENT_MASK)) != 0
+            leaf = present & ((sptes & U64(PT_PAGE_SIZE_MASK)) != 0) if level > 1 else present
+            out[alive[leaf]] = sptes[leaf]
+            down = present & ~leaf
+            pages[alive[down]] = sptes_to_pfn(sptes[down])
+            alive = alive[down]
+        return out
+
+    def leaf_spte(self, root_id: int, addr: int) -> int:
+        """leaf_sptes() of one address, walked in Python (cheaper than numpy for one)."""
+        sp_id, level = root_id, int(self.level[root_id])
+        while True:
+            spte = int(self.spt[sp_id, (addr >> (PAGE_SHIFT + 9 * (level - 1))) & (SPTE_ENT_PER_PAGE - 1)])
+            if not spte & SPTE_MMU_PRESENT_MASK:
+                return 0
+            if level == 1 or spte & PT_PAGE_SIZE_MASK:
+                return spte
+            sp_id, level = (spte & SPTE_BASE_ADDR_MASK) >> PAGE_SHIFT, level - 1

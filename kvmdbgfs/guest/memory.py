@@ -1,0 +1,41 @@
+"""Guest RAM as far as paging needs it: the contents of the pages that hold page tables.
+
+Data pages have no content in the model (nothing reads them); a page-table
+page is 512 u64 entries in a numpy array, created zeroed on first use, as
+a freshly allocated and cleared page would be.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from kvmdbgfs.guest.pte import PT64_ENT_PER_PAGE
+
+
+class GuestMemory:
+    """The page-table pages of one guest, by gfn."""
+
+    def __init__(self) -> None:
+        self._tables: dict[int, np.ndarray] = {}
+
+    def table(self, gfn: int) -> np.ndarray:
+        """The 512 entries stored in page ``gfn`` (zeroed when first used)."""
+        entries = self._tables.get(gfn)
+        if entries is None:
+            entries = self._tables[gfn] = np.zeros(PT64_ENT_PER_PAGE, dtype=np.uint64)
+        return entries
+
+    def read_pte(self, gfn: int, index: int) -> int:
+        entries = self._tables.get(gfn)
+        return 0 if entries is None else int(entries[index])
+
+    def store_pte(self, gfn: int, index: int, value: int) -> None:
+        """A raw store, as memory sees it; who intercepts guest stores is the hardware's business."""
+        self.table(gfn)[index] = value
+
+    def free_table(self, gfn: int) -> None:
+        """The guest freed a page-table page: its content no longer matters."""
+        self._tables.pop(gfn, None)
+
+    def holds_table(self, gfn: int) -> bool:
+        return gfn in self._tables
