@@ -1,0 +1,217 @@
+"""Page faults (mm/memory.c handle_mm_fault), handled one page-table page at a time.
+
+``handle_pt_faults`` handles the faults of a sorted set of pages that lie in
+one VMA and one PT page, in address order, exactly as that many faults one
+after the other would (same allocations in the same order, same PTEs), and
+emits the PTE stores of the PT page as one batch when the kernel batches.
+``populate`` faults a range in (MADV_POPULATE / MAP_POPULATE: no user access),
+``touch`` is the user program touching pages (fault, then the access retries).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from kvmdbgfs.guest.allocator import PAGE_ANON
+from kvmdbgfs.guest.huge import huge_fault, is_huge, pmd_entry, thp_enabled
+from kvmdbgfs.guest.kctx import KernelContext
+from kvmdbgfs.guest.mm import Mm
+from kvmdbgfs.guest.pgtable import PAGE_TABLE, U64, alloc_table_at, make_ptes, present, ptes_gfn
+from kvmdbgfs.guest.pte import PT64_ENT_PER_PAGE, PT_DIRTY_MASK, PT_PRESENT_MASK, PT_WRITABLE_MASK, make_pte, pte_gfn
+from kvmdbgfs.guest.vaddr import PAGE_SIZE, PMD_SIZE, direct_map
+from kvmdbgfs.guest.vma import PROT_WRITE, Vma
+
+FAULT_AROUND_PAGES = 16  # fault_around_bytes = 64 KiB
+WRITE_DIRTY = U64(PT_WRITABLE_MASK | PT_DIRTY_MASK)
+
+
+class GuestSegfault(Exception):
+    """The access has no VMA or the VMA forbids it: the guest would deliver SIGSEGV."""
+
+
+def fault_around_window(vma: Vma, base: int, index: int) -> tuple[int, int]:
+    """do_fault_around: the PTE indices [from, to) around ``index``: its 16-aligned block, inside the VMA."""
+    vma_off = (base + index * PAGE_SIZE - vma.start) // PAGE_SIZE
+    first = max(index & ~(FAULT_AROUND_PAGES - 1), index - min(index, vma_off))
+    last = min(first + FAULT_AROUND_PAGES, PT64_ENT_PER_PAGE, index + vma.npages - vma_off)
+    return first, last
+
+
+def needs_fault(ctx: KernelContext, pgd: int, base: int, indices: np.ndarray, write: bool) -> np.ndarray:
+    """Which of the pages would fault: not present, or written through a read-only PTE (or THP PMD)."""
+    _, _, pmd = pmd_entry(ctx, pgd, base)
+    if is_huge(pmd):
+        return np.full(len(indices), write and not pmd & PT_WRITABLE_MASK)
+    if not pmd & PT_PRESENT_MASK:
+        return np.ones(len(indices), bool)
+    ptes = ctx.memory.table(pte_gfn(pmd))[indices]
+    need = ~present(ptes)
+    if write:
+        need |= (ptes & U64(PT_WRITABLE_MASK)) == 0
+    return need
+
+
+def handle_pt_faults(ctx: KernelContext, mm: Mm, vma: Vma, base: int, indices: np.ndarray, write: bool) -> None:
+    """Faults on the pages base + indices * 4K (sorted) of one VMA and one PT page."""
+    indices = indices[needs_fault(ctx, mm.pgd, base, indices, write)]
+    if len(indices) == 0:
+        return
+    if write and not vma.prot & PROT_WRITE:
+        raise GuestSegfault(f"write to {vma.name or 'a read-only mapping'} at {base + int(indices[0]) * PAGE_SIZE:#x}")
+    if huge_fault(ctx, mm, vma, base, write):
+        return
+    pt = alloc_table_at(ctx, mm.pgd, base, 1, PAGE_TABLE)
+    if write and not vma.shared:
+        _private_write_faults(ctx, mm, vma, pt, base, indices)
+    elif write:
+        _shared_write_faults(ctx, vma, pt, base, indices)
+    elif vma.file is None:
+        # do_anonymous_page, read: the shared zero page, read-only, no anon_vma needed.
+        ctx.stores(pt, indices, make_ptes(np.full(len(indices), ctx.zero_pfn), vma.page_prot()))
+    else:
+        _read_faults(ctx, vma, pt, base, indices)
+
+
+def _private_write_faults(ctx: KernelContext, mm: Mm, vma: Vma, pt: int, base: int, indices: np.ndarray) -> None:
+    """do_anonymous_page (write), do_cow_fault, and do_wp_page: wp_page_reuse or wp_page_copy."""
+    ptes = ctx.memory.table(pt)[indices]
+    mapped = present(ptes)
+    any_mapped = bool(mapped.any())  # else (the common case) fresh memory: nothing to copy, reuse or flush
+    src = np.where(mapped, ptes_gfn(ptes), -1)
+    reuse = mapped & ctx.pages.exclusive_anon(np.maximum(src, 0)) if any_mapped else mapped
+    if vma.file is None:
+        new = np.full(len(indices), -1, np.int64)
+        new[~reuse] = ctx.pages.alloc(len(indices) - int(reuse.sum()), PAGE_ANON)
+    else:
+        new = _cow_sources_in_order(ctx, vma, base, indices, src, ~mapped, ~reuse)
+    copied = ~reuse & (src >= 0) & (src != ctx.zero_pfn)
+    if copied.any():
+        ctx.kernel_access(direct_map(src[copied]), write=False)  # copy_user_highpage reads the source
+    ctx.kernel_access(direct_map(new[~reuse]), write=True)  # ... or clear_user_highpage
+    values = make_ptes(np.maximum(new, 0), vma.page_prot()) | WRITE_DIRTY
+    start = 0
+    if any_mapped:
+        values = np.where(reuse, ptes | WRITE_DIRTY, values)
+        for cow in np.flatnonzero(mapped & ~reuse).tolist():  # wp_page_copy: ptep_clear_flush, then the new PTE
+            ctx.stores(pt, np.append(indices[start:cow], indices[cow]), np.append(values[start:cow], U64(0)))
+            ctx.tlb.flush_tlb_page(mm, ctx.cpu, base + int(indices[cow]) * PAGE_SIZE)
+            start = cow
+    ctx.stores(pt, indices[start:], values[start:])
+    ctx.pages.put(src[copied & mapped])  # the old pages lose this mapping
+    vma.anon_vma = True
+
+
+def _cow_sources_in_order(
+    ctx: KernelContext,
+    vma: Vma,
+    base: int,
+    indices: np.ndarray,
+    src: np.ndarray,
+    missing: np.ndarray,
+    needs_page: np.ndarray,
+) -> np.ndarray:
+    """do_cow_fault's page-cache sources (filled into ``src``) and the new pages, allocated in fault order:
+    a read-around happens when the fault that needs it does."""
+    file = vma.file
+    assert file is not None
+    new = np.full(len(indices), -1, np.int64)
+    pos = 0
+    while pos < len(indices):
+        lookup = np.flatnonzero(missing[pos:] & (src[pos:] < 0)) + pos
+        src[lookup] = file.pages[vma.pgoff_at(base) + indices[lookup]]
+        uncached = lookup[src[lookup] < 0]
+        stop = int(uncached[0]) if len(uncached) else len(indices)
+        run = np.flatnonzero(needs_page[pos:stop]) + pos
+        new[run] = ctx.pages.alloc(len(run), PAGE_ANON)
+        if stop < len(indices):
+            src[stop] = ctx.cache.fault_page(file, vma.pgoff_at(base) + int(indices[stop]))
+        pos = stop
+    return new
+
+
+def _shared_write_faults(ctx: KernelContext, vma: Vma, pt: int, base: int, indices: np.ndarray) -> None:
+    """do_shared_fault: the shmem (or file) page, mapped writable and dirty; no fault-around."""
+    if vma.file is None:
+        raise GuestSegfault("shared mapping without a file")
+    gfns = np.array([ctx.cache.fault_page(vma.file, vma.pgoff_at(base) + i) for i in indices.tolist()], np.int64)
+    ctx.stores(pt, indices, make_ptes(gfns, vma.page_prot() | PT_DIRTY_MASK))
+    ctx.pages.get(gfns)
+
+
+def _read_faults(ctx: KernelContext, vma: Vma, pt: int, base: int, indices: np.ndarray) -> None:
+    """do_read_fault: do_fault_around maps the cached pages of the window, then __do_fault the page itself."""
+    file = vma.file
+    assert file is not None
+    ptes = ctx.memory.table(pt).copy()
+    prot = vma.page_prot()
+    order: list[np.ndarray] = []
+    for index in indices.tolist():
+        if ptes[index] != 0:
+            continue
+        first, last = fault_around_window(vma, base, index)
+        window = np.arange(first, last)
+        window = window[ptes[window] == 0]
+        pgoffs = vma.pgoff_at(base) + window
+        window, pgoffs = window[pgoffs < file.nr_pages], pgoffs[pgoffs < file.nr_pages]
+        cached = file.pages[pgoffs] >= 0
+        order.append(window[cached])
+        ptes[window[cached]] = make_ptes(file.pages[pgoffs[cached]], prot)
+        if ptes[index] == 0:
+            if vma.pgoff_at(base) + index >= file.nr_pages:
+                raise GuestSegfault(f"access beyond the end of {file.name} (SIGBUS)")
+            ptes[index] = make_pte(ctx.cache.fault_page(file, vma.pgoff_at(base) + index), prot)
+            order.append(np.array([index]))
+    mapped = np.concatenate(order) if order else np.zeros(0, np.int64)
+    ctx.stores(pt, mapped, ptes[mapped])
+    ctx.pages.get(ptes_gfn(ptes[mapped]))
+
+
+def _vma_runs(mm: Mm, start: int, end: int) -> list[tuple[Vma, int, int]]:
+    """[start, end) cut at VMA and PT-page boundaries: (vma, PT base, first, last) in address order."""
+    runs = []
+    va = start
+    while va < end:
+        vma = mm.vma_for_fault(va)
+        if vma is None:
+            raise GuestSegfault(f"no mapping at {va:#x}")
+        stop = min(end, vma.end, (va // PMD_SIZE + 1) * PMD_SIZE)
+        runs.append((vma, va, stop))
+        va = stop
+    return runs
+
+
+def populate(ctx: KernelContext, mm: Mm, start: int, end: int, write: bool) -> None:
+    """populate_vma_page_range / faultin_page: fault every page of [start, end) in, without user accesses."""
+    for vma, lo, hi in _vma_runs(mm, start, end):
+        base = lo // PMD_SIZE * PMD_SIZE
+        indices = np.arange((lo - base) // PAGE_SIZE, (hi - base) // PAGE_SIZE)
+        if ctx.batch:
+            handle_pt_faults(ctx, mm, vma, base, indices, write)
+        else:
+            for index in indices:
+                handle_pt_faults(ctx, mm, vma, base, indices[indices == index], write)
+
+
+def touch(ctx: KernelContext, mm: Mm, gvas: np.ndarray, write: bool) -> None:
+    """User code touching the pages ``gvas`` in order: each access that faults is handled, then retried."""
+    gvas = np.asarray(gvas, np.int64) & ~(PAGE_SIZE - 1)
+    pending = pos = 0
+    while pos < len(gvas):
+        base = int(gvas[pos]) // PMD_SIZE * PMD_SIZE
+        run = pos + int(np.argmin(np.append(gvas[pos:] // PMD_SIZE * PMD_SIZE == base, False)))
+        indices = (gvas[pos:run] - base) // PAGE_SIZE
+        need = np.flatnonzero(needs_fault(ctx, mm.pgd, base, indices, write))
+        while len(need):
+            at = pos + int(need[0])
+            ctx.user_access(gvas[pending:at].astype(np.uint64), write)
+            pending = at
+            vma = mm.vma_for_fault(int(gvas[at]))
+            if vma is None:
+                raise GuestSegfault(f"no mapping at {int(gvas[at]):#x}")
+            handle_pt_faults(ctx, mm, vma, base, indices[need[:1]], write)
+            if vma.file is None and not thp_enabled(ctx, vma):  # an anonymous fault maps just its page
+                need = need[1:]
+            else:  # fault-around or a THP may have mapped more
+                need = need[1:][needs_fault(ctx, mm.pgd, base, indices[need[1:]], write)]
+        pos = run
+    ctx.user_access(gvas[pending:].astype(np.uint64), write)

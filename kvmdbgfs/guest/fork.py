@@ -1,0 +1,60 @@
+"""fork's address-space copy: dup_mmap and copy_page_range (mm/memory.c), one PT page at a time."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+
+from kvmdbgfs.guest.huge import copy_huge_pmd, is_huge
+from kvmdbgfs.guest.kctx import KernelContext
+from kvmdbgfs.guest.mm import Mm
+from kvmdbgfs.guest.pgtable import PAGE_TABLE, U64, alloc_table_at, entry_range, present, ptes_gfn, walk
+from kvmdbgfs.guest.pte import PT_ACCESSED_MASK, PT_DIRTY_MASK, PT_WRITABLE_MASK, pte_gfn
+from kvmdbgfs.guest.vma import Vma
+
+
+def vma_needs_copy(vma: Vma) -> bool:
+    """vma_needs_copy: only mappings with anonymous pages are copied; the rest refault in the child."""
+    return vma.anon_vma
+
+
+def copy_pte_range(ctx: KernelContext, vma: Vma, src_pt: int, dst_pt: int, va: int) -> None:
+    """copy_present_pte for each present PTE: in a COW mapping a writable PTE is write-protected in the
+    parent and the child; the child's copy is old (and clean if shared); the page gains a reference."""
+    i0, i1 = entry_range(va, 1, vma.start, vma.end)
+    src = ctx.memory.table(src_pt)
+    indices = np.flatnonzero(present(src[i0:i1])) + i0
+    ptes = src[indices]
+    wrprotect = np.zeros(len(ptes), bool) if vma.shared else (ptes & U64(PT_WRITABLE_MASK)) != 0
+    parent = ptes & ~U64(PT_WRITABLE_MASK)
+    child = np.where(wrprotect, parent, ptes) & ~U64(PT_ACCESSED_MASK | (PT_DIRTY_MASK if vma.shared else 0))
+    ctx.paired_stores(src_pt, wrprotect, parent, dst_pt, indices, child)
+    gfns = ptes_gfn(ptes)
+    ctx.pages.get(gfns[gfns != ctx.zero_pfn])
+
+
+def copy_page_range(ctx: KernelContext, parent: Mm, child: Mm, vma: Vma) -> None:
+    """copy_p4d_range .. copy_pte_range: for each present parent entry the child gets the table below it
+    (pud_alloc, pmd_alloc, pte_alloc), then the PTEs are copied."""
+    for level, va, table, index in walk(ctx, parent.pgd, vma.start, vma.end):
+        entry = int(ctx.memory.table(table)[index])
+        if level == 2 and is_huge(entry):
+            copy_huge_pmd(ctx, child, va, table, index)
+            continue
+        dst = alloc_table_at(ctx, child.pgd, va, level - 1, PAGE_TABLE)
+        if level == 2:
+            copy_pte_range(ctx, vma, pte_gfn(entry), dst, va)
+
+
+def dup_mmap(ctx: KernelContext, parent: Mm, child: Mm) -> None:
+    """dup_mmap: the child gets a copy of every VMA, page tables only where needed; then flush_tlb_mm(parent)."""
+    for vma in parent.vmas:
+        copy = replace(vma)
+        if copy.file is not None:
+            copy.file.mappings += 1
+        child.insert(copy)
+        if vma_needs_copy(vma):
+            copy_page_range(ctx, parent, child, vma)
+    child.copy_layout(parent)
+    ctx.tlb.flush_tlb_mm(parent, ctx.cpu)

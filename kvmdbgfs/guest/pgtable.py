@@ -1,0 +1,108 @@
+"""Page-table pages in guest RAM: walking them and allocating missing levels (pud_alloc, pmd_alloc, pte_alloc).
+
+Levels are numbered as KVM numbers them: 4 = PML4 (pgd), 3 = PDPT (pud),
+2 = PD (pmd), 1 = PT (pte). Vectorised entry values are uint64.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import numpy as np
+
+from kvmdbgfs.guest.kctx import KernelContext
+from kvmdbgfs.guest.pte import (
+    PAGE_SHIFT,
+    PT64_BASE_ADDR_MASK,
+    PT64_ENT_PER_PAGE,
+    PT_ACCESSED_MASK,
+    PT_DIRTY_MASK,
+    PT_PAGE_SIZE_MASK,
+    PT_PRESENT_MASK,
+    PT_USER_MASK,
+    PT_WRITABLE_MASK,
+    level_span,
+    make_pte,
+    pt_index,
+    pte_gfn,
+)
+
+KERNPG_TABLE = PT_PRESENT_MASK | PT_WRITABLE_MASK | PT_ACCESSED_MASK | PT_DIRTY_MASK  # _KERNPG_TABLE
+PAGE_TABLE = KERNPG_TABLE | PT_USER_MASK  # _PAGE_TABLE: how user page tables link their children
+PTE_CHG_MASK = PT64_BASE_ADDR_MASK | PT_ACCESSED_MASK | PT_DIRTY_MASK  # _PAGE_CHG_MASK: what pte_modify keeps
+
+U64 = np.uint64
+
+
+def make_ptes(gfns: np.ndarray, flags: int) -> np.ndarray:
+    """mk_pte() for each frame: uint64 entries."""
+    return (np.asarray(gfns, np.int64).astype(U64) << U64(PAGE_SHIFT)) | U64(flags)
+
+
+def ptes_gfn(ptes: np.ndarray) -> np.ndarray:
+    """pte_pfn() of each entry, as int64."""
+    return ((ptes & U64(PT64_BASE_ADDR_MASK)) >> U64(PAGE_SHIFT)).astype(np.int64)
+
+
+def present(ptes: np.ndarray) -> np.ndarray:
+    return (ptes & U64(PT_PRESENT_MASK)) != 0
+
+
+def entry_range(table_va: int, level: int, start: int, end: int) -> tuple[int, int]:
+    """Indices [i0, i1) of the entries of the level-``level`` table mapping ``table_va`` that overlap [start, end)."""
+    span = level_span(level)
+    i0 = max(0, (start - table_va) // span)
+    i1 = min(PT64_ENT_PER_PAGE, -(-(end - table_va) // span))
+    return i0, i1
+
+
+def table_at(ctx: KernelContext, pgd: int, gva: int, level: int) -> int:
+    """The gfn of the level-``level`` table that maps ``gva`` (4 is the pgd itself), or -1 if there is none."""
+    gfn = pgd
+    for lvl in range(4, level, -1):
+        entry = int(ctx.memory.table(gfn)[pt_index(gva, lvl)])
+        if not entry & PT_PRESENT_MASK or entry & PT_PAGE_SIZE_MASK:
+            return -1
+        gfn = pte_gfn(entry)
+    return gfn
+
+
+def alloc_table_at(
+    ctx: KernelContext, pgd: int, gva: int, level: int, link_flags: int, alloc: Callable[[], int] | None = None
+) -> int:
+    """pud_alloc, pmd_alloc, pte_alloc down to ``level``: each missing table is allocated zeroed (by
+    ``alloc``, the page allocator by default) and its entry stored into the parent (pgd_populate,
+    pud_populate, pmd_populate). Returns the table's gfn."""
+    gfn = pgd
+    for lvl in range(4, level, -1):
+        index = pt_index(gva, lvl)
+        entry = int(ctx.memory.table(gfn)[index])
+        if entry & PT_PRESENT_MASK:
+            gfn = pte_gfn(entry)
+            continue
+        child = alloc() if alloc else ctx.alloc_table()
+        ctx.store(gfn, index, make_pte(child, link_flags))
+        gfn = child
+    return gfn
+
+
+def walk(
+    ctx: KernelContext, table: int, start: int, end: int, level: int = 4, base: int = 0
+) -> Iterator[tuple[int, int, int, int]]:
+    """Pre-order walk of the present non-leaf entries overlapping [start, end), levels 4 to 2.
+
+    Yields (level, va, table gfn, index) for each entry, its subtree after it;
+    a level-2 entry points at a PT page or maps a THP (PS set).
+    """
+    entries = ctx.memory.table(table)
+    i0, i1 = entry_range(base, level, start, end)
+    span = level_span(level)
+    for index in np.flatnonzero(present(entries[i0:i1])).tolist():
+        index += i0
+        entry = int(entries[index])
+        if entry & PT_PAGE_SIZE_MASK and level > 2:
+            continue
+        va = base + index * span
+        yield level, va, table, index
+        if level > 2:
+            yield from walk(ctx, pte_gfn(entry), start, end, level - 1, va)

@@ -1,0 +1,53 @@
+"""The x86-64 (4-level) virtual address map of a Linux guest (Documentation/arch/x86/x86_64/mm.rst).
+
+Kernel regions are at their non-KASLR bases (``nokaslr`` for the memory regions);
+user-space randomisation (mmap base, stack, PIE load address, brk) is applied
+by the mm with the guest's random generator.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from kvmdbgfs.guest.pte import PAGE_SHIFT
+
+PAGE_SIZE = 1 << PAGE_SHIFT
+PMD_SIZE = 1 << 21
+MASK64 = (1 << 64) - 1
+
+# Kernel half (PML4 entries 256..511).
+PAGE_OFFSET = 0xFFFF888000000000  # direct map of all physical memory
+VMALLOC_START = 0xFFFFC90000000000
+VMALLOC_SIZE = 32 << 40  # 32 TiB with 4-level paging
+VMEMMAP_START = 0xFFFFEA0000000000  # struct page array, 64 bytes per pfn
+START_KERNEL_MAP = 0xFFFFFFFF80000000  # __START_KERNEL_map: kernel image at phys + this
+MODULES_VADDR = 0xFFFFFFFFC0000000  # __START_KERNEL_map + KERNEL_IMAGE_SIZE (1 GiB)
+STRUCT_PAGE_SIZE = 64
+
+# User half.
+TASK_SIZE = (1 << 47) - PAGE_SIZE
+ELF_ET_DYN_BASE = (TASK_SIZE // 3 * 2) & ~(PAGE_SIZE - 1)  # where PIE executables load
+MMAP_RND_BITS = 28  # arch_mmap_rnd: 28 bits of pages
+STACK_RND_PAGES = 1 << 22  # randomize_stack_top: 22 bits of pages
+BRK_RND = 0x02000000  # arch_randomize_brk: up to 32 MiB above the end of bss
+STACK_GUARD_GAP = 256 * PAGE_SIZE
+STACK_RLIMIT = 8 << 20
+
+
+def kernel_vas(base: int, offsets: np.ndarray, scale: int = PAGE_SIZE) -> np.ndarray:
+    """Kernel-half addresses base + offsets * scale (uint64: they do not fit int64)."""
+    return np.uint64(base) + np.asarray(offsets).astype(np.uint64) * np.uint64(scale)
+
+
+def direct_map(gfns: np.ndarray | int) -> np.ndarray:
+    """__va(): the kernel's direct-map address of each frame."""
+    return kernel_vas(PAGE_OFFSET, np.atleast_1d(gfns))
+
+
+def vmemmap(gfns: np.ndarray) -> np.ndarray:
+    """pfn_to_page(): the address of each frame's struct page."""
+    return kernel_vas(VMEMMAP_START, gfns, STRUCT_PAGE_SIZE)
+
+
+def page_align(size: int) -> int:
+    return (size + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
