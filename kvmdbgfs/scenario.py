@@ -38,12 +38,12 @@ class Scenario:
 
 
 BUILTIN_SCENARIOS = {
-    # The seed's contrast: the same 6 GiB guest under shadow paging and under EPT.
+    # The seed's contrast: the same idle 6 GiB guest under shadow paging and under EPT.
     "default": Scenario(
         seed=0,
         vms=[
-            {"memory": "6G", "vcpus": 2, "mmu": "shadow"},
-            {"memory": "6G", "vcpus": 2, "mmu": "tdp-legacy"},
+            {"memory": "6G", "vcpus": 2, "mmu": "shadow", "workload": "idle"},
+            {"memory": "6G", "vcpus": 2, "mmu": "tdp-legacy", "workload": "idle"},
         ],
     ),
     "empty": Scenario(),

@@ -8,11 +8,18 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from kvmdbgfs.workload import Progress, Workload, no_progress
+from workloads.hotplug import Hotplug
+from workloads.idle import Idle
+from workloads.kbuild import Kbuild
+from workloads.memhog import Memhog
+from workloads.rmap_fork import RmapFork
 
 if TYPE_CHECKING:
     from kvmdbgfs.kvm.vm import Kvm
 
-WORKLOADS: dict[str, Workload] = {}
+WORKLOADS: dict[str, Workload] = {
+    workload.name: workload for workload in (Idle(), RmapFork(), Kbuild(), Memhog(), Hotplug())
+}
 
 
 def get_workload(name: str) -> Workload:

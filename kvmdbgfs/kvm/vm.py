@@ -13,6 +13,7 @@ from kvmdbgfs.kvm.vcpu import KvmVcpu
 if TYPE_CHECKING:
     from kvmdbgfs.arch.x86.kvm_arch import KvmArch
     from kvmdbgfs.debugfs.dentry import Dentry
+    from kvmdbgfs.guest.userspace import Userspace
     from kvmdbgfs.kvm.host import KvmHost
 
 MMU_MODES = ("shadow", "tdp-legacy", "tdp")
@@ -49,6 +50,8 @@ class Kvm:
         self.mmu_lock = threading.RLock()
         self.debugfs_dentry: Dentry | None = None
         self.workload_runs = 0
+        # The guest OS once a workload has booted it (workloads.guest).
+        self.guest: Userspace | None = None
         self.arch: KvmArch
 
     def get_kvm_safe(self) -> bool:
