@@ -1,0 +1,49 @@
+"""The default scenario's guests against the seed's observation (idle 6 GiB guest, EPT=N, ffs buckets).
+
+The seed's table: ``Level=4K: 3086676 53045 12330 1272 502 121 76 2 0 0 0``,
+``Level=2M: 5947 231 0 ...``, ``Level=1G: 32 0 ...``. These tests hold the
+shape: about 3.15M 4K heads over both address spaces, nearly all empty,
+tens of thousands of non-empty ones with lists of many entries (as many as
+the processes sharing a page), small 2M and 1G lines; with EPT only the 0
+and 1 columns.
+"""
+
+from __future__ import annotations
+
+import pytest
+from test_workloads import histogram
+
+from kvmdbgfs.kvm.host import KvmHost
+from workloads import run_workload
+
+HEADS_6G = {"4K": 3154016, "2M": 6178, "1G": 32}
+
+
+@pytest.fixture(scope="module")
+def default_pair():
+    host = KvmHost(profile="latest+ffs", seed=0)
+    vms = [host.create_vm(host.make_config(memory="6G", vcpus=2, mmu=mmu)) for mmu in ("shadow", "tdp-legacy")]
+    for kvm in vms:
+        run_workload(kvm, "idle", {})
+    return host, vms
+
+
+def test_idle_shadow_guest_has_the_seeds_shape(default_pair) -> None:
+    host, (shadow, _) = default_pair
+    rows = histogram(host, shadow)
+    assert {level: sum(row) for level, row in rows.items()} == HEADS_6G
+    four_k = rows["4K"]
+    assert four_k[0] > 0.98 * HEADS_6G["4K"]
+    assert 30000 < sum(four_k[1:]) < 100000  # the seed: 67349 non-empty heads
+    assert all(four_k[column] > 0 for column in range(1, 6))  # up to 16-31, as in the seed
+    assert shadow.stat.max_mmu_rmap_size >= 120  # a page mapped by the ~150 processes
+    assert 0 < sum(rows["2M"][1:]) < 0.1 * HEADS_6G["2M"]
+    assert rows["1G"][0] == 32
+
+
+def test_idle_ept_guest_has_only_the_0_and_1_columns(default_pair) -> None:
+    host, (_, ept) = default_pair
+    rows = histogram(host, ept)
+    assert {level: sum(row) for level, row in rows.items()} == HEADS_6G
+    assert all(sum(row[2:]) == 0 for row in rows.values())
+    assert ept.stat.max_mmu_rmap_size == 0  # no add ever found an entry already there
