@@ -61,12 +61,15 @@ def main(argv: list[str] | None = None) -> int:
     operations = DebugfsOperations(host.debugfs_dir)
     mountpoint = os.path.realpath(args.mountpoint)
     socket_path = args.control or default_socket_path(mountpoint)
-    status = lambda: {  # noqa: E731
-        "mountpoint": mountpoint,
-        "server_pid": os.getpid(),
-        "open_files": operations.open_file_count(),
-        "control": str(socket_path),
-    }
+
+    def status() -> dict[str, object]:
+        return {
+            "mountpoint": mountpoint,
+            "server_pid": os.getpid(),
+            "open_files": operations.open_file_count(),
+            "control": str(socket_path),
+        }
+
     try:
         control = ControlServer(ControlHandlers(host, status), socket_path, mountpoint)
     except OSError as exc:

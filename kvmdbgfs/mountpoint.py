@@ -36,7 +36,7 @@ def detach(path: str) -> None:
     if helper is None:
         raise MountpointError(f"{path}: stale FUSE mount and no fusermount to detach it")
     for flags in (["-u"], ["-u", "-z"]):
-        if subprocess.run([helper, *flags, path], capture_output=True).returncode == 0:
+        if subprocess.run([helper, *flags, path], capture_output=True, check=False).returncode == 0:
             return
     raise MountpointError(f"{path}: stale FUSE mount that fusermount could not detach")
 
