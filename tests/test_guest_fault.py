@@ -38,6 +38,7 @@ def test_anonymous_write_fault_builds_the_tables_then_maps_a_zeroed_page() -> No
     task.touch(TEST_VA + 3 * PAGE, TEST_VA + 4 * PAGE, write=True)
     pgd, va = task.mm.pgd, TEST_VA + 3 * PAGE
     assert brief(hw(kernel).events[start:]) == [
+        ("access", -1, va, True, True),  # the user access that raises the guest's #PF
         ("access", pud, dm(pud), True, False),
         ("store", pgd, 0, x86.make_pte(pud, PAGE_TABLE)),
         ("access", pmd, dm(pmd), True, False),
@@ -63,10 +64,12 @@ def test_read_fault_maps_the_zero_page_and_a_write_then_copies_it() -> None:
     assert user_pte(kernel, task, va) == x86.make_pte(zero, USER_RO)
     (new,) = next_frames(kernel, 1)
     task.touch(va, va + PAGE, write=True)
-    pt = hw(kernel).events[start].gfn
+    pt = hw(kernel).events[start + 1].gfn
     assert brief(hw(kernel).events[start:]) == [
+        ("access", -1, va, False, True),  # the read raises the guest's #PF
         ("store", pt, 4, x86.make_pte(zero, USER_RO)),
         ("access", zero, va, False, True),
+        ("access", zero, va, True, True),  # the write raises a protection #PF
         ("access", new, dm(new), True, False),  # wp_page_copy from the zero page: a cleared page
         ("store", pt, 4, 0),
         ("invlpg", -1, va, False, False),

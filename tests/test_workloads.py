@@ -40,6 +40,8 @@ def test_idle_shadow_guest_shares_pages_across_processes(shadow) -> None:
     assert kvm.stat.pages_4k > 10000 and kvm.stat.mmu_cache_miss > 100
     assert int(cat(host.debugfs_dir, f"{kvm.name}/pages_4k")) == kvm.stat.pages_4k
     assert int(cat(host.debugfs_dir, f"{kvm.name}/pf_fixed")) > 0
+    # Under shadow paging every guest #PF exits first and is reflected back into the guest.
+    assert int(cat(host.debugfs_dir, f"{kvm.name}/pf_guest")) == kvm.vcpu_stat_sum("pf_guest") > 1000
 
 
 def test_idle_tdp_legacy_has_only_0_and_1_columns() -> None:
@@ -49,6 +51,7 @@ def test_idle_tdp_legacy_has_only_0_and_1_columns() -> None:
         assert sum(rows[level][2:]) == 0, level
     # EPT over THP-backed host memory maps the guest with 2M leaves wherever a slot covers the frame.
     assert rows["2M"][1] == kvm.stat.pages_2m > 50 and kvm.stat.max_mmu_rmap_size <= 1
+    assert kvm.vcpu_stat_sum("pf_guest") == 0  # with EPT the guest's own faults never exit
 
 
 def test_idle_tdp_has_no_rmaps_but_counts_pages() -> None:

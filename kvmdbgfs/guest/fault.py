@@ -203,7 +203,9 @@ def touch(ctx: KernelContext, mm: Mm, gvas: np.ndarray, write: bool) -> None:
         need = np.flatnonzero(needs_fault(ctx, mm.pgd, base, indices, write))
         while len(need):
             at = pos + int(need[0])
-            ctx.user_access(gvas[pending:at].astype(np.uint64), write)
+            # The accesses up to the faulting one reach the hardware; the faulting one raises the
+            # guest's #PF (which KVM sees and reflects under shadow paging) and is retried after it.
+            ctx.user_access(gvas[pending : at + 1].astype(np.uint64), write)
             pending = at
             vma = mm.vma_for_fault(int(gvas[at]))
             if vma is None:
