@@ -11,6 +11,7 @@ and 1 columns.
 from __future__ import annotations
 
 import pytest
+from inprocess import cat
 from test_workloads import histogram
 
 from kvmdbgfs.kvm.host import KvmHost
@@ -47,3 +48,13 @@ def test_idle_ept_guest_has_only_the_0_and_1_columns(default_pair) -> None:
     assert {level: sum(row) for level, row in rows.items()} == HEADS_6G
     assert all(sum(row[2:]) == 0 for row in rows.values())
     assert ept.stat.max_mmu_rmap_size == 0  # no add ever found an entry already there
+
+
+def test_make_runs_default_scenario_shows_the_same_bytes_through_fuse(default_pair, mount_factory) -> None:
+    """`make run`'s scenario, mounted and read with cat, is byte for byte the tree built in-process."""
+    host, vms = default_pair
+    mount = mount_factory("--scenario", "default", "--kernel", "latest+ffs")
+    expected = "".join(cat(host.debugfs_dir, f"{kvm.name}/mmu_rmaps_stat") for kvm in vms)
+    names = " ".join(f"{kvm.name}/mmu_rmaps_stat" for kvm in vms)
+    assert mount.sh(f"cat {names}") == expected
+    assert mount.sh("cat max_mmu_rmap_size") == f"{sum(kvm.stat.max_mmu_rmap_size for kvm in vms)}\n"
