@@ -9,7 +9,7 @@ import numpy as np
 from kvmdbgfs.guest.huge import copy_huge_pmd, is_huge
 from kvmdbgfs.guest.kctx import KernelContext
 from kvmdbgfs.guest.mm import Mm
-from kvmdbgfs.guest.pgtable import PAGE_TABLE, U64, alloc_table_at, entry_range, present, ptes_gfn, walk
+from kvmdbgfs.guest.pgtable import PAGE_TABLE, U64, alloc_table_at, entry_range, present_indices, ptes_gfn, walk
 from kvmdbgfs.guest.pte import PT_ACCESSED_MASK, PT_DIRTY_MASK, PT_WRITABLE_MASK, pte_gfn
 from kvmdbgfs.guest.vma import Vma
 
@@ -24,7 +24,7 @@ def copy_pte_range(ctx: KernelContext, vma: Vma, src_pt: int, dst_pt: int, va: i
     parent and the child; the child's copy is old (and clean if shared); the page gains a reference."""
     i0, i1 = entry_range(va, 1, vma.start, vma.end)
     src = ctx.memory.table(src_pt)
-    indices = np.flatnonzero(present(src[i0:i1])) + i0
+    indices = present_indices(src, i0, i1)
     ptes = src[indices]
     wrprotect = np.zeros(len(ptes), bool) if vma.shared else (ptes & U64(PT_WRITABLE_MASK)) != 0
     parent = ptes & ~U64(PT_WRITABLE_MASK)

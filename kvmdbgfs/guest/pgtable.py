@@ -44,8 +44,18 @@ def ptes_gfn(ptes: np.ndarray) -> np.ndarray:
     return ((ptes & U64(PT64_BASE_ADDR_MASK)) >> U64(PAGE_SHIFT)).astype(np.int64)
 
 
+_PRESENT = U64(PT_PRESENT_MASK)
+
+
 def present(ptes: np.ndarray) -> np.ndarray:
-    return (ptes & U64(PT_PRESENT_MASK)) != 0
+    """pte_present() of each entry."""
+    return (ptes & _PRESENT) != 0
+
+
+def present_indices(entries: np.ndarray, i0: int, i1: int) -> np.ndarray:
+    """The indices in [i0, i1) of the present entries of a table, ascending: the ``pXd_none()`` skips of the
+    page-table walks, once per table (``np.flatnonzero(present(...)) + i0`` without flatnonzero's ravel)."""
+    return ((entries[i0:i1] & _PRESENT) != 0).nonzero()[0] + i0
 
 
 def entry_range(table_va: int, level: int, start: int, end: int) -> tuple[int, int]:
@@ -97,9 +107,8 @@ def walk(
     entries = ctx.memory.table(table)
     i0, i1 = entry_range(base, level, start, end)
     span = level_span(level)
-    for index in np.flatnonzero(present(entries[i0:i1])).tolist():
-        index += i0
-        entry = int(entries[index])
+    for index in present_indices(entries, i0, i1).tolist():
+        entry = entries.item(index)
         if entry & PT_PAGE_SIZE_MASK and level > 2:
             continue
         va = base + index * span

@@ -19,7 +19,7 @@ from kvmdbgfs.guest.huge import change_huge_pmd, is_huge, pmd_entry, split_huge_
 from kvmdbgfs.guest.kctx import KernelContext
 from kvmdbgfs.guest.mm import Mm
 from kvmdbgfs.guest.pagecache import File
-from kvmdbgfs.guest.pgtable import PTE_CHG_MASK, U64, entry_range, present, ptes_gfn, walk
+from kvmdbgfs.guest.pgtable import PTE_CHG_MASK, U64, entry_range, present, present_indices, ptes_gfn, walk
 from kvmdbgfs.guest.pte import PT_DIRTY_MASK, PT_WRITABLE_MASK, pte_gfn
 from kvmdbgfs.guest.vaddr import PAGE_SIZE, PMD_SIZE, page_align
 from kvmdbgfs.guest.vma import PROT_READ, PROT_WRITE, Vma
@@ -154,7 +154,7 @@ class Task:
     def _change_pte_range(ctx: KernelContext, vma: Vma, pt: int, va: int) -> bool:
         i0, i1 = entry_range(va, 1, vma.start, vma.end)
         entries = ctx.memory.table(pt)
-        indices = np.flatnonzero(present(entries[i0:i1])) + i0
+        indices = present_indices(entries, i0, i1)
         old = entries[indices]
         new = (old & U64(PTE_CHG_MASK)) | (U64(vma.page_prot()) & ~U64(PTE_CHG_MASK))
         if vma.prot & PROT_WRITE:  # can_change_pte_writable

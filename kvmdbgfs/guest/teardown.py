@@ -15,7 +15,7 @@ from kvmdbgfs.guest.allocator import PAGE_KERNEL
 from kvmdbgfs.guest.huge import is_huge
 from kvmdbgfs.guest.kctx import KernelContext
 from kvmdbgfs.guest.mm import Mm
-from kvmdbgfs.guest.pgtable import entry_range, present, ptes_gfn, walk
+from kvmdbgfs.guest.pgtable import entry_range, present_indices, ptes_gfn, walk
 from kvmdbgfs.guest.pte import PT_PAGE_SIZE_MASK, level_span, pte_gfn
 from kvmdbgfs.guest.tlb import TLB_FLUSH_ALL
 from kvmdbgfs.guest.vaddr import MASK64, PAGE_SIZE, PMD_SIZE
@@ -105,7 +105,7 @@ def zap_range(ctx: KernelContext, tlb: MmuGather, mm: Mm, start: int, end: int) 
         pt = pte_gfn(entry)
         i0, i1 = entry_range(va, 1, start, end)
         ptes = ctx.memory.table(pt)
-        indices = np.flatnonzero(present(ptes[i0:i1])) + i0
+        indices = present_indices(ptes, i0, i1)
         gfns = ptes_gfn(ptes[indices])
         normal = gfns != ctx.zero_pfn  # vm_normal_page: the zero page is not gathered
         while len(indices):
@@ -152,7 +152,7 @@ def _free_below(
     i0, i1 = entry_range(base, level, addr, end)
     span = level_span(level)
     cleared = []
-    for index in (np.flatnonzero(present(entries[i0:i1])) + i0).tolist():
+    for index in present_indices(entries, i0, i1).tolist():
         entry = int(entries[index])
         if entry & PT_PAGE_SIZE_MASK:
             continue

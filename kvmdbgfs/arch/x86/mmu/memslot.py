@@ -55,6 +55,10 @@ class KvmMemorySlot:
         """gfn_to_rmap: the level's head array and the index (or indices) of ``gfn``'s head."""
         if self.rmap is None:
             raise ValueError(f"memslot {self.as_id}:{self.id} has no rmaps allocated")
+        if isinstance(gfn, int):  # one gfn: no numpy round trip for the bounds check
+            if not self.contains(gfn):
+                raise IndexError(f"gfn outside memslot {self.as_id}:{self.id}")
+            return self.rmap[level - 1], gfn_to_index(gfn, self.base_gfn, level)
         gfns = np.asarray(gfn)
         if gfns.size and not (self.contains(int(gfns.min())) and self.contains(int(gfns.max()))):
             # The kernel trusts its callers; numpy would silently wrap a negative index.

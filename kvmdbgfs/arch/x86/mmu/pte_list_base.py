@@ -33,6 +33,7 @@ def desc_head(descs: np.ndarray) -> np.ndarray:
 
 
 SCAN_CHUNK = 1 << 18  # heads per chunk of scan_heads: 2 MiB, read once from memory
+SCALAR_WALK_ROWS = 8  # chain walks with at most this many chains left go on in Python
 
 
 def scan_heads(heads: np.ndarray) -> tuple[int, np.ndarray]:
@@ -255,6 +256,9 @@ class PteListDesign(ABC):
         """
         rows, descs = [np.arange(len(first))], [first]
         while len(descs[-1]):
+            if len(descs[-1]) <= SCALAR_WALK_ROWS:
+                self._walk_chains_few(rows, descs)
+                break
             nxt = self.pool.more[descs[-1]]
             keep = nxt != 0
             rows.append(rows[-1][keep])
@@ -262,6 +266,21 @@ class PteListDesign(ABC):
         all_descs = np.concatenate(descs)
         self.costs.desc_visits += len(all_descs)
         return np.concatenate(rows), all_descs
+
+    def _walk_chains_few(self, rows: list[np.ndarray], descs: list[np.ndarray]) -> None:
+        """The rest of _walk_chains once few chains are left, followed one at a time in Python (scalar reads
+        of ``more`` instead of numpy calls on tiny arrays); appends the deeper (row, desc) pairs in the
+        order the numpy loop gives them, depth by depth and by row within a depth."""
+        more = self.pool.more
+        found: list[tuple[int, int, int]] = []
+        for row, desc in zip(rows[-1].tolist(), descs[-1].tolist()):
+            depth, desc = 1, more.item(desc)
+            while desc:
+                found.append((depth, row, desc))
+                depth, desc = depth + 1, more.item(desc)
+        found.sort()
+        rows.append(np.array([row for _, row, _ in found], rows[-1].dtype))
+        descs.append(np.array([desc for _, _, desc in found], more.dtype))
 
     def _entries(self, rows: np.ndarray, descs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The sptes held by (row, desc) pairs: (row of each spte, sptes, entries per desc), by row then chain."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from kvmdbgfs.arch.x86.mmu.pte_list_base import PteListDesign, desc_head
+from kvmdbgfs.arch.x86.mmu.pte_list_base import SCALAR_WALK_ROWS, PteListDesign, desc_head
 
 
 class TailAppendDesign(PteListDesign):
@@ -17,6 +17,10 @@ class TailAppendDesign(PteListDesign):
     def _is_full(self, descs: np.ndarray) -> np.ndarray:
         """The add walk's loop condition (``spte_count == PTE_LIST_EXT``)."""
         return self.pool.spte_count[descs] == self.PTE_LIST_EXT
+
+    def _is_full_one(self, desc: int) -> bool:
+        """_is_full() of one descriptor, read as a Python int."""
+        return self.pool.spte_count.item(desc) == self.PTE_LIST_EXT
 
     def _last_slot_reads(self, last: np.ndarray) -> int:
         """Slots read to find each descriptor's last entry (the counter gives it: one read to move it)."""
@@ -32,6 +36,9 @@ class TailAppendDesign(PteListDesign):
         tail_rows, tail_descs = [], []
         rows, descs, depth = np.arange(len(first)), first, 0
         while len(rows):
+            if len(rows) <= SCALAR_WALK_ROWS:
+                self._add_walk_few(rows, descs, depth, stop, counts, tail_rows, tail_descs)
+                break
             self.costs.desc_visits += len(rows)
             full = self._is_full(descs)
             if not full.all():
@@ -60,6 +67,44 @@ class TailAppendDesign(PteListDesign):
             self._set_used(new, np.ones(len(new), np.int64))
         self.costs.slot_writes += len(first)
         return counts
+
+    def _add_walk_few(
+        self,
+        rows: np.ndarray,
+        descs: np.ndarray,
+        depth: int,
+        stop: np.ndarray,
+        counts: np.ndarray,
+        tail_rows: list[np.ndarray],
+        tail_descs: list[np.ndarray],
+    ) -> None:
+        """The rest of _add_many's pte_list_add walk for its last few lists, one list at a time in Python: a
+        chain step is two scalar reads instead of a handful of numpy calls on tiny arrays. Same results,
+        visits and reads; lists that reach their tail are recorded in the order the numpy loop records
+        them (by the depth they end at, then by row), so the new descriptors go to the same lists."""
+        ext = self.PTE_LIST_EXT
+        more = self.pool.more
+        visits = 0
+        tails: list[tuple[int, int, int]] = []
+        for row, desc in zip(rows.tolist(), descs.tolist()):
+            level = depth
+            while True:
+                visits += 1
+                if not self._is_full_one(desc):
+                    stop[row], counts[row] = desc, level * ext
+                    break
+                nxt = more.item(desc)
+                level += 1
+                if not nxt:
+                    tails.append((level, row, desc))
+                    counts[row] = level * ext
+                    break
+                desc = nxt
+        self.costs.desc_visits += visits
+        if tails:
+            tails.sort()
+            tail_rows.append(np.array([row for _, row, _ in tails], np.int64))
+            tail_descs.append(np.array([desc for _, _, desc in tails], np.int64))
 
     def _remove_many(
         self, heads: np.ndarray, indices: np.ndarray, first: np.ndarray, sptes: np.ndarray
@@ -115,6 +160,11 @@ class DesignA(TailAppendDesign):
         """``desc->sptes[PTE_LIST_EXT-1]`` is non-NULL: one slot read a descriptor."""
         self.costs.slot_reads += len(descs)
         return self.pool.sptes[descs, self.PTE_LIST_EXT - 1] != 0
+
+    def _is_full_one(self, desc: int) -> bool:
+        """_is_full() of one descriptor, read as a Python int."""
+        self.costs.slot_reads += 1
+        return self.pool.sptes.item(desc, self.PTE_LIST_EXT - 1) != 0
 
     def _occupancy_reads(self, used: np.ndarray) -> int:
         return self._null_scan_reads(used)

@@ -27,6 +27,14 @@ from kvmdbgfs.arch.x86.mmu.spte import (
 INITIAL_PAGES = 64
 
 
+def _doubled(rows: np.ndarray) -> np.ndarray:
+    """``rows`` followed by as many zero rows. np.zeros pages in lazily, so only the old rows are
+    written (np.concatenate with a zero half would write both halves)."""
+    out = np.zeros((2 * len(rows), *rows.shape[1:]), rows.dtype)
+    out[: len(rows)] = rows
+    return out
+
+
 class SptPool:
     def __init__(self) -> None:
         self.spt = np.zeros((INITIAL_PAGES, SPTE_ENT_PER_PAGE), np.uint64)
@@ -59,17 +67,16 @@ class SptPool:
         self.free_ids.append(sp_id)
 
     def _grow(self) -> None:
-        grown = 2 * self.capacity
-        self.spt = np.concatenate([self.spt, np.zeros_like(self.spt)])
-        self.access = np.concatenate([self.access, np.zeros_like(self.access)])
-        self.level = np.concatenate([self.level, np.zeros(grown - len(self.level), np.int8)])
+        """Double every array; the new rows are zero."""
+        self.spt, self.access, self.level = _doubled(self.spt), _doubled(self.access), _doubled(self.level)
 
     def get(self, sp_id: int, index: int) -> int:
-        return int(self.spt[sp_id, index])
+        """One spte as a Python int (ndarray.item: no numpy scalar in between)."""
+        return self.spt.item(sp_id, index)
 
     def set(self, sp_id: int, index: int, spte: int) -> None:
         """mmu_spte_set / mmu_spte_update / mmu_spte_clear: store one spte."""
-        old = int(self.spt[sp_id, index])
+        old = self.spt.item(sp_id, index)
         if old & ~spte & SPTE_PERM_MASK:
             self.revoke_seq += 1
         self.spt[sp_id, index] = spte
@@ -119,9 +126,10 @@ class SptPool:
 
     def leaf_spte(self, root_id: int, addr: int) -> int:
         """leaf_sptes() of one address, walked in Python (cheaper than numpy for one)."""
-        sp_id, level = root_id, int(self.level[root_id])
+        spt = self.spt
+        sp_id, level = root_id, self.level.item(root_id)
         while True:
-            spte = int(self.spt[sp_id, (addr >> (PAGE_SHIFT + 9 * (level - 1))) & (SPTE_ENT_PER_PAGE - 1)])
+            spte = spt.item(sp_id, (addr >> (PAGE_SHIFT + 9 * (level - 1))) & (SPTE_ENT_PER_PAGE - 1))
             if not spte & SPTE_MMU_PRESENT_MASK:
                 return 0
             if level == 1 or spte & PT_PAGE_SIZE_MASK:
