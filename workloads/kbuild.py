@@ -33,8 +33,9 @@ class Kbuild(Workload):
     check_vm = staticmethod(require_booted)
 
     def run(self, kvm: Kvm, settings: dict[str, int], rng: np.random.Generator, progress: Progress) -> dict[str, Any]:
-        kernel = booted_guest(kvm).kernel
-        make = kernel.spawn(MAKE, booted_guest(kvm).session[-1])
+        system = booted_guest(kvm)
+        kernel = system.kernel
+        make = kernel.spawn(MAKE, system.session[-1])
         running: list = []
         processes = 0
         for done in range(settings["files"]):

@@ -201,18 +201,17 @@ def vcpu_get_pid(vcpu: KvmVcpu) -> int:
     return vcpu.pid
 
 
-def kvm_create_vcpu_debugfs(vcpu: KvmVcpu) -> Dentry | None:
+def kvm_create_vcpu_debugfs(vcpu: KvmVcpu) -> None:
     """kvm_create_vcpu_debugfs(): ``vcpu<id>`` with ``pid`` (when the kernel has it) and the arch files."""
     from kvmdbgfs.arch.x86.debugfs import kvm_arch_create_vcpu_debugfs
 
     kvm = vcpu.kvm
     if kvm.debugfs_dentry is None:
-        return None
+        return
     dentry = create_dir(f"vcpu{vcpu.vcpu_id}", kvm.debugfs_dentry)
     if kvm.profile.has_vcpu_pid:
         create_vcpu_file("pid", vcpu, dentry, vcpu_get_pid, "%llu\n")
     kvm_arch_create_vcpu_debugfs(vcpu, dentry)
-    return dentry
 
 
 def create_vcpu_file(name: str, vcpu: KvmVcpu, parent: Dentry, get: Callable[[Any], int], fmt: str) -> None:

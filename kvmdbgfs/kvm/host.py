@@ -131,7 +131,7 @@ class KvmHost:
         # QEMU's main thread and its RCU thread come first, then one thread per vCPU.
         vcpu.pid = kvm.pid + 2 + vcpu_id
         kvm.vcpus.append(vcpu)
-        vcpu.debugfs_dentry = kvm_create_vcpu_debugfs(vcpu)
+        kvm_create_vcpu_debugfs(vcpu)
 
     def _alloc_pid(self, threads: int) -> int:
         """A QEMU pid not used by a live VM, leaving room for its vCPU threads' pids."""
@@ -169,8 +169,3 @@ class KvmHost:
             self.vm_list.remove(kvm)
         with kvm.mmu_lock:
             kvm.arch.destroy()
-
-    def live_vms(self) -> list[Kvm]:
-        """The VMs whose creator still holds them (not destroyed)."""
-        with self.kvm_lock:
-            return [kvm for kvm in self.vm_list if not kvm.creator_ref_dropped]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from kvmdbgfs.kvm.stats import StatBlock
@@ -29,4 +29,3 @@ class KvmVcpu:
     tsc_scaling_ratio: int = DEFAULT_TSC_SCALING_RATIO
     timer_advance_ns: int = LAPIC_TIMER_ADVANCE_NS_INIT
     lapic_in_kernel: bool = True
-    debugfs_dentry: object = field(default=None, repr=False)
