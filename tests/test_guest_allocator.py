@@ -5,7 +5,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kvmdbgfs.guest.allocator import PAGE_ANON, PAGE_FREE, PAGE_TABLE, PageAllocator
+from kvmdbgfs.guest.allocator import (
+    MAX_ORDER_NR_PAGES,
+    MIGRATE_MOVABLE,
+    MIGRATE_UNMOVABLE,
+    PAGE_ANON,
+    PAGE_CACHE,
+    PAGE_FREE,
+    PAGE_KERNEL,
+    PAGE_TABLE,
+    PageAllocator,
+)
 from kvmdbgfs.guest.physmem import e820_ram, setup_memory
 
 GiB = 1 << 30
@@ -28,8 +38,35 @@ def test_freed_pages_come_back_last_in_first_out() -> None:
     pages = allocator()
     a, b, c = pages.alloc(3, PAGE_TABLE).tolist()
     pages.free(np.array([a, c]))
-    assert pages.alloc(3, PAGE_ANON).tolist() == [c, a, 53]
-    assert pages.kind[b] == PAGE_TABLE and pages.kind[c] == PAGE_ANON
+    assert pages.alloc(3, PAGE_KERNEL).tolist() == [c, a, 53]
+    assert pages.kind[b] == PAGE_TABLE and pages.kind[c] == PAGE_KERNEL
+
+
+def test_user_and_kernel_pages_never_share_a_max_order_block() -> None:
+    """Movable and unmovable allocations each take whole fresh MAX_ORDER blocks, lowest first, and a
+    freed page goes back to the list of its block's type."""
+    block = MAX_ORDER_NR_PAGES
+    pages = PageAllocator(3 * block, [(0, 3 * block)], [(block, 3 * block), (0, block)])
+    anon = pages.alloc(2, PAGE_ANON).tolist()
+    table = pages.alloc(1, PAGE_TABLE).tolist()
+    cache = pages.alloc(1, PAGE_CACHE).tolist()
+    assert anon == [block, block + 1] and table == [2 * block] and cache == [block + 2]
+    assert pages.pageblock_mt[[2, 4]].tolist() == [MIGRATE_MOVABLE, MIGRATE_UNMOVABLE]  # pageblocks of 512
+    pages.free(np.array([table[0], anon[0]]))
+    assert pages.alloc(1, PAGE_ANON).tolist() == [anon[0]]
+    assert pages.alloc(1, PAGE_TABLE).tolist() == table
+    assert pages.alloc(block, PAGE_TABLE)[-1] == 0  # the unmovable block ran out: the next fresh one
+    assert pages.nr_free == 3 * block - 4 - block
+
+
+def test_a_type_out_of_fresh_memory_falls_back_to_the_other_types_free_pages() -> None:
+    block = MAX_ORDER_NR_PAGES
+    pages = PageAllocator(block, [(0, block)], [(0, block)])
+    everything = pages.alloc(block, PAGE_ANON)
+    pages.free(everything[:2])
+    assert pages.alloc(2, PAGE_TABLE).tolist() == [1, 0]
+    with pytest.raises(MemoryError):
+        pages.alloc(1, PAGE_TABLE)
 
 
 def test_put_frees_at_the_last_reference_in_order() -> None:

@@ -12,11 +12,11 @@ from kvmdbgfs.guest.teardown import GATHER_CAPACITY, MAX_GATHER_BATCH_COUNT
 PAGE = 4096
 
 
-def user_tables(kernel, task) -> list[int]:  # type: ignore[no-untyped-def]
-    """Every page-table page of the task's user half, the pgd first."""
-    tables = [task.mm.pgd]
-    for _, _, table, index in walk(kernel.ctx, task.mm.pgd, 0, 1 << 47):
-        tables.append(pte_gfn(int(kernel.ctx.memory.table(table)[index])))
+def user_tables(kernel, task) -> dict[int, int]:  # type: ignore[no-untyped-def]
+    """Every page-table page of the task's user half and its level, the pgd first."""
+    tables = {task.mm.pgd: 4}
+    for level, _, table, index in walk(kernel.ctx, task.mm.pgd, 0, 1 << 47):
+        tables[pte_gfn(int(kernel.ctx.memory.table(table)[index]))] = level - 1
     return tables
 
 
@@ -25,16 +25,16 @@ def test_exit_zaps_every_pte_frees_every_table_and_balances_the_allocator() -> N
     parent = bare_process(kernel)
     before = kernel.stats()
     child = kernel.spawn("sh", parent)
-    tables = user_tables(kernel, child)
+    tables, pgd = user_tables(kernel, child), child.mm.pgd
     resident = child.resident_pages()
     pgd_entries = int((kernel.ctx.memory.table(child.mm.pgd)[:256] != 0).sum())
     cpu, start = child.cpu, len(hw(kernel).events)
     kernel.exit(child)
     events = hw(kernel).events[start:]
     zeroed = [e for e in events if e.op == "store" and e.value == 0]
-    leaf_tables = set(tables[1 + pgd_entries :])
-    assert sum(e.gfn in leaf_tables for e in zeroed) >= resident  # each present PTE (and the PMDs) cleared
-    assert sum(e.gfn == tables[0] for e in zeroed) == pgd_entries
+    pt_and_pmd = {table for table, level in tables.items() if level <= 2}
+    assert sum(e.gfn in pt_and_pmd for e in zeroed) >= resident  # each present PTE (and the PMDs) cleared
+    assert sum(e.gfn == pgd for e in zeroed) == pgd_entries
     cr3 = [e for e in events if e.op == "cr3"]
     assert [(e.cpu, e.gfn) for e in cr3] == [(cpu, kernel.kpt.pgd)]  # the lazy vCPU leaves for init_mm
     assert all(not kernel.ctx.memory.holds_table(t) and kernel.ctx.pages.kind[t] == PAGE_FREE for t in tables)

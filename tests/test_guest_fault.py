@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from test_guest_helpers import TEST_VA, MiB, bare_process, hw, next_frames, small_kernel, user_pte
 
+from kvmdbgfs.guest import allocator
 from kvmdbgfs.guest import pte as x86
 from kvmdbgfs.guest.fault import GuestSegfault
 from kvmdbgfs.guest.pagecache import File
@@ -33,7 +34,8 @@ def test_anonymous_write_fault_builds_the_tables_then_maps_a_zeroed_page() -> No
     kernel = small_kernel()
     task = bare_process(kernel)
     task.mmap(MiB, addr=TEST_VA, name="anon")
-    pud, pmd, pt, page = next_frames(kernel, 4)
+    pud, pmd, pt = next_frames(kernel, 3, allocator.PAGE_TABLE)
+    (page,) = next_frames(kernel, 1, allocator.PAGE_ANON)
     start = len(hw(kernel).events)
     task.touch(TEST_VA + 3 * PAGE, TEST_VA + 4 * PAGE, write=True)
     pgd, va = task.mm.pgd, TEST_VA + 3 * PAGE
@@ -62,7 +64,7 @@ def test_read_fault_maps_the_zero_page_and_a_write_then_copies_it() -> None:
     start = len(hw(kernel).events)
     task.touch(va, va + PAGE, write=False)
     assert user_pte(kernel, task, va) == x86.make_pte(zero, USER_RO)
-    (new,) = next_frames(kernel, 1)
+    (new,) = next_frames(kernel, 1, allocator.PAGE_ANON)
     task.touch(va, va + PAGE, write=True)
     pt = hw(kernel).events[start + 1].gfn
     assert brief(hw(kernel).events[start:]) == [

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from kvmdbgfs.guest.allocator import PAGE_ANON, PAGE_TABLE
 from kvmdbgfs.guest.distro import Program
 from kvmdbgfs.guest.kernel import GuestKernel
 from kvmdbgfs.guest.pgtable import table_at
@@ -40,15 +41,14 @@ def same_state(a: GuestKernel, b: GuestKernel) -> None:
     assert all((ta[gfn] == tb[gfn]).all() for gfn in ta)
     pa, pb = a.ctx.pages, b.ctx.pages
     assert pa.nr_free == pb.nr_free
-    assert (pa._stack[: pa.nr_free] == pb._stack[: pb.nr_free]).all()
+    assert all((pa.peek(pa.nr_free, kind) == pb.peek(pb.nr_free, kind)).all() for kind in (PAGE_ANON, PAGE_TABLE))
     assert (pa.refcount == pb.refcount).all() and (pa.kind == pb.kind).all()
     assert trace_signature(hw(a).events) == trace_signature(hw(b).events)
 
 
-def next_frames(kernel: GuestKernel, n: int) -> list[int]:
-    """The frames the allocator will hand out next, in order."""
-    pages = kernel.ctx.pages
-    return pages._stack[pages.nr_free - n : pages.nr_free][::-1].tolist()
+def next_frames(kernel: GuestKernel, n: int, kind: int) -> list[int]:
+    """The frames the allocator will hand out next for pages of ``kind``, in order."""
+    return kernel.ctx.pages.peek(n, kind).tolist()
 
 
 def pte_table(kernel: GuestKernel, task: Task, va: int) -> int:

@@ -4,13 +4,24 @@ Fresh memory is handed out the way a freshly booted Linux hands it out:
 ZONE_NORMAL first (memory above 4 GiB), then ZONE_DMA32, then ZONE_DMA, each
 from its lowest frame upwards (__free_pages_core queues boot memory at the
 tail of the free lists, rmqueue_bulk splits blocks from their low end).
-Freed pages go on top of a single per-cpu-pages style LIFO list
-(free_unref_page_commit adds at the head), so the page freed last is the
-next one allocated and page-table and data pages get recycled as in Linux.
-Every operation is O(1) per page and the batch forms are numpy slices.
+
+Pages are grouped by mobility, as the buddy allocator does: user memory
+(anonymous and page-cache pages, GFP_HIGHUSER_MOVABLE) is MIGRATE_MOVABLE,
+everything the kernel allocates for itself (page tables, slab, stacks) is
+MIGRATE_UNMOVABLE. Each type is served from its own free list; when one runs
+dry it takes the next whole MAX_ORDER block of fresh memory
+(__rmqueue_fallback steals the largest free block and, as that is at least a
+pageblock, claims all of it: change_pageblock_range). So page tables never
+share a 2 MiB pageblock with user pages, which decides where KVM may map the
+guest's direct map with 2M sptes.
+
+Freed pages go on top of their pageblock type's per-cpu-pages style LIFO list
+(free_unref_page_commit adds at the head), so the page freed last is the next
+one of its type allocated and page-table and data pages get recycled as in
+Linux. Every operation is O(1) per page and the batch forms are numpy slices.
 Transparent huge pages are order-9 blocks: freed ones are kept on their own
 LIFO list (the per-cpu lists hold THPs too), new ones are carved from fresh
-memory at the lowest aligned block, as the buddy allocator would split them.
+memory at the lowest aligned pageblock, as the buddy allocator would split them.
 
 ``refcount`` is struct page's _refcount (a mapping, the page cache or the
 kernel each hold one); ``kind`` says what a page is used for.
@@ -24,7 +35,47 @@ import numpy as np
 
 PAGE_FREE, PAGE_RESERVED, PAGE_KERNEL, PAGE_TABLE, PAGE_ANON, PAGE_CACHE, PAGE_HOLE = range(7)
 HPAGE_PMD_NR = 512
+PAGEBLOCK_ORDER = 9
+MAX_ORDER_NR_PAGES = 1 << 10  # MAX_PAGE_ORDER 10: a 4 MiB block
+MIGRATE_UNMOVABLE, MIGRATE_MOVABLE = 0, 1
 KIND_NAMES = ("free", "reserved", "kernel", "pagetable", "anon", "pagecache")  # PAGE_HOLE: not RAM
+
+
+def gfp_migratetype(kind: int) -> int:
+    """gfp_migratetype(): user pages are movable, the kernel's own allocations are not."""
+    return MIGRATE_MOVABLE if kind in (PAGE_ANON, PAGE_CACHE) else MIGRATE_UNMOVABLE
+
+
+class FreeList:
+    """One migratetype's free pages as a LIFO stack: the top is the next page handed out."""
+
+    def __init__(self, capacity: int) -> None:
+        self.stack = np.zeros(capacity, np.int64)
+        self.top = 0
+
+    def push(self, gfns: np.ndarray) -> None:
+        """Free ``gfns`` in order: the last one comes back first."""
+        self.stack[self.top : self.top + len(gfns)] = gfns
+        self.top += len(gfns)
+
+    def pop(self, n: int) -> np.ndarray:
+        """The next ``n`` pages (at most as many as there are), in the order they are handed out."""
+        n = min(n, self.top)
+        gfns = self.stack[self.top - n : self.top][::-1].copy()
+        self.top -= n
+        return gfns
+
+    def peek(self, n: int) -> np.ndarray:
+        return self.stack[max(self.top - n, 0) : self.top][::-1].copy()
+
+
+def max_order_blocks(free_runs: Sequence[tuple[int, int]]) -> list[np.ndarray]:
+    """The fresh frames cut into MAX_ORDER-aligned blocks, in the order they are handed out."""
+    blocks: list[np.ndarray] = []
+    for start, end in free_runs:
+        cuts = [start, *range(-(-start // MAX_ORDER_NR_PAGES) * MAX_ORDER_NR_PAGES, end, MAX_ORDER_NR_PAGES), end]
+        blocks += [np.arange(a, b, dtype=np.int64) for a, b in zip(cuts, cuts[1:]) if b > a]
+    return blocks
 
 
 class PageAllocator:
@@ -32,35 +83,64 @@ class PageAllocator:
     the rest of ``ram`` is reserved."""
 
     def __init__(self, max_pfn: int, ram: Sequence[tuple[int, int]], free_runs: Sequence[tuple[int, int]]) -> None:
-        fresh = np.concatenate([np.arange(start, end, dtype=np.int64) for start, end in free_runs])
         self.refcount = np.zeros(max_pfn, np.int32)
         self.kind = np.full(max_pfn, PAGE_HOLE, np.uint8)
         for start, end in ram:
             self.kind[start:end] = PAGE_RESERVED
-        self.kind[fresh] = PAGE_FREE
-        self.managed_pages = len(fresh)
-        self._stack = fresh[::-1].copy()  # the top of the stack is the next page handed out
-        self._top = len(fresh)
-        self._fresh = len(fresh)  # the bottom of the stack never allocated yet, ascending from its top
+        self._fresh = max_order_blocks(free_runs)[::-1]  # blocks never handed out, the next one last
+        fresh = self._fresh_pages = sum(len(block) for block in self._fresh)
+        for block in self._fresh:
+            self.kind[block] = PAGE_FREE
+        self.managed_pages = fresh
+        self.pageblock_mt = np.full((max_pfn >> PAGEBLOCK_ORDER) + 1, MIGRATE_MOVABLE, np.int8)
+        self._lists = [FreeList(fresh), FreeList(fresh)]
         self._huge: list[int] = []  # free order-9 blocks, last freed on top
 
     @property
     def nr_free(self) -> int:
-        return self._top + HPAGE_PMD_NR * len(self._huge)
+        lists = self._lists[0].top + self._lists[1].top
+        return lists + self._fresh_pages + HPAGE_PMD_NR * len(self._huge)
+
+    def _claim(self, migratetype: int, block: np.ndarray) -> None:
+        """Fresh or whole free memory becomes ``migratetype``'s: its pageblocks change type, its pages
+        join the free list, lowest on top."""
+        self.pageblock_mt[np.unique(block >> PAGEBLOCK_ORDER)] = migratetype
+        self._lists[migratetype].push(block[::-1])
+
+    def _refill(self, migratetype: int) -> None:
+        """The type's free list is empty: the next fresh block, else a free THP block broken up, else
+        __rmqueue_fallback takes the other type's most recently freed page."""
+        if self._fresh:
+            block = self._fresh.pop()
+            self._fresh_pages -= len(block)
+            self._claim(migratetype, block)
+        elif self._huge:
+            base = self._huge.pop()
+            self._claim(migratetype, np.arange(base, base + HPAGE_PMD_NR, dtype=np.int64))
+        else:
+            self._lists[migratetype].push(self._lists[1 - migratetype].pop(1))
 
     def alloc(self, n: int, kind: int) -> np.ndarray:
         """alloc_pages() ``n`` times: the frames, in allocation order, each with one reference."""
-        while n > self._top and self._huge:  # no small page left: break up a free THP block
-            base = self._huge.pop()
-            self._push(np.arange(base + HPAGE_PMD_NR - 1, base - 1, -1))
-        if n > self._top:
-            raise MemoryError(f"guest out of memory: {n} pages wanted, {self._top} free")
-        gfns = self._stack[self._top - n : self._top][::-1].copy()
-        self._top -= n
-        self._fresh = min(self._fresh, self._top)
+        if n > self.nr_free:
+            raise MemoryError(f"guest out of memory: {n} pages wanted, {self.nr_free} free")
+        free = self._lists[gfp_migratetype(kind)]
+        parts = [free.pop(n)]
+        got = len(parts[0])
+        while got < n:
+            self._refill(gfp_migratetype(kind))
+            parts.append(free.pop(n - got))
+            got += len(parts[-1])
+        gfns = parts[0] if len(parts) == 1 else np.concatenate(parts)
         self.refcount[gfns] = 1
         self.kind[gfns] = kind
         return gfns
+
+    def peek(self, n: int, kind: int) -> np.ndarray:
+        """The frames the next alloc(n, kind) hands out, as long as its free list and fresh memory suffice."""
+        head = self._lists[gfp_migratetype(kind)].peek(n)
+        upcoming = [head, *self._fresh[::-1]]
+        return np.concatenate(upcoming)[:n]
 
     def free(self, gfns: np.ndarray) -> None:
         """__free_pages() of pages whose last reference is gone, in the order given (the last is reused first)."""
@@ -71,11 +151,9 @@ class PageAllocator:
             raise ValueError("freeing a free page or a page still referenced")
         self.refcount[gfns] = 0
         self.kind[gfns] = PAGE_FREE
-        self._push(gfns)
-
-    def _push(self, gfns: np.ndarray) -> None:
-        self._stack[self._top : self._top + len(gfns)] = gfns
-        self._top += len(gfns)
+        movable = self.pageblock_mt[gfns >> PAGEBLOCK_ORDER] == MIGRATE_MOVABLE
+        self._lists[MIGRATE_MOVABLE].push(gfns[movable])
+        self._lists[MIGRATE_UNMOVABLE].push(gfns[~movable])
 
     def alloc_huge(self, kind: int) -> int:
         """alloc_pages(order 9) for a THP: its first frame (each of its 512 frames with one reference),
@@ -83,19 +161,30 @@ class PageAllocator:
         if self._huge:
             base = self._huge.pop()
         else:
-            ascending = self._stack[self._fresh - 1 :: -1] if self._fresh else self._stack[:0]
-            starts = np.flatnonzero(ascending[: len(ascending) - HPAGE_PMD_NR + 1] % HPAGE_PMD_NR == 0)
-            whole = starts[ascending[starts + HPAGE_PMD_NR - 1] == ascending[starts] + HPAGE_PMD_NR - 1]
-            if not len(whole):
+            base = self._carve_pageblock()
+            if base < 0:
                 return -1
-            base = int(ascending[whole[0]])
-            low = self._fresh - int(whole[0]) - HPAGE_PMD_NR  # the block's place in the stack
-            self._stack[low : self._top - HPAGE_PMD_NR] = self._stack[low + HPAGE_PMD_NR : self._top].copy()
-            self._top -= HPAGE_PMD_NR
-            self._fresh -= HPAGE_PMD_NR
+            self.pageblock_mt[base >> PAGEBLOCK_ORDER] = MIGRATE_MOVABLE
         self.refcount[base : base + HPAGE_PMD_NR] = 1
         self.kind[base : base + HPAGE_PMD_NR] = kind
         return base
+
+    def _carve_pageblock(self) -> int:
+        """The lowest whole pageblock of fresh memory, taken out of its block (-1 if there is none)."""
+        for i in range(len(self._fresh) - 1, -1, -1):
+            block = self._fresh[i]
+            starts = np.flatnonzero(block[: len(block) - HPAGE_PMD_NR + 1] % HPAGE_PMD_NR == 0)
+            whole = starts[block[starts + HPAGE_PMD_NR - 1] == block[starts] + HPAGE_PMD_NR - 1]
+            if len(whole):
+                at = int(whole[0])
+                self._fresh_pages -= HPAGE_PMD_NR
+                rest = np.concatenate([block[:at], block[at + HPAGE_PMD_NR :]])
+                if len(rest):
+                    self._fresh[i] = rest
+                else:
+                    del self._fresh[i]
+                return int(block[at])
+        return -1
 
     def put_huge(self, base: int) -> None:
         """Drop the references a PMD mapping held on a THP's frames; a wholly unused block is freed as one."""
