@@ -13,12 +13,13 @@ if TYPE_CHECKING:
     from kvmdbgfs.kvm.vm import Kvm
 
 
-def boot_guest(kvm: Kvm, rng: np.random.Generator) -> Userspace:
-    """Start the guest kernel on the VM's MMU (its GuestHardware) and bring it to an idle multi-user system."""
+def boot_guest(kvm: Kvm, rng: np.random.Generator, logins: int = 1) -> Userspace:
+    """Start the guest kernel on the VM's MMU (its GuestHardware) and bring it to an idle multi-user system
+    with ``logins`` users logged in."""
     if kvm.guest is not None:
         raise ValueError(f"VM {kvm.name} has already booted")
     kernel = GuestKernel(kvm.config.memory, kvm.arch.mmu, rng, nr_vcpus=kvm.config.vcpus)
-    kvm.guest = kernel.boot()
+    kvm.guest = kernel.boot(logins)
     return kvm.guest
 
 

@@ -92,7 +92,7 @@ def _run_ld_so(kernel: GuestKernel, task: Task, program: Program, objects: list[
     assert task.mm is not None
     task.touch(task.mm.stack_top - ARG_PAGES * PAGE_SIZE, task.mm.stack_top, write=True)  # auxv, argv
     _relocate(task, ld)
-    _run_code(kernel, task, ld, 0.6)
+    run_code(kernel, task, ld, 0.6)
     for name in program.libs:
         file = kernel.file(name)
         kernel.cache.read(file, 0)  # read() of the ELF header
@@ -105,7 +105,7 @@ def _run_ld_so(kernel: GuestKernel, task: Task, program: Program, objects: list[
             relro = obj.vmas["relro"]
             task.mprotect(relro.start, relro.end - relro.start, PROT_READ)
     for obj in [exe, *objects[2:]]:
-        _run_code(kernel, task, obj, program.text_frac)
+        run_code(kernel, task, obj, program.text_frac)
 
 
 def _relocate(task: Task, obj: LoadedElf) -> None:
@@ -114,7 +114,7 @@ def _relocate(task: Task, obj: LoadedElf) -> None:
     task.touch_pages(np.concatenate([obj.pages("relro"), obj.pages("data"), obj.pages("bss")[:1]]), write=True)
 
 
-def _run_code(kernel: GuestKernel, task: Task, obj: LoadedElf, frac: float) -> None:
-    """Running an object's code: its hot text windows and some of its rodata."""
+def run_code(kernel: GuestKernel, task: Task, obj: LoadedElf, frac: float) -> None:
+    """Running ``frac`` of an object's code: its hottest text windows and the rodata that code reads."""
     task.touch_pages(kernel.hot_pages(obj, "text", frac), write=False)
     task.touch_pages(kernel.hot_pages(obj, "rodata", frac * RODATA_FRAC), write=False)

@@ -34,7 +34,7 @@ from kvmdbgfs.guest.vmalloc import STACK_TOUCH_PAGES, KernelStacks, load_modules
 
 MiB_PAGES = (1 << 20) // PAGE_SIZE
 VDSO_PAGES = 2
-TEXT_WINDOW = 16  # pages a text fault maps around itself
+HOT_CODE_WINDOW = 4  # pages (16 KiB) of code per hot window: running code touches one page in each
 THREAD_STACK_SIZE = 8 << 20  # glibc's default pthread stack (RLIMIT_STACK)
 
 
@@ -116,15 +116,16 @@ class GuestKernel:
         return self.files[name]
 
     def hot_pages(self, obj: LoadedElf, segment: str, frac: float) -> np.ndarray:
-        """The pages of a segment that running code touches: one page in each of the hottest windows.
-        Which windows are hot is drawn once per object, so every process running it agrees."""
+        """The pages of a segment that running code touches: one page in each of the hottest windows of
+        HOT_CODE_WINDOW pages. Which windows are hot is drawn once per object, so every process running it
+        agrees; a process running ``frac`` of its code touches that share of the windows, hottest first."""
         pages = obj.pages(segment)
         key = (obj.elf.name, segment)
         if key not in self._text_ranks:
-            windows = -(-len(pages) // TEXT_WINDOW)
-            offsets = self.rng.integers(TEXT_WINDOW, size=windows)
+            windows = -(-len(pages) // HOT_CODE_WINDOW)
+            offsets = self.rng.integers(HOT_CODE_WINDOW, size=windows)
             ranked = self.rng.permutation(windows)
-            self._text_ranks[key] = np.minimum(ranked * TEXT_WINDOW + offsets[ranked], max(len(pages) - 1, 0))
+            self._text_ranks[key] = np.minimum(ranked * HOT_CODE_WINDOW + offsets[ranked], max(len(pages) - 1, 0))
         chosen = self._text_ranks[key][: int(np.ceil(frac * len(self._text_ranks[key])))]
         return pages[np.sort(chosen)] if len(pages) else pages
 
@@ -209,9 +210,9 @@ class GuestKernel:
         binfmt.execve(self, task, program)
         userspace.start_main(task, program)
 
-    def boot(self) -> userspace.Userspace:
-        """Bring the guest to an idle multi-user system (see userspace.boot)."""
-        return userspace.boot(self)
+    def boot(self, logins: int = 1) -> userspace.Userspace:
+        """Bring the guest to an idle multi-user system with ``logins`` SSH logins (see userspace.boot)."""
+        return userspace.boot(self, logins=logins)
 
     def spawn(self, program: str | Program, parent: Task) -> Task:
         """fork + exec, as a shell or systemd starts a program."""

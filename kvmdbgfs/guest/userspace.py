@@ -4,6 +4,8 @@ start-up after exec, and daemons waking up periodically.
 A program's main() grows its heap with brk and writes it, writes its
 anonymous mmap arenas and its stack. A daemon's wake-up is a context switch
 to it followed by touches of its stack, part of its heap and its hottest code.
+A server process that has handled requests has run a share of the code of
+every object it maps.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from kvmdbgfs.guest.distro import (
     SESSION,
     Program,
 )
+from kvmdbgfs.guest.exec import run_code
 from kvmdbgfs.guest.process import Task
 from kvmdbgfs.guest.vaddr import PAGE_SIZE, page_align
 from kvmdbgfs.guest.vma import PROT_READ, PROT_WRITE
@@ -70,6 +73,14 @@ def wake(task: Task) -> None:
         task.touch_pages(kernel.hot_pages(obj, "text", program.text_frac * WAKE_TEXT_FRAC), write=False)
 
 
+def serve(task: Task, share: float) -> None:
+    """A server process that has handled requests: it ran ``share`` of the code its program runs in each
+    of its objects (the more requests, the more of the cold paths)."""
+    frac = PROGRAMS[task.program].text_frac * share
+    for obj in task.objects:
+        run_code(task.kernel, task, obj, frac)
+
+
 @dataclass
 class Userspace:
     """The booted system: init, the services, the session, and a clock for periodic wake-ups."""
@@ -110,14 +121,33 @@ class Userspace:
         return PROGRAMS[task.program].wake_period if task.mm is not None else KWORKER_PERIOD
 
 
+def login(kernel: GuestKernel, init: Task, sshd: Task, session: list[str] = SESSION) -> list[Task]:
+    """One user's SSH login: sshd forks twice (the privileged and the user's sshd: forks without exec,
+    which then run), systemd --user with its (sd-pam) child, then the user's shell."""
+    tasks: list[Task] = []
+    for name in session:
+        if name == "sshd":
+            tasks.append(kernel.fork(tasks[-1] if tasks else sshd))
+            wake(tasks[-1])
+        elif name == "systemd":
+            tasks.append(kernel.spawn(name, init))
+            tasks.append(kernel.fork(tasks[-1]))
+            wake(tasks[-1])
+        else:
+            tasks.append(kernel.spawn(name, tasks[-1] if tasks else init))
+    return tasks
+
+
 def boot(
     kernel: GuestKernel,
     services: list[tuple[str, int]] = IDLE_SERVICES,
     helpers: list[tuple[str, int]] = BOOT_HELPERS,
     session: list[str] = SESSION,
+    logins: int = 1,
 ) -> Userspace:
     """kernel_init and kthreadd with the kernel threads, systemd as pid 1 running the boot helpers and
-    starting the services, and one SSH login (sshd forks twice, systemd --user and a shell)."""
+    starting the services, and ``logins`` users logged in over SSH, each running ``session``. The last
+    login's shell is the Userspace's ``session[-1]``."""
     init = kernel.kthread("init")
     kthreads = [kernel.kthread(name) for name in KTHREADS_GLOBAL]
     kthreads += [kernel.kthread(name.format(cpu)) for cpu in range(kernel.nr_vcpus) for name in KTHREADS_PER_CPU]
@@ -127,18 +157,8 @@ def boot(
             kernel.exit(kernel.spawn(name, init))
     started = [kernel.spawn(name, init) for name, count in services for _ in range(count)]
     sshd = next((task for task in started if task.program == "sshd"), init)
-    login: list[Task] = []
-    for name in session:
-        if name == "sshd":  # the privileged and the user's sshd: forks without exec, which then run
-            login.append(kernel.fork(login[-1] if login else sshd))
-            wake(login[-1])
-        elif name == "systemd":  # systemd --user and its (sd-pam) child
-            login.append(kernel.spawn(name, init))
-            login.append(kernel.fork(login[-1]))
-            wake(login[-1])
-        else:
-            login.append(kernel.spawn(name, login[-1] if login else init))
-    system = Userspace(kernel, init, started, login)
+    users = [task for _ in range(logins) for task in login(kernel, init, sshd, session)]
+    system = Userspace(kernel, init, started, users)
     for task in list(kernel.tasks.values()):
         if (task.mm is None and task.comm.startswith("kworker/")) or (
             task.mm is not None and PROGRAMS[task.program].wake_period
