@@ -40,7 +40,7 @@ def same_state(a: GuestKernel, b: GuestKernel) -> None:
     assert all((ta[gfn] == tb[gfn]).all() for gfn in ta)
     pa, pb = a.ctx.pages, b.ctx.pages
     assert pa.nr_free == pb.nr_free
-    assert (pa._stack[: pa.nr_free] == pb._stack[: pb.nr_free]).all()
+    assert (pa._free.stack[: pa.nr_free] == pb._free.stack[: pb.nr_free]).all()
     assert (pa.refcount == pb.refcount).all() and (pa.kind == pb.kind).all()
     assert trace_signature(hw(a).events) == trace_signature(hw(b).events)
 
@@ -48,7 +48,7 @@ def same_state(a: GuestKernel, b: GuestKernel) -> None:
 def next_frames(kernel: GuestKernel, n: int) -> list[int]:
     """The frames the allocator will hand out next, in order."""
     pages = kernel.ctx.pages
-    return pages._stack[pages.nr_free - n : pages.nr_free][::-1].tolist()
+    return pages._free.stack[pages.nr_free - n : pages.nr_free][::-1].tolist()
 
 
 def pte_table(kernel: GuestKernel, task: Task, va: int) -> int:
