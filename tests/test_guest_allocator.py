@@ -12,6 +12,7 @@ from kvmdbgfs.guest.allocator import (
     PAGE_ANON,
     PAGE_CACHE,
     PAGE_FREE,
+    PAGE_HOLE,
     PAGE_KERNEL,
     PAGE_TABLE,
     PageAllocator,
@@ -101,3 +102,33 @@ def test_q35_e820_and_boot_reservations_6g() -> None:
     assert 0.015 < 1 - free / ram < 0.03  # the image, the memmap (1.56%), the first MiB
     top = max(boot.memmap_sections.values())
     assert top + 512 == 0x200000  # memblock allocates the memmap from the top of RAM
+
+
+def test_movable_zone_serves_movable_allocations_first_and_takes_its_pages_back() -> None:
+    pages = allocator()
+    pages.online_movable(200, 210)  # hot-added frames beyond the boot memory map
+    assert pages.managed_pages == 100 and pages.nr_free == 100
+    assert pages.alloc(3, PAGE_ANON).tolist() == [200, 201, 202]
+    assert pages.alloc(1, PAGE_TABLE).tolist() == [50]  # kernel allocations never use ZONE_MOVABLE
+    assert pages.alloc(9, PAGE_CACHE).tolist() == [203, 204, 205, 206, 207, 208, 209, 51, 52]
+    pages.free(np.array([51, 201]))  # each page back to its own zone
+    assert pages.alloc(1, PAGE_ANON).tolist() == [201]
+    assert pages.alloc(1, PAGE_TABLE).tolist() == [51]
+    assert pages.movable is not None
+    pages.movable.isolated = True  # being offlined: no longer handed out
+    assert pages.alloc(1, PAGE_ANON).tolist() == [53]
+    with pytest.raises(ValueError, match=r"page 0xc8 is still in use"):
+        pages.offline_movable()
+    pages.move_references(np.arange(200, 210), pages.alloc(10, PAGE_ANON))
+    pages.offline_movable()
+    assert pages.movable is None and pages.managed_pages == 90
+    assert (pages.kind[200:210] == PAGE_HOLE).all() and pages.count_by_kind()["free"] == 90 - 14
+
+
+def test_onlining_refuses_ram_and_a_second_movable_zone() -> None:
+    pages = allocator()
+    with pytest.raises(ValueError, match="already RAM"):
+        pages.online_movable(90, 110)
+    pages.online_movable(100, 110)
+    with pytest.raises(ValueError, match="already online"):
+        pages.online_movable(120, 130)

@@ -22,6 +22,8 @@ Linux. Every operation is O(1) per page and the batch forms are numpy slices.
 Transparent huge pages are order-9 blocks: freed ones are kept on their own
 LIFO list (the per-cpu lists hold THPs too), new ones are carved from fresh
 memory at the lowest aligned pageblock, as the buddy allocator would split them.
+Hot-plugged memory onlined as ZONE_MOVABLE has a list of its own, used first
+by movable order-0 allocations (THPs are never placed there in this model).
 
 ``refcount`` is struct page's _refcount (a mapping, the page cache or the
 kernel each hold one); ``kind`` says what a page is used for.
@@ -41,9 +43,12 @@ MIGRATE_UNMOVABLE, MIGRATE_MOVABLE = 0, 1
 KIND_NAMES = ("free", "reserved", "kernel", "pagetable", "anon", "pagecache")  # PAGE_HOLE: not RAM
 
 
+MOVABLE_KINDS = (PAGE_ANON, PAGE_CACHE)  # __GFP_MOVABLE order-0 allocations: user anonymous and page-cache pages
+
+
 def gfp_migratetype(kind: int) -> int:
     """gfp_migratetype(): user pages are movable, the kernel's own allocations are not."""
-    return MIGRATE_MOVABLE if kind in (PAGE_ANON, PAGE_CACHE) else MIGRATE_UNMOVABLE
+    return MIGRATE_MOVABLE if kind in MOVABLE_KINDS else MIGRATE_UNMOVABLE
 
 
 class FreeList:
@@ -70,17 +75,35 @@ class FreeList:
 
 
 def max_order_blocks(free_runs: Sequence[tuple[int, int]]) -> list[np.ndarray]:
-    """The fresh frames cut into MAX_ORDER-aligned blocks, in the order they are handed out."""
-    blocks: list[np.ndarray] = []
-    for start, end in free_runs:
-        cuts = [start, *range(-(-start // MAX_ORDER_NR_PAGES) * MAX_ORDER_NR_PAGES, end, MAX_ORDER_NR_PAGES), end]
-        blocks += [np.arange(a, b, dtype=np.int64) for a, b in zip(cuts, cuts[1:]) if b > a]
-    return blocks
+    """The fresh frames grouped by MAX_ORDER-aligned block (a block's frames in allocation order), the
+    blocks in the order their first frame is handed out."""
+    fresh = np.concatenate([np.arange(start, end, dtype=np.int64) for start, end in free_runs])
+    block_of = fresh // MAX_ORDER_NR_PAGES
+    _, first = np.unique(block_of, return_index=True)
+    order = np.argsort(first[np.searchsorted(np.unique(block_of), block_of)], kind="stable")
+    grouped = fresh[order]
+    cuts = np.flatnonzero(np.diff(grouped // MAX_ORDER_NR_PAGES)) + 1
+    return np.split(grouped, cuts)
+
+
+class MovableZone:
+    """ZONE_MOVABLE of onlined hot-plugged memory [start, end): only movable allocations (user anonymous
+    and page-cache pages) come from it, and they prefer it (GFP_HIGHUSER_MOVABLE's zonelist starts there).
+    ``isolated`` (start_isolate_page_range) stops it handing out pages while it is being offlined."""
+
+    def __init__(self, start: int, end: int) -> None:
+        self.start, self.end = start, end
+        self.free = FreeList(end - start)
+        self.free.push(np.arange(end - 1, start - 1, -1, dtype=np.int64))  # the lowest frame on top
+        self.isolated = False
+
+    def holds(self, gfns: np.ndarray) -> np.ndarray:
+        return (gfns >= self.start) & (gfns < self.end)
 
 
 class PageAllocator:
     """Order-0 page allocation over the frames listed in ``free_runs`` (gfn ranges, in allocation order);
-    the rest of ``ram`` is reserved."""
+    the rest of ``ram`` is reserved. Memory onlined later forms a ``movable`` zone."""
 
     def __init__(self, max_pfn: int, ram: Sequence[tuple[int, int]], free_runs: Sequence[tuple[int, int]]) -> None:
         self.refcount = np.zeros(max_pfn, np.int32)
@@ -95,10 +118,11 @@ class PageAllocator:
         self.pageblock_mt = np.full((max_pfn >> PAGEBLOCK_ORDER) + 1, MIGRATE_MOVABLE, np.int8)
         self._lists = [FreeList(fresh), FreeList(fresh)]
         self._huge: list[int] = []  # free order-9 blocks, last freed on top
+        self.movable: MovableZone | None = None
 
     @property
     def nr_free(self) -> int:
-        lists = self._lists[0].top + self._lists[1].top
+        lists = self._lists[0].top + self._lists[1].top + (self.movable.free.top if self.movable else 0)
         return lists + self._fresh_pages + HPAGE_PMD_NR * len(self._huge)
 
     def _claim(self, migratetype: int, block: np.ndarray) -> None:
@@ -121,15 +145,19 @@ class PageAllocator:
             self._lists[migratetype].push(self._lists[1 - migratetype].pop(1))
 
     def alloc(self, n: int, kind: int) -> np.ndarray:
-        """alloc_pages() ``n`` times: the frames, in allocation order, each with one reference."""
+        """alloc_pages() ``n`` times: the frames, in allocation order, each with one reference.
+        Movable kinds come from the movable zone while it has free pages, then from the others."""
         if n > self.nr_free:
             raise MemoryError(f"guest out of memory: {n} pages wanted, {self.nr_free} free")
-        free = self._lists[gfp_migratetype(kind)]
-        parts = [free.pop(n)]
+        migratetype, zone = gfp_migratetype(kind), self.movable
+        parts = [np.zeros(0, np.int64)]
+        if migratetype == MIGRATE_MOVABLE and zone is not None and not zone.isolated:
+            parts = [zone.free.pop(n)]
         got = len(parts[0])
         while got < n:
-            self._refill(gfp_migratetype(kind))
-            parts.append(free.pop(n - got))
+            if not self._lists[migratetype].top:
+                self._refill(migratetype)
+            parts.append(self._lists[migratetype].pop(n - got))
             got += len(parts[-1])
         gfns = parts[0] if len(parts) == 1 else np.concatenate(parts)
         self.refcount[gfns] = 1
@@ -151,6 +179,10 @@ class PageAllocator:
             raise ValueError("freeing a free page or a page still referenced")
         self.refcount[gfns] = 0
         self.kind[gfns] = PAGE_FREE
+        if self.movable is not None:  # a page goes back to its own zone's list
+            in_zone = self.movable.holds(gfns)
+            self.movable.free.push(gfns[in_zone])
+            gfns = gfns[~in_zone]
         movable = self.pageblock_mt[gfns >> PAGEBLOCK_ORDER] == MIGRATE_MOVABLE
         self._lists[MIGRATE_MOVABLE].push(gfns[movable])
         self._lists[MIGRATE_UNMOVABLE].push(gfns[~movable])
@@ -195,6 +227,41 @@ class PageAllocator:
             self._huge.append(base)
         else:
             self.put(block)
+
+    def online_movable(self, start: int, end: int) -> None:
+        """online_pages into ZONE_MOVABLE: the frames [start, end) join the zone (move_pfn_range_to_zone) and
+        are freed into it (generic_online_page), counted as managed (adjust_managed_page_count)."""
+        if self.movable is not None:
+            raise ValueError("a movable zone is already online (the model keeps one)")
+        if end > len(self.kind):  # the struct page arrays reach the new frames
+            self.refcount = np.concatenate([self.refcount, np.zeros(end - len(self.kind), np.int32)])
+            self.kind = np.concatenate([self.kind, np.full(end - len(self.kind), PAGE_HOLE, np.uint8)])
+        if (self.kind[start:end] != PAGE_HOLE).any():
+            raise ValueError(f"frames {start:#x}-{end:#x} are already RAM")
+        self.kind[start:end] = PAGE_FREE
+        self.movable = MovableZone(start, end)
+        self.managed_pages += end - start
+
+    def offline_movable(self) -> None:
+        """The end of offline_pages: every page of the isolated movable zone is free (migrated away), the
+        frames leave the allocator (__offline_isolated_pages) and the managed count."""
+        zone = self.movable
+        if zone is None or not zone.isolated:
+            raise ValueError("no isolated movable zone to offline")
+        busy = np.flatnonzero(self.kind[zone.start : zone.end] != PAGE_FREE)
+        if len(busy):
+            raise ValueError(f"page {zone.start + int(busy[0]):#x} is still in use (offline_pages: -EBUSY)")
+        self.kind[zone.start : zone.end] = PAGE_HOLE
+        self.managed_pages -= zone.end - zone.start
+        self.movable = None
+
+    def move_references(self, src: np.ndarray, dst: np.ndarray) -> None:
+        """folio_migrate_mapping / migrate_folio_done: the references and the use of each ``src`` page (its
+        mappings, the page cache) now belong to the matching ``dst`` page; the ``src`` pages are freed."""
+        self.refcount[dst] = self.refcount[src]
+        self.kind[dst] = self.kind[src]
+        self.refcount[src] = 1
+        self.free(src)
 
     def get(self, gfns: np.ndarray) -> None:
         """get_page() on each frame (repeats count)."""

@@ -77,6 +77,7 @@ class GuestKernel:
         self.boot_memory = boot = setup_memory(memory_bytes, text + rodata + config.data_mib * MiB_PAGES)
         self.kpt = KernelPageTables(ctx, boot, text, rodata, config.gbpages)
         ctx.pages = PageAllocator(boot.max_pfn, boot.ram, boot.memblock.free_runs())
+        self.kpt.after_bootmem = True
         image = boot.kernel_image[0]
         ctx.zero_pfn = image + text + rodata  # empty_zero_page, first page of .bss..page_aligned
         self.vdso = File("[vdso]", VDSO_PAGES)

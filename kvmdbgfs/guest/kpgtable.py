@@ -9,14 +9,19 @@ Built as x86-64 Linux builds it at boot:
 - the memmap at VMEMMAP_START with 2M pages (vmemmap_populate);
 - the vmalloc PUD pages preallocated (preallocate_vmalloc_pages), so that
   the PML4 entries every process copies never change after boot;
-- 4K mappings created later in vmalloc and module space (map_pages).
+- 4K mappings created later in vmalloc and module space (map_pages);
+- hot-added memory: the direct map and the memmap of the new range
+  (arch_add_memory), removed again by arch_remove_memory.
 Early tables come from memblock; later ones from the page allocator.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 
+from kvmdbgfs.guest import allocator
 from kvmdbgfs.guest.kctx import KernelContext
 from kvmdbgfs.guest.pgtable import KERNPG_TABLE, alloc_table_at, make_ptes, table_at
 from kvmdbgfs.guest.physmem import ISA_END_PFN, SECTION_PAGES, BootMemory
@@ -40,6 +45,7 @@ from kvmdbgfs.guest.vaddr import (
     VMALLOC_SIZE,
     VMALLOC_START,
     VMEMMAP_START,
+    direct_map,
 )
 
 KERNEL_PGD_BOUNDARY = 256
@@ -73,6 +79,18 @@ def split_mem_range(start: int, end: int, gbpages: bool) -> list[tuple[int, int,
     return pieces
 
 
+def table_chunks(va: int, n: int, level: int) -> Iterator[tuple[int, int, int, int]]:
+    """``n`` consecutive entries at ``level`` from ``va``, cut where a page-table page ends:
+    (entries done before, address, first index, count) per table."""
+    span = level_span(level)
+    done = 0
+    while done < n:
+        cur = va + done * span
+        count = min(n - done, (512 * span - cur % (512 * span)) // span)
+        yield done, cur, pt_index(cur, level), count
+        done += count
+
+
 class KernelPageTables:
     """init_mm's page tables; the entries 256..511 of its pgd are what pgd_alloc copies into every process."""
 
@@ -81,6 +99,9 @@ class KernelPageTables:
     ) -> None:
         self.ctx = ctx
         self.boot = boot
+        self.gbpages = gbpages
+        self.after_bootmem = False  # set once memblock has handed memory to the page allocator
+        self.hotplug_memmap: dict[int, int] = {}  # hot-added section -> first frame of its 2 MiB memmap block
         image_start, image_end = boot.kernel_image
         static = {name: image_end - len(STATIC_TABLES) + i for i, name in enumerate(STATIC_TABLES)}
         self.pgd = static["init_top_pgt"]
@@ -88,7 +109,7 @@ class KernelPageTables:
         self._link(self.pgd, START_KERNEL_MAP, 4, static["level3_kernel_pgt"])
         self._link(static["level3_kernel_pgt"], START_KERNEL_MAP, 3, static["level2_kernel_pgt"])
         self._link(static["level3_kernel_pgt"], 0xFFFFFFFFC0000000, 3, static["level2_fixmap_pgt"])
-        self._map_direct(gbpages)
+        self._map_direct()
         self._map_image(image_start, image_end, text_pages, rodata_pages)
         self._map_vmemmap()
 
@@ -99,30 +120,30 @@ class KernelPageTables:
         """alloc_low_pages: an early page-table page from memblock."""
         return self.boot.memblock.alloc(1)
 
-    def _early_table(self, va: int, level: int) -> int:
-        return alloc_table_at(self.ctx, self.pgd, va, level, KERNPG_TABLE, self._memblock_table)
+    def _kernel_table(self, va: int, level: int) -> int:
+        """The table at ``level`` for ``va``, missing ones from alloc_low_pages: memblock during boot, the
+        page allocator after it (after_bootmem)."""
+        alloc = None if self.after_bootmem else self._memblock_table
+        return alloc_table_at(self.ctx, self.pgd, va, level, KERNPG_TABLE, alloc)
 
     def _map_large(self, va: int, pfns: np.ndarray, level: int, flags: int) -> None:
         """Leaf entries at ``level`` (1, 2 or 3) mapping consecutive virtual pages of that size to ``pfns``."""
-        span = level_span(level)
         leaf = flags if level > 1 else flags & ~PT_PAGE_SIZE_MASK
-        per_table = 512 * span
-        done = 0
-        while done < len(pfns):
-            cur = va + done * span
-            n = min(len(pfns) - done, (per_table - cur % per_table) // span)
-            table = self._early_table(cur, level)
-            first = pt_index(cur, level)
+        for done, cur, first, n in table_chunks(va, len(pfns), level):
+            table = self._kernel_table(cur, level)
             self.ctx.stores(table, np.arange(first, first + n), make_ptes(pfns[done : done + n], leaf))
-            done += n
 
-    def _map_direct(self, gbpages: bool) -> None:
+    def _map_direct(self) -> None:
         """init_mem_mapping: the ISA range, then every RAM range above 1 MiB."""
         ranges = [(0, ISA_END_PFN)] + [(max(s, ISA_END_PFN), e) for s, e in self.boot.ram if e > ISA_END_PFN]
         for start, end in ranges:
-            for s, e, level in split_mem_range(start, end, gbpages):
-                step = 512 ** (level - 1)
-                self._map_large(PAGE_OFFSET + s * PAGE_SIZE, np.arange(s, e, step), level, PAGE_KERNEL_LARGE)
+            self.init_memory_mapping(start, end)
+
+    def init_memory_mapping(self, start: int, end: int) -> None:
+        """init_memory_mapping / kernel_physical_mapping_init: the direct map of [start, end), with the
+        largest pages split_mem_range allows."""
+        for s, e, level in split_mem_range(start, end, self.gbpages):
+            self._map_large(PAGE_OFFSET + s * PAGE_SIZE, np.arange(s, e, 512 ** (level - 1)), level, PAGE_KERNEL_LARGE)
 
     def _map_image(self, start: int, end: int, text_pages: int, rodata_pages: int) -> None:
         """level2_kernel_pgt: 2M pages over the image, text ROX, rodata RO, the rest RW NX."""
@@ -140,8 +161,7 @@ class KernelPageTables:
     def _map_vmemmap(self) -> None:
         """vmemmap_populate: each present section's struct pages, 2 MiB mapped by one PMD."""
         for section, base in sorted(self.boot.memmap_sections.items()):
-            va = VMEMMAP_START + section * SECTION_PAGES * STRUCT_PAGE_SIZE
-            self._map_large(va, np.array([base]), 2, PAGE_KERNEL_LARGE)
+            self._map_large(memmap_va(section), np.array([base]), 2, PAGE_KERNEL_LARGE)
 
     def preallocate_vmalloc(self) -> None:
         """preallocate_vmalloc_pages: a PUD page for every PML4 entry of the vmalloc area (page allocator)."""
@@ -154,21 +174,57 @@ class KernelPageTables:
 
     def map_pages(self, va: int, gfns: np.ndarray) -> None:
         """vmap_pages_range: 4K PAGE_KERNEL mappings at ``va``, PT pages allocated on demand, one store batch per PT."""
-        done = 0
-        while done < len(gfns):
-            cur = va + done * PAGE_SIZE
-            n = min(len(gfns) - done, 512 - pt_index(cur, 1))
+        for done, cur, first, n in table_chunks(va, len(gfns), 1):
             table = alloc_table_at(self.ctx, self.pgd, cur, 1, KERNPG_TABLE)
-            first = pt_index(cur, 1)
             self.ctx.stores(table, np.arange(first, first + n), make_ptes(gfns[done : done + n], PAGE_KERNEL))
-            done += n
 
     def unmap_pages(self, va: int, npages: int) -> None:
         """vunmap_range_noflush: clear the 4K entries (the PT pages stay, as on x86)."""
-        done = 0
-        while done < npages:
-            cur = va + done * PAGE_SIZE
-            n = min(npages - done, 512 - pt_index(cur, 1))
-            first = pt_index(cur, 1)
-            self.ctx.stores(table_at(self.ctx, self.pgd, cur, 1), np.arange(first, first + n), np.zeros(n, np.uint64))
-            done += n
+        self._clear(va, npages, 1, free_empty=False)
+
+    def _clear(self, va: int, n: int, level: int, free_empty: bool) -> None:
+        """Clear ``n`` leaf entries at ``level`` from ``va``, one store batch per table. With ``free_empty``
+        (remove_pagetable) a PT or PMD page left empty is freed and its parent entry cleared
+        (free_pte_table, free_pmd_table); PUD pages stay."""
+        for _, cur, first, count in table_chunks(va, n, level):
+            table = table_at(self.ctx, self.pgd, cur, level)
+            self.ctx.stores(table, np.arange(first, first + count), np.zeros(count, np.uint64))
+            for lvl in range(level, 3 if free_empty else level):
+                if self.ctx.memory.table(table).any():
+                    break
+                parent = table_at(self.ctx, self.pgd, cur, lvl + 1)
+                self.ctx.store(parent, pt_index(cur, lvl + 1), 0)
+                self.ctx.free_tables([table])
+                table = parent
+
+    # -- memory hotplug ---------------------------------------------------------------
+    def arch_add_memory(self, start: int, end: int) -> None:
+        """arch_add_memory for [start, end): init_memory_mapping (tables from the page allocator), then
+        vmemmap_populate of each new section: a zeroed 2 MiB block from the page allocator
+        (vmemmap_alloc_block), mapped by one PMD."""
+        self.init_memory_mapping(start, end)
+        for section in range(start // SECTION_PAGES, -(-end // SECTION_PAGES)):
+            block = self.ctx.pages.alloc_huge(allocator.PAGE_KERNEL)  # the page kind, not this module's PTE flags
+            if block < 0:
+                raise MemoryError("vmemmap_populate: no free 2 MiB block for the memmap")
+            zeroed = np.arange(block, block + allocator.HPAGE_PMD_NR)  # __GFP_ZERO
+            self.ctx.kernel_access(direct_map(zeroed), write=True)
+            self._map_large(memmap_va(section), np.array([block]), 2, PAGE_KERNEL_LARGE)
+            self.hotplug_memmap[section] = block
+
+    def arch_remove_memory(self, start: int, end: int) -> None:
+        """arch_remove_memory for [start, end): vmemmap_free of its sections (each memmap block freed, its
+        PMD cleared), then kernel_physical_mapping_remove of the direct map; each remove_pagetable ends
+        with flush_tlb_all."""
+        for section in range(start // SECTION_PAGES, -(-end // SECTION_PAGES)):
+            self.ctx.pages.put_huge(self.hotplug_memmap.pop(section))
+            self._clear(memmap_va(section), 1, 2, free_empty=True)
+        self.ctx.tlb.flush_tlb_all()
+        for s, e, level in split_mem_range(start, end, self.gbpages):
+            self._clear(PAGE_OFFSET + s * PAGE_SIZE, (e - s) // 512 ** (level - 1), level, free_empty=True)
+        self.ctx.tlb.flush_tlb_all()
+
+
+def memmap_va(section: int) -> int:
+    """The address of a section's struct pages in the vmemmap (2 MiB per 128 MiB section)."""
+    return VMEMMAP_START + section * SECTION_PAGES * STRUCT_PAGE_SIZE

@@ -40,6 +40,17 @@ class PageCache:
     def __init__(self, ctx: KernelContext) -> None:
         self.ctx = ctx
         self.nr_pages = 0
+        self.inodes: dict[File, None] = {}  # the files with pages in the cache, in the order they got one
+
+    def owners(self, gfns: np.ndarray) -> list[tuple[File, np.ndarray, np.ndarray]]:
+        """page->mapping and page->index of the page-cache pages among ``gfns``: (file, indices, frames)
+        for each file holding some of them."""
+        found = []
+        for file in self.inodes:
+            indices = np.flatnonzero(np.isin(file.pages, gfns))
+            if len(indices):
+                found.append((file, indices, file.pages[indices]))
+        return found
 
     def _fill(self, file: File, start: int, end: int) -> None:
         """page_cache_ra_unbounded: allocate the missing pages of [start, end) in index order (I/O is DMA)."""
@@ -48,6 +59,7 @@ class PageCache:
         if len(missing):
             file.pages[missing] = self.ctx.alloc(len(missing), PAGE_CACHE, zero=file.shmem)
             self.nr_pages += len(missing)
+            self.inodes[file] = None
 
     def fault_page(self, file: File, index: int) -> int:
         """filemap_fault / shmem_fault: the page for ``index``, read around it (or allocated zeroed for shmem)."""
@@ -72,4 +84,5 @@ class PageCache:
         cached = file.pages[file.pages >= 0]
         file.pages[:] = -1
         self.nr_pages -= len(cached)
+        self.inodes.pop(file, None)
         self.ctx.pages.put(cached)

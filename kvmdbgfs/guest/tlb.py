@@ -94,11 +94,16 @@ class Tlb:
     def flush_tlb_page(self, mm: TlbMm, cpu: int, va: int) -> None:
         self.flush_tlb_mm_range(mm, cpu, va, va + PAGE_SIZE, False)
 
+    def flush_tlb_all(self) -> None:
+        """flush_tlb_all: every vCPU flushes its whole TLB."""
+        for cpu in range(len(self.cpus)):
+            self.hw.flush_tlb(cpu)
+
     def flush_tlb_kernel_range(self, start: int, end: int) -> None:
         """flush_tlb_kernel_range: on every vCPU, INVLPG each page or, past the ceiling, flush_tlb_all."""
+        if (end - start) // PAGE_SIZE > TLB_SINGLE_PAGE_FLUSH_CEILING:
+            self.flush_tlb_all()
+            return
         for cpu in range(len(self.cpus)):
-            if (end - start) // PAGE_SIZE > TLB_SINGLE_PAGE_FLUSH_CEILING:
-                self.hw.flush_tlb(cpu)
-            else:
-                for va in range(start, end, PAGE_SIZE):
-                    self.hw.invlpg(cpu, va)
+            for va in range(start, end, PAGE_SIZE):
+                self.hw.invlpg(cpu, va)
