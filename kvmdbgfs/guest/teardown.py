@@ -15,7 +15,7 @@ from kvmdbgfs.guest.allocator import PAGE_KERNEL
 from kvmdbgfs.guest.huge import is_huge
 from kvmdbgfs.guest.kctx import KernelContext
 from kvmdbgfs.guest.mm import Mm
-from kvmdbgfs.guest.pgtable import entry_range, present_indices, ptes_gfn, walk
+from kvmdbgfs.guest.pgtable import entry_range, present_entries, present_indices, ptes_gfn, walk
 from kvmdbgfs.guest.pte import PT_PAGE_SIZE_MASK, level_span, pte_gfn
 from kvmdbgfs.guest.tlb import TLB_FLUSH_ALL
 from kvmdbgfs.guest.vaddr import MASK64, PAGE_SIZE, PMD_SIZE
@@ -152,8 +152,8 @@ def _free_below(
     i0, i1 = entry_range(base, level, addr, end)
     span = level_span(level)
     cleared = []
-    for index in present_indices(entries, i0, i1).tolist():
-        entry = int(entries[index])
+    for index in present_entries(entries, i0, i1):
+        entry = entries.item(index)
         if entry & PT_PAGE_SIZE_MASK:
             continue
         lo, hi = max(addr, base + index * span), min(end, base + (index + 1) * span)
