@@ -58,6 +58,17 @@ def present_indices(entries: np.ndarray, i0: int, i1: int) -> np.ndarray:
     return ((entries[i0:i1] & _PRESENT) != 0).nonzero()[0] + i0
 
 
+SCALAR_RANGE = 8  # ranges of at most this many entries are tested one by one in Python
+
+
+def present_entries(entries: np.ndarray, i0: int, i1: int) -> list[int]:
+    """present_indices() as a list. A VMA's walk mostly meets one entry per upper-level table, and reading
+    a few entries as Python ints costs less than one nonzero()."""
+    if i1 - i0 <= SCALAR_RANGE:
+        return [index for index in range(i0, i1) if entries.item(index) & PT_PRESENT_MASK]
+    return present_indices(entries, i0, i1).tolist()
+
+
 def entry_range(table_va: int, level: int, start: int, end: int) -> tuple[int, int]:
     """Indices [i0, i1) of the entries of the level-``level`` table mapping ``table_va`` that overlap [start, end)."""
     span = level_span(level)
@@ -102,16 +113,35 @@ def walk(
     """Pre-order walk of the present non-leaf entries overlapping [start, end), levels 4 to 2.
 
     Yields (level, va, table gfn, index) for each entry, its subtree after it;
-    a level-2 entry points at a PT page or maps a THP (PS set).
+    a level-2 entry points at a PT page or maps a THP (PS set). Iterative: a stack holds one
+    _WalkFrame per table being walked. A table's present entries are found when the walk
+    enters it, and each entry is read when its turn comes, after the subtrees before it.
     """
-    entries = ctx.memory.table(table)
-    i0, i1 = entry_range(base, level, start, end)
-    span = level_span(level)
-    for index in present_indices(entries, i0, i1).tolist():
-        entry = entries.item(index)
+    memory = ctx.memory
+    stack = [_WalkFrame(memory.table(table), table, level, base, start, end)]
+    while stack:
+        frame = stack[-1]
+        if not frame.todo:
+            stack.pop()
+            continue
+        index = frame.todo.pop()
+        entry = frame.entries.item(index)
+        level = frame.level
         if entry & PT_PAGE_SIZE_MASK and level > 2:
             continue
-        va = base + index * span
-        yield level, va, table, index
+        va = frame.base + index * level_span(level)
+        yield level, va, frame.gfn, index
         if level > 2:
-            yield from walk(ctx, pte_gfn(entry), start, end, level - 1, va)
+            child = pte_gfn(entry)
+            stack.append(_WalkFrame(memory.table(child), child, level - 1, va, start, end))
+
+
+class _WalkFrame:
+    """One table on walk()'s stack: its entries, gfn, level and va, and its present indices in
+    [start, end) still to visit, the next one last."""
+
+    __slots__ = ("base", "entries", "gfn", "level", "todo")
+
+    def __init__(self, entries: np.ndarray, gfn: int, level: int, base: int, start: int, end: int) -> None:
+        self.entries, self.gfn, self.level, self.base = entries, gfn, level, base
+        self.todo = present_entries(entries, *entry_range(base, level, start, end))[::-1]

@@ -15,7 +15,7 @@ from kvmdbgfs.guest.allocator import PAGE_KERNEL
 from kvmdbgfs.guest.huge import is_huge
 from kvmdbgfs.guest.kctx import KernelContext
 from kvmdbgfs.guest.mm import Mm
-from kvmdbgfs.guest.pgtable import entry_range, present_indices, ptes_gfn, walk
+from kvmdbgfs.guest.pgtable import entry_range, present_entries, present_indices, ptes_gfn, walk
 from kvmdbgfs.guest.pte import PT_PAGE_SIZE_MASK, level_span, pte_gfn
 from kvmdbgfs.guest.tlb import TLB_FLUSH_ALL
 from kvmdbgfs.guest.vaddr import MASK64, PAGE_SIZE, PMD_SIZE
@@ -98,7 +98,7 @@ def zap_range(ctx: KernelContext, tlb: MmuGather, mm: Mm, start: int, end: int) 
     for level, va, table, index in walk(ctx, mm.pgd, start, end):
         if level != 2:
             continue
-        entry = int(ctx.memory.table(table)[index])
+        entry = ctx.memory.table(table).item(index)
         if is_huge(entry):
             zap_huge_pmd(ctx, tlb, mm, va, table, index)
             continue
@@ -109,14 +109,21 @@ def zap_range(ctx: KernelContext, tlb: MmuGather, mm: Mm, start: int, end: int) 
         gfns = ptes_gfn(ptes[indices])
         normal = gfns != ctx.zero_pfn  # vm_normal_page: the zero page is not gathered
         while len(indices):
-            full_at = np.flatnonzero(np.cumsum(normal) == tlb.room())
-            cut = int(full_at[0]) + 1 if len(full_at) else len(indices)
+            cut = _gather_cut(normal, tlb.room())
             ctx.stores(pt, indices[:cut], np.zeros(cut, np.uint64))
             tlb.adjust_range(va + int(indices[0]) * PAGE_SIZE, va + (int(indices[cut - 1]) + 1) * PAGE_SIZE)
             tlb.remove_pages(gfns[:cut][normal[:cut]])
             if tlb.room() == 0:
                 tlb.flush_mmu()
             indices, gfns, normal = indices[cut:], gfns[cut:], normal[cut:]
+
+
+def _gather_cut(normal: np.ndarray, room: int) -> int:
+    """How many of the PTEs left are zapped before the gather is full: all of them unless their pages
+    (``normal``) fill the ``room`` left, else up to the PTE whose page fills it."""
+    if np.count_nonzero(normal) < room:
+        return len(normal)
+    return int(np.flatnonzero(np.cumsum(normal) == room)[0]) + 1
 
 
 def zap_huge_pmd(ctx: KernelContext, tlb: MmuGather, mm: Mm, va: int, pd: int, index: int) -> None:
@@ -152,8 +159,8 @@ def _free_below(
     i0, i1 = entry_range(base, level, addr, end)
     span = level_span(level)
     cleared = []
-    for index in present_indices(entries, i0, i1).tolist():
-        entry = int(entries[index])
+    for index in present_entries(entries, i0, i1):
+        entry = entries.item(index)
         if entry & PT_PAGE_SIZE_MASK:
             continue
         lo, hi = max(addr, base + index * span), min(end, base + (index + 1) * span)

@@ -65,6 +65,8 @@ class LeafRmaps:
 
     def flush(self) -> None:
         """Commit the deferred adds: one rmap_add_batch per (slot, level)."""
+        if not self._pending:  # the common case: every MMU entry point flushes when it lets go of the lock
+            return
         pending, self._pending = self._pending, {}
         for (_, level), (ms, gfns, sptes) in pending.items():
             self.rmaps.rmap_add_batch(ms.slot, np.array(gfns, np.int64), level, np.array(sptes, np.int64))

@@ -271,16 +271,21 @@ class PteListDesign(ABC):
         """The rest of _walk_chains once few chains are left, followed one at a time in Python (scalar reads
         of ``more`` instead of numpy calls on tiny arrays); appends the deeper (row, desc) pairs in the
         order the numpy loop gives them, depth by depth and by row within a depth."""
-        more = self.pool.more
         found: list[tuple[int, int, int]] = []
         for row, desc in zip(rows[-1].tolist(), descs[-1].tolist()):
-            depth, desc = 1, more.item(desc)
-            while desc:
-                found.append((depth, row, desc))
-                depth, desc = depth + 1, more.item(desc)
+            found.extend((depth, row, deeper) for depth, deeper in enumerate(self._chain(desc)[1:], start=1))
         found.sort()
         rows.append(np.array([row for _, row, _ in found], rows[-1].dtype))
-        descs.append(np.array([desc for _, _, desc in found], more.dtype))
+        descs.append(np.array([desc for _, _, desc in found], self.pool.more.dtype))
+
+    def _chain(self, desc: int) -> list[int]:
+        """Descriptor ``desc`` and those its ``more`` pointers lead to, in chain order (scalar reads)."""
+        more = self.pool.more
+        chain = []
+        while desc:
+            chain.append(desc)
+            desc = more.item(desc)
+        return chain
 
     def _entries(self, rows: np.ndarray, descs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The sptes held by (row, desc) pairs: (row of each spte, sptes, entries per desc), by row then chain."""

@@ -18,9 +18,9 @@ class TailAppendDesign(PteListDesign):
         """The add walk's loop condition (``spte_count == PTE_LIST_EXT``)."""
         return self.pool.spte_count[descs] == self.PTE_LIST_EXT
 
-    def _is_full_one(self, desc: int) -> bool:
-        """_is_full() of one descriptor, read as a Python int."""
-        return self.pool.spte_count.item(desc) == self.PTE_LIST_EXT
+    def _is_full_reads(self, n: int) -> int:
+        """Slots read to test ``n`` descriptors with _is_full() (none: the counter says)."""
+        return 0
 
     def _last_slot_reads(self, last: np.ndarray) -> int:
         """Slots read to find each descriptor's last entry (the counter gives it: one read to move it)."""
@@ -40,6 +40,7 @@ class TailAppendDesign(PteListDesign):
                 self._add_walk_few(rows, descs, depth, stop, counts, tail_rows, tail_descs)
                 break
             self.costs.desc_visits += len(rows)
+            self.costs.slot_reads += self._is_full_reads(len(rows))
             full = self._is_full(descs)
             if not full.all():
                 stop[rows[~full]], counts[rows[~full]] = descs[~full], depth * ext
@@ -78,29 +79,27 @@ class TailAppendDesign(PteListDesign):
         tail_rows: list[np.ndarray],
         tail_descs: list[np.ndarray],
     ) -> None:
-        """The rest of _add_many's pte_list_add walk for its last few lists, one list at a time in Python: a
-        chain step is two scalar reads instead of a handful of numpy calls on tiny arrays. Same results,
-        visits and reads; lists that reach their tail are recorded in the order the numpy loop records
-        them (by the depth they end at, then by row), so the new descriptors go to the same lists."""
+        """The rest of _add_many's pte_list_add walk for its last few lists, one list at a time: each chain is
+        read with scalar reads of ``more`` and tested with one _is_full() call, and the walk stops at its first
+        non-full descriptor as the numpy loop does. Same results, visits and reads; lists that reach their
+        tail are recorded in the order the numpy loop records them (by the depth they end at, then by row),
+        so the new descriptors go to the same lists."""
         ext = self.PTE_LIST_EXT
-        more = self.pool.more
         visits = 0
         tails: list[tuple[int, int, int]] = []
         for row, desc in zip(rows.tolist(), descs.tolist()):
-            level = depth
-            while True:
-                visits += 1
-                if not self._is_full_one(desc):
-                    stop[row], counts[row] = desc, level * ext
-                    break
-                nxt = more.item(desc)
-                level += 1
-                if not nxt:
-                    tails.append((level, row, desc))
-                    counts[row] = level * ext
-                    break
-                desc = nxt
+            chain = self._chain(desc)
+            partial = np.flatnonzero(~self._is_full(np.array(chain)))
+            if len(partial):
+                walked = int(partial[0])
+                stop[row], counts[row] = chain[walked], (depth + walked) * ext
+                visits += walked + 1
+            else:
+                tails.append((depth + len(chain), row, chain[-1]))
+                counts[row] = (depth + len(chain)) * ext
+                visits += len(chain)
         self.costs.desc_visits += visits
+        self.costs.slot_reads += self._is_full_reads(visits)
         if tails:
             tails.sort()
             tail_rows.append(np.array([row for _, row, _ in tails], np.int64))
@@ -157,14 +156,12 @@ class DesignA(TailAppendDesign):
         """No counter to keep: the NULL slots are the count."""
 
     def _is_full(self, descs: np.ndarray) -> np.ndarray:
-        """``desc->sptes[PTE_LIST_EXT-1]`` is non-NULL: one slot read a descriptor."""
-        self.costs.slot_reads += len(descs)
+        """``desc->sptes[PTE_LIST_EXT-1]`` is non-NULL."""
         return self.pool.sptes[descs, self.PTE_LIST_EXT - 1] != 0
 
-    def _is_full_one(self, desc: int) -> bool:
-        """_is_full() of one descriptor, read as a Python int."""
-        self.costs.slot_reads += 1
-        return self.pool.sptes.item(desc, self.PTE_LIST_EXT - 1) != 0
+    def _is_full_reads(self, n: int) -> int:
+        """One slot read a descriptor."""
+        return n
 
     def _occupancy_reads(self, used: np.ndarray) -> int:
         return self._null_scan_reads(used)

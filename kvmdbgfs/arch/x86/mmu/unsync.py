@@ -41,29 +41,32 @@ def kvm_mmu_mark_parents_unsync(mmu: KvmMmu, sp: KvmMmuPage) -> None:
     parents in turn (the kernel recurses; the bits and counts end up the same in any order)."""
     pending = [sp]
     while pending:
-        for parent_sptep in mmu.parents.of(pending.pop()):
-            parent = _set_unsync_child_bit(mmu, parent_sptep)
-            if parent is not None:
-                pending.append(parent)
+        pending.extend(_set_unsync_child_bits(mmu, mmu.parents.of(pending.pop())))
 
 
 def mark_unsync(mmu: KvmMmu, parent_sptep: int) -> None:
     """mark_unsync(): the page holding ``parent_sptep`` has an unsync child there."""
-    parent = _set_unsync_child_bit(mmu, parent_sptep)
-    if parent is not None:
+    for parent in _set_unsync_child_bits(mmu, [parent_sptep]):
         kvm_mmu_mark_parents_unsync(mmu, parent)
 
 
-def _set_unsync_child_bit(mmu: KvmMmu, parent_sptep: int) -> KvmMmuPage | None:
-    """Set the bit; returns the page holding ``parent_sptep`` if that made it its first unsync child."""
-    k = (parent_sptep >> 3) - 1
-    parent = mmu.sps.by_id[k >> 9]
-    bit = 1 << (k & 511)
-    if parent.unsync_child_bitmap & bit:
-        return None
-    parent.unsync_child_bitmap |= bit
-    parent.unsync_children += 1
-    return parent if parent.unsync_children == 1 else None
+def _set_unsync_child_bits(mmu: KvmMmu, parent_sptes: list[int]) -> list[KvmMmuPage]:
+    """Set the bit of each spte in the page holding it, in order; returns the pages that this gave their
+    first unsync child. A shared kernel table has hundreds of parents (one per stale root), so the loop
+    is kept tight: one dict lookup and a few int operations an spte."""
+    by_id = mmu.sps.by_id
+    first_unsync = []
+    for parent_sptep in parent_sptes:
+        k = (parent_sptep >> 3) - 1
+        parent = by_id[k >> 9]
+        bit = 1 << (k & 511)
+        if parent.unsync_child_bitmap & bit:
+            continue
+        parent.unsync_child_bitmap |= bit
+        parent.unsync_children += 1
+        if parent.unsync_children == 1:
+            first_unsync.append(parent)
+    return first_unsync
 
 
 def clear_unsync_child_bit(sp: KvmMmuPage, index: int) -> None:
