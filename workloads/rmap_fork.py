@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 RMAP_FORK = Program("rmap_fork", "rmap_fork", ("libc.so.6",), heap_kib=132, stack_kib=16, text_frac=0.05)
 SLEEP_STACK_PAGES = 2  # the child's first return to user space: sleep() writes its stack
-SLEEP_LIBC_TEXT = 0.05  # of libc's text windows: fork's return path, sleep(), signal delivery
+SLEEP_LIBC_TEXT = 0.015  # of libc's hot-code windows (6 pages): fork's return path, sleep(), signals
 
 
 class RmapFork(Workload):
