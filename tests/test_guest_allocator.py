@@ -125,6 +125,17 @@ def test_movable_zone_serves_movable_allocations_first_and_takes_its_pages_back(
     assert (pages.kind[200:210] == PAGE_HOLE).all() and pages.count_by_kind()["free"] == 90 - 14
 
 
+def test_kernel_allocations_run_out_of_memory_with_the_movable_zone_still_free() -> None:
+    pages = allocator()
+    pages.online_movable(200, 210)
+    pages.alloc(90, PAGE_TABLE)
+    with pytest.raises(MemoryError, match="10 free for them"):
+        pages.alloc(11, PAGE_ANON)
+    with pytest.raises(MemoryError, match="0 free for them"):
+        pages.alloc(1, PAGE_TABLE)
+    assert pages.alloc(10, PAGE_ANON).tolist() == list(range(200, 210))
+
+
 def test_onlining_refuses_ram_and_a_second_movable_zone() -> None:
     pages = allocator()
     with pytest.raises(ValueError, match="already RAM"):

@@ -147,12 +147,13 @@ class PageAllocator:
     def alloc(self, n: int, kind: int) -> np.ndarray:
         """alloc_pages() ``n`` times: the frames, in allocation order, each with one reference.
         Movable kinds come from the movable zone while it has free pages, then from the others."""
-        if n > self.nr_free:
-            raise MemoryError(f"guest out of memory: {n} pages wanted, {self.nr_free} free")
         migratetype, zone = gfp_migratetype(kind), self.movable
-        parts = [np.zeros(0, np.int64)]
-        if migratetype == MIGRATE_MOVABLE and zone is not None and not zone.isolated:
-            parts = [zone.free.pop(n)]
+        zone_free = zone.free.top if zone is not None else 0
+        usable = zone is not None and migratetype == MIGRATE_MOVABLE and not zone.isolated
+        available = self.nr_free - zone_free * (not usable)
+        if n > available:
+            raise MemoryError(f"guest out of memory: {n} pages wanted, {available} free for them")
+        parts = [zone.free.pop(n) if zone is not None and usable else np.zeros(0, np.int64)]
         got = len(parts[0])
         while got < n:
             if not self._lists[migratetype].top:
