@@ -303,9 +303,11 @@ class PteListDesign(ABC):
         a descriptor's entries are always 0, and sptes never are, so whole rows compare.
         """
         n = len(first)
-        hit_desc, hit_slot, hit_prev, hit_used = (np.zeros(n, np.int64) for _ in range(4))
+        hits = hit_desc, hit_slot, hit_prev, hit_used = tuple(np.zeros(n, np.int64) for _ in range(4))
         rows, descs, prev, wanted = (np.arange(n), first, np.zeros(n, np.int64), targets[:, None])
         while len(rows):
+            if len(rows) <= SCALAR_WALK_ROWS and self._find_few(rows, descs, prev, wanted[:, 0], hits):
+                break
             self.costs.desc_visits += len(rows)
             used = self._used(descs)
             match = self.pool.rows(descs) == wanted
@@ -327,6 +329,40 @@ class PteListDesign(ABC):
             if not descs.all():
                 raise RmapCorruption("__pte_list_remove: spte not in its rmap")
         return hit_desc, hit_slot, hit_prev, hit_used
+
+    def _find_few(
+        self, rows: np.ndarray, descs: np.ndarray, prev: np.ndarray, targets: np.ndarray, hits: tuple[np.ndarray, ...]
+    ) -> bool:
+        """The rest of _find's search once few chains are left, one chain at a time in Python (scalar reads of
+        slots and ``more``); records the same hits and counts the same visits and reads. Returns False, having
+        changed nothing, when a chain ends without its target: the numpy loop then raises as it counts."""
+        table, more = self.pool.sptes, self.pool.more
+        walked: list[int] = []  # every descriptor searched, chain by chain
+        found: list[tuple[int, int, int, int, int]] = []  # (row, desc, slot, prev, position in walked) of each hit
+        for row, desc, before, target in zip(rows.tolist(), descs.tolist(), prev.tolist(), targets.tolist()):
+            while True:
+                if not desc:
+                    return False
+                walked.append(desc)
+                slots = table[desc].tolist()
+                if target in slots:
+                    found.append((row, desc, slots.index(target), before, len(walked) - 1))
+                    break
+                before, desc = desc, more.item(desc)
+        used = self._used(np.array(walked, np.int64))
+        found_rows, found_descs, found_slots, found_prev, at = (np.array(column, np.int64) for column in zip(*found))
+        missed = np.ones(len(walked), bool)
+        missed[at] = False
+        hit_desc, hit_slot, hit_prev, hit_used = hits
+        hit_desc[found_rows], hit_slot[found_rows], hit_prev[found_rows], hit_used[found_rows] = (
+            found_descs,
+            found_slots,
+            found_prev,
+            used[at],
+        )
+        self.costs.desc_visits += len(walked)
+        self.costs.slot_reads += int(found_slots.sum()) + len(found) + self._miss_reads(used[missed])
+        return True
 
     def _null_scan_reads(self, used: np.ndarray) -> int:
         """Slots read by a scan that stops at the first NULL or the end of the array."""
