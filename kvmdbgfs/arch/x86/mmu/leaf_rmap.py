@@ -27,6 +27,7 @@ from kvmdbgfs.arch.x86.mmu.spte import (
     SPTE_MMU_WRITEABLE,
     sptep_many,
     sptep_to_sp,
+    sptep_to_sp_index,
     sptes_large,
     sptes_present,
     sptes_to_pfn,
@@ -110,17 +111,15 @@ class LeafRmaps:
         every level; returns whether any spte was writable (the caller flushes)."""
         self.flush()
         protected = False
+        bits = PT_WRITABLE_MASK | SPTE_MMU_WRITEABLE
         for level in range(PG_LEVEL_4K, KVM_MAX_HUGEPAGE_LEVEL + 1):
             heads, index = ms.slot.gfn_to_rmap(gfn, level)
-            head = int(heads[index])
-            if not head & 1:  # empty or a single spte: no descriptor to walk
-                if not head:
-                    continue
-                sptes = np.array([head])
-            else:
+            head = heads.item(index)
+            if head & 1:
                 sptes = self.rmaps.pte_list.gather(heads, np.array([index]))[1]
-            sp_ids, indices = sptep_to_sp(sptes)
-            protected |= bool(self.pool.clear_bits(sp_ids, indices, PT_WRITABLE_MASK | SPTE_MMU_WRITEABLE).any())
+                protected |= bool(self.pool.clear_bits(*sptep_to_sp(sptes), bits).any())
+            elif head:  # a single spte: no descriptor to walk
+                protected |= self.pool.clear_bits_one(*sptep_to_sp_index(head), bits)
         return protected
 
     def zap_gfn_range(self, memslots: list[KvmMemorySlot], start: int, end: int) -> int:

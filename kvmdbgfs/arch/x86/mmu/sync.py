@@ -39,19 +39,20 @@ if TYPE_CHECKING:
 def sync_sptes(mmu: KvmMmu, sp: KvmMmuPage, indices: np.ndarray) -> bool:
     """FNAME(sync_spte) on the present entries among ``indices`` of a last-level page; True if a flush is due."""
     row = mmu.pool.spt[sp.id, indices]
-    present = (row & U64(SPTE_MMU_PRESENT_MASK)) != 0
-    if not present.any():
+    present = (row & U64(SPTE_MMU_PRESENT_MASK)).nonzero()[0]
+    if not len(present):
         return False
     indices, old = indices[present], row[present]
     gptes = read_gptes(mmu.memory, sp.gfn, indices)
     valid = (gptes & U64(PT_PRESENT_MASK | PT_ACCESSED_MASK)) == U64(PT_PRESENT_MASK | PT_ACCESSED_MASK)
     gfns = np.where(valid, sptes_to_pfn(gptes), -1)
     drop = gfns != sptes_to_pfn(old)
-    mmu.leaf.drop_sptes(sp.id, sp.level, indices[drop])
-    keep = ~drop
+    dropped = indices[drop]
+    flush = len(dropped) > 0
+    if flush:
+        mmu.leaf.drop_sptes(sp.id, sp.level, dropped)
     access = sp.access & gptes_access(gptes, protect_clean=True)
-    changed = keep & (mmu.pool.access[sp.id, indices] != access)
-    flush = bool(drop.any())
+    changed = ~drop & (mmu.pool.access[sp.id, indices] != access)
     if changed.any():
         at = indices[changed]
         mmu.pool.access[sp.id, at] = access[changed]
