@@ -176,6 +176,8 @@ class PteListDesign(ABC):
 
     def add_unique(self, heads: np.ndarray, indices: np.ndarray, sptes: np.ndarray) -> np.ndarray:
         """pte_list_add on distinct heads."""
+        if len(indices) == 1:
+            return self._add_one(heads, indices, sptes)
         values = heads[indices]
         counts = np.zeros(len(indices), np.int64)
         empty = values == 0
@@ -189,8 +191,22 @@ class PteListDesign(ABC):
             counts[many] = self._add_many(heads, indices[many], values[many] >> 1, sptes[many])
         return counts
 
+    def _add_one(self, heads: np.ndarray, indices: np.ndarray, sptes: np.ndarray) -> np.ndarray:
+        """add_unique() of one head, its form read as a Python int (no numpy masks over one element)."""
+        value = heads.item(indices.item(0))
+        if not value:
+            heads[indices] = sptes
+            return np.zeros(1, np.int64)
+        if not value & 1:
+            self._make_pairs(heads, indices, _one(value), sptes)
+            return np.ones(1, np.int64)
+        return self._add_many(heads, indices, _one(value >> 1), sptes)
+
     def remove_unique(self, heads: np.ndarray, indices: np.ndarray, sptes: np.ndarray) -> None:
         """__pte_list_remove on distinct heads; nothing changes if any spte is missing."""
+        if len(indices) == 1:
+            self._remove_one(heads, indices, sptes)
+            return
         values = heads[indices]
         many = (values & 1) == 1
         if ((values == 0) | (sptes <= 0) | (~many & (values != sptes))).any():
@@ -198,6 +214,16 @@ class PteListDesign(ABC):
         if many.any():
             self._remove_many(heads, indices[many], values[many] >> 1, sptes[many])
         heads[indices[~many]] = 0
+
+    def _remove_one(self, heads: np.ndarray, indices: np.ndarray, sptes: np.ndarray) -> None:
+        """remove_unique() of one head, its form read as a Python int."""
+        value, spte = heads.item(indices.item(0)), sptes.item(0)
+        if not value or spte <= 0 or (not value & 1 and value != spte):
+            raise RmapCorruption("__pte_list_remove: spte not in its rmap")
+        if value & 1:
+            self._remove_many(heads, indices, _one(value >> 1), sptes)
+        else:
+            heads[indices] = 0
 
     def count_heads(self, values: np.ndarray) -> np.ndarray:
         """pte_list_count for an array of head values."""
