@@ -242,11 +242,18 @@ class PteListDesign(ABC):
         rmap_get_next stops at a NULL slot in every version, so each descriptor costs a NULL scan.
         """
         values = heads[indices]
+        if len(values) == 1 and values.item(0) & 1:  # one list of descriptors: nothing to merge
+            return self._gather_many(values >> 1)
         single, many = self._split(values)
-        rows, descs = self._walk_chains(values[many] >> 1)
+        entry_rows, sptes = self._gather_many(values[many] >> 1)
+        return by_row([single, many[entry_rows]], [values[single], sptes])
+
+    def _gather_many(self, first: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """gather() of lists in descriptor form: (row of each spte, sptes), row by row in chain order."""
+        rows, descs = self._walk_chains(first)
         entry_rows, sptes, used = self._entries(rows, descs)
         self.costs.slot_reads += self._null_scan_reads(used)
-        return by_row([single, many[entry_rows]], [values[single], sptes])
+        return entry_rows, sptes
 
     def zap_heads(self, heads: np.ndarray, indices: np.ndarray) -> np.ndarray:
         """Empty distinct heads; returns the removed sptes, head by head in removal order."""
@@ -280,6 +287,10 @@ class PteListDesign(ABC):
 
         Returns (row, desc) pairs, depth by depth; every descriptor counts as a visit.
         """
+        if len(first) == 1:  # one chain: its descriptors in order, read in Python
+            chain = np.array(self._chain(first.item(0)), np.int64)
+            self.costs.desc_visits += len(chain)
+            return np.zeros(len(chain), np.int64), chain
         rows, descs = [np.arange(len(first))], [first]
         while len(descs[-1]):
             if len(descs[-1]) <= SCALAR_WALK_ROWS:
