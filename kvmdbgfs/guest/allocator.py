@@ -184,7 +184,7 @@ class PageAllocator:
         gfns = np.asarray(gfns, np.int64)
         if len(gfns) == 0:
             return
-        if (self.kind[gfns] == PAGE_FREE).any() or (self.refcount[gfns] > 1).any():
+        if np.count_nonzero(self.kind[gfns] == PAGE_FREE) or np.count_nonzero(self.refcount[gfns] > 1):
             raise ValueError("freeing a free page or a page still referenced")
         self.refcount[gfns] = 0
         self.kind[gfns] = PAGE_FREE
@@ -285,7 +285,7 @@ class PageAllocator:
         gfns = np.asarray(gfns, np.int64)
         if len(gfns) == 0:
             return gfns
-        if (self.refcount[gfns] <= 0).any():
+        if np.minimum.reduce(self.refcount[gfns]) <= 0:
             raise ValueError("put_page on a page without references")
         if distinct(gfns):
             self.refcount[gfns] -= 1

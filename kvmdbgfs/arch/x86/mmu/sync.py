@@ -53,7 +53,7 @@ def sync_sptes(mmu: KvmMmu, sp: KvmMmuPage, indices: np.ndarray) -> bool:
         mmu.leaf.drop_sptes(sp.id, sp.level, dropped)
     access = sp.access & gptes_access(gptes, protect_clean=True)
     changed = ~drop & (mmu.pool.access[sp.id, indices] != access)
-    if changed.any():
+    if np.count_nonzero(changed):
         at = indices[changed]
         mmu.pool.access[sp.id, at] = access[changed]
         new = make_sptes_synchronizing(mmu, gfns[changed], access[changed], old[changed])
