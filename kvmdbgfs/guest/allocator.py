@@ -37,6 +37,7 @@ import numpy as np
 
 PAGE_FREE, PAGE_RESERVED, PAGE_KERNEL, PAGE_TABLE, PAGE_ANON, PAGE_CACHE, PAGE_HOLE = range(7)
 HPAGE_PMD_NR = 512
+SCALAR_DISTINCT = 64  # up to this many frames, a Python set tells repeats apart faster than a sort
 PAGEBLOCK_ORDER = 9
 MAX_ORDER_NR_PAGES = 1 << 10  # MAX_PAGE_ORDER 10: a 4 MiB block
 MIGRATE_UNMOVABLE, MIGRATE_MOVABLE = 0, 1
@@ -72,6 +73,14 @@ class FreeList:
 
     def peek(self, n: int) -> np.ndarray:
         return self.stack[max(self.top - n, 0) : self.top][::-1].copy()
+
+
+def distinct(gfns: np.ndarray) -> bool:
+    """Whether no frame occurs twice in ``gfns``."""
+    if len(gfns) <= SCALAR_DISTINCT:
+        return len(set(gfns.tolist())) == len(gfns)
+    ordered = np.sort(gfns)
+    return bool((ordered[1:] != ordered[:-1]).all())
 
 
 def max_order_blocks(free_runs: Sequence[tuple[int, int]]) -> list[np.ndarray]:
@@ -176,7 +185,7 @@ class PageAllocator:
         gfns = np.asarray(gfns, np.int64)
         if len(gfns) == 0:
             return
-        if (self.kind[gfns] == PAGE_FREE).any() or (self.refcount[gfns] > 1).any():
+        if np.count_nonzero(self.kind[gfns] == PAGE_FREE) or np.count_nonzero(self.refcount[gfns] > 1):
             raise ValueError("freeing a free page or a page still referenced")
         self.refcount[gfns] = 0
         self.kind[gfns] = PAGE_FREE
@@ -266,20 +275,25 @@ class PageAllocator:
 
     def get(self, gfns: np.ndarray) -> None:
         """get_page() on each frame (repeats count)."""
-        np.add.at(self.refcount, np.asarray(gfns, np.int64), 1)
+        gfns = np.asarray(gfns, np.int64)
+        if distinct(gfns):
+            self.refcount[gfns] += 1
+        else:
+            np.add.at(self.refcount, gfns, 1)
 
     def put(self, gfns: np.ndarray) -> np.ndarray:
         """put_page() on each frame in order; frees, in order, those whose count reached zero. Returns them."""
         gfns = np.asarray(gfns, np.int64)
         if len(gfns) == 0:
             return gfns
-        if (self.refcount[gfns] <= 0).any():
+        if np.minimum.reduce(self.refcount[gfns]) <= 0:
             raise ValueError("put_page on a page without references")
-        np.subtract.at(self.refcount, gfns, 1)
-        unique, first_from_end = np.unique(gfns[::-1], return_index=True)
-        if len(unique) == len(gfns):
+        if distinct(gfns):
+            self.refcount[gfns] -= 1
             freed = gfns[self.refcount[gfns] == 0]
         else:  # a page dropped several times is freed at its last drop
+            np.subtract.at(self.refcount, gfns, 1)
+            _, first_from_end = np.unique(gfns[::-1], return_index=True)
             last = np.sort(len(gfns) - 1 - first_from_end)
             freed = gfns[last][self.refcount[gfns[last]] == 0]
         self.free(freed)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
+from copy import copy
 
 import numpy as np
 
@@ -50,10 +50,10 @@ def copy_page_range(ctx: KernelContext, parent: Mm, child: Mm, vma: Vma) -> None
 def dup_mmap(ctx: KernelContext, parent: Mm, child: Mm) -> None:
     """dup_mmap: the child gets a copy of every VMA, page tables only where needed; then flush_tlb_mm(parent)."""
     for vma in parent.vmas:
-        copy = replace(vma)
-        if copy.file is not None:
-            copy.file.mappings += 1
-        child.insert(copy)
+        dup = copy(vma)  # vm_area_dup: a shallow copy
+        if dup.file is not None:
+            dup.file.mappings += 1
+        child.insert(dup)
         if vma_needs_copy(vma):
             copy_page_range(ctx, parent, child, vma)
     child.copy_layout(parent)

@@ -27,7 +27,7 @@ class GuestMemory:
 
     def read_pte(self, gfn: int, index: int) -> int:
         entries = self._tables.get(gfn)
-        return 0 if entries is None else int(entries[index])
+        return 0 if entries is None else entries.item(index)
 
     def store_pte(self, gfn: int, index: int, value: int) -> None:
         """A raw store, as memory sees it; who intercepts guest stores is the hardware's business."""

@@ -15,6 +15,7 @@ from kvmdbgfs.guest.pte import (
     PAGE_SHIFT,
     PT64_BASE_ADDR_MASK,
     PT64_ENT_PER_PAGE,
+    PT64_LEVEL_BITS,
     PT_ACCESSED_MASK,
     PT_DIRTY_MASK,
     PT_PAGE_SIZE_MASK,
@@ -55,7 +56,7 @@ def present(ptes: np.ndarray) -> np.ndarray:
 def present_indices(entries: np.ndarray, i0: int, i1: int) -> np.ndarray:
     """The indices in [i0, i1) of the present entries of a table, ascending: the ``pXd_none()`` skips of the
     page-table walks, once per table (``np.flatnonzero(present(...)) + i0`` without flatnonzero's ravel)."""
-    return ((entries[i0:i1] & _PRESENT) != 0).nonzero()[0] + i0
+    return (entries[i0:i1] & _PRESENT).nonzero()[0] + i0
 
 
 SCALAR_RANGE = 8  # ranges of at most this many entries are tested one by one in Python
@@ -71,10 +72,10 @@ def present_entries(entries: np.ndarray, i0: int, i1: int) -> list[int]:
 
 def entry_range(table_va: int, level: int, start: int, end: int) -> tuple[int, int]:
     """Indices [i0, i1) of the entries of the level-``level`` table mapping ``table_va`` that overlap [start, end)."""
-    span = level_span(level)
-    i0 = max(0, (start - table_va) // span)
-    i1 = min(PT64_ENT_PER_PAGE, -(-(end - table_va) // span))
-    return i0, i1
+    shift = PAGE_SHIFT + (level - 1) * PT64_LEVEL_BITS  # entries span 1 << shift bytes (level_span)
+    i0 = (start - table_va) >> shift
+    i1 = -((table_va - end) >> shift)  # rounded up
+    return max(0, i0), min(PT64_ENT_PER_PAGE, i1)
 
 
 def table_at(ctx: KernelContext, pgd: int, gva: int, level: int) -> int:

@@ -27,6 +27,7 @@ from kvmdbgfs.arch.x86.mmu.spte import (
     SPTE_MMU_WRITEABLE,
     sptep_many,
     sptep_to_sp,
+    sptep_to_sp_index,
     sptes_large,
     sptes_present,
     sptes_to_pfn,
@@ -77,20 +78,24 @@ class LeafRmaps:
             return
         old = self.pool.clear_many(np.full(len(indices), sp_id), indices)
         self.flush()
-        self._uncount(sptes_to_pfn(old), np.full(len(old), level), sptep_many(sp_id, indices), remove=True)
+        self._uncount_level(sptes_to_pfn(old), level, sptep_many(sp_id, indices), remove=True)
 
     def _uncount(self, gfns: np.ndarray, levels: np.ndarray, sptes: np.ndarray, remove: bool) -> None:
         """mmu_spte_clear_track_bits' page stats and the leaf counts (plus rmap_remove if ``remove``)."""
-        positions = self.memslots.lookup_many(gfns)
         for level in np.unique(levels).tolist():
             at_level = levels == level
-            self.vm_stat.account_pages(level, -int(at_level.sum()))
-            for pos in np.unique(positions[at_level]).tolist():
-                ms = self.memslots.slots[pos]
-                mine = at_level & (positions == pos)
-                np.subtract.at(ms.leaf_count[level - 1], gfn_to_index(gfns[mine], ms.base_gfn, level), 1)
-                if remove:
-                    self.rmaps.rmap_remove_batch(ms.slot, gfns[mine], level, sptes[mine])
+            self._uncount_level(gfns[at_level], level, sptes[at_level], remove)
+
+    def _uncount_level(self, gfns: np.ndarray, level: int, sptes: np.ndarray, remove: bool) -> None:
+        """_uncount() of leaves that are all at ``level``."""
+        self.vm_stat.account_pages(level, -len(gfns))
+        positions = self.memslots.lookup_many(gfns)
+        for pos in np.unique(positions).tolist():
+            ms = self.memslots.slots[pos]
+            mine = positions == pos
+            np.subtract.at(ms.leaf_count[level - 1], gfn_to_index(gfns[mine], ms.base_gfn, level), 1)
+            if remove:
+                self.rmaps.rmap_remove_batch(ms.slot, gfns[mine], level, sptes[mine])
 
     def clear_zapped(self, sptes: np.ndarray) -> None:
         """The rmap engine zapped these sptes (kvm_zap_all_rmap_sptes): clear them in their pages.
@@ -110,17 +115,15 @@ class LeafRmaps:
         every level; returns whether any spte was writable (the caller flushes)."""
         self.flush()
         protected = False
+        bits = PT_WRITABLE_MASK | SPTE_MMU_WRITEABLE
         for level in range(PG_LEVEL_4K, KVM_MAX_HUGEPAGE_LEVEL + 1):
             heads, index = ms.slot.gfn_to_rmap(gfn, level)
-            head = int(heads[index])
-            if not head & 1:  # empty or a single spte: no descriptor to walk
-                if not head:
-                    continue
-                sptes = np.array([head])
-            else:
+            head = heads.item(index)
+            if head & 1:
                 sptes = self.rmaps.pte_list.gather(heads, np.array([index]))[1]
-            sp_ids, indices = sptep_to_sp(sptes)
-            protected |= bool(self.pool.clear_bits(sp_ids, indices, PT_WRITABLE_MASK | SPTE_MMU_WRITEABLE).any())
+                protected |= bool(self.pool.clear_bits(*sptep_to_sp(sptes), bits).any())
+            elif head:  # a single spte: no descriptor to walk
+                protected |= self.pool.clear_bits_one(*sptep_to_sp_index(head), bits)
         return protected
 
     def zap_gfn_range(self, memslots: list[KvmMemorySlot], start: int, end: int) -> int:

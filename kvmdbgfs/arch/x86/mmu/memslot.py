@@ -60,7 +60,9 @@ class KvmMemorySlot:
                 raise IndexError(f"gfn outside memslot {self.as_id}:{self.id}")
             return self.rmap[level - 1], gfn_to_index(gfn, self.base_gfn, level)
         gfns = np.asarray(gfn)
-        if gfns.size and not (self.contains(int(gfns.min())) and self.contains(int(gfns.max()))):
-            # The kernel trusts its callers; numpy would silently wrap a negative index.
-            raise IndexError(f"gfn outside memslot {self.as_id}:{self.id}")
+        if gfns.size:  # ufunc reductions: no Python-level dispatch as in ndarray.min/max
+            lowest, highest = int(np.minimum.reduce(gfns, axis=None)), int(np.maximum.reduce(gfns, axis=None))
+            if not (self.contains(lowest) and self.contains(highest)):
+                # The kernel trusts its callers; numpy would silently wrap a negative index.
+                raise IndexError(f"gfn outside memslot {self.as_id}:{self.id}")
         return self.rmap[level - 1], gfn_to_index(gfn, self.base_gfn, level)

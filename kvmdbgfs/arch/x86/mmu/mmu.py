@@ -186,8 +186,11 @@ class KvmMmu:
                 return
             for gva in gvas.tolist():
                 addr = self._addr(vcpu, gva, write, user)
-                if addr is not None and not self._usable_spte(self._leaf_spte(vcpu, addr), write, user):
-                    self._access_fault(vcpu, addr, write, user)
+                if addr is None:
+                    continue
+                spte = self._leaf_spte(vcpu, addr)
+                if not self._usable_spte(spte, write, user):
+                    self._access_fault(vcpu, addr, write, user, spte)
 
     def _access_batch(self, vcpu: MmuVcpu, addrs: np.ndarray, write: bool, user: bool) -> None:
         """access() over many addresses at once, as one by one: translations are checked for all of them,
@@ -201,18 +204,22 @@ class KvmMmu:
             pos = len(addrs)
             for n, miss in enumerate(misses):
                 addr = int(rest[miss])
-                if n and self._usable_spte(self._leaf_spte(vcpu, addr), write, user):
+                spte = self._leaf_spte(vcpu, addr)
+                if n and self._usable_spte(spte, write, user):
                     continue
-                self._access_fault(vcpu, addr, write, user)
+                self._access_fault(vcpu, addr, write, user, spte)
                 if self._pool().revoke_seq != seq or self._root_id(vcpu) != root:
                     pos = len(addrs) - len(rest) + miss + 1
                     break
 
-    def _access_fault(self, vcpu: MmuVcpu, addr: int, write: bool, user: bool) -> None:
-        """A #PF or EPT-violation exit. A write KVM must emulate that is not a page-table write (a data
-        access) is not emulated: retry_instruction() unprotects the gfn and lets the guest retry once."""
+    def _access_fault(self, vcpu: MmuVcpu, addr: int, write: bool, user: bool, spte: int) -> None:
+        """A #PF or EPT-violation exit on ``addr``, whose leaf spte is ``spte``. A write KVM must emulate that
+        is not a page-table write (a data access) is not emulated: retry_instruction() unprotects the gfn
+        and lets the guest retry once."""
         for attempt in range(2):
-            present = bool(self._leaf_spte(vcpu, addr) & SPTE_MMU_PRESENT_MASK)
+            if attempt:
+                spte = self._leaf_spte(vcpu, addr)
+            present = bool(spte & SPTE_MMU_PRESENT_MASK)
             vcpu.stat.exits += 1
             ret = kvm_mmu_do_page_fault(self, vcpu, addr, write, user, present)
             retry = False
@@ -220,8 +227,8 @@ class KvmMmu:
                 vcpu.stat.insn_emulation += 1
                 if not attempt:
                     assert vcpu.cr3 is not None
-                    gfn = int(translate_gvas(self.memory, vcpu.cr3, np.array([addr], np.uint64), write, user)[0])
-                    kvm_mmu_unprotect_page(self, gfn)
+                    walker = walk_addr(self.memory, vcpu.cr3, addr, write, user, set_accessed_dirty=False)
+                    kvm_mmu_unprotect_page(self, -1 if walker is None else walker.gfn)
                     retry = True
             vcpu_enter(self, vcpu)
             if not retry:
@@ -242,18 +249,18 @@ class KvmMmu:
             indices = np.asarray(indices, np.int64)
             values = np.asarray(values, np.uint64)
             addr = self.direct_map_base + (gfn << PAGE_SHIFT) if self.shadow_paging else gfn << PAGE_SHIFT
+            untranslated = self.shadow_paging and vcpu.cr3 is None  # paging is off: nothing intercepts a store
             for pos in range(len(indices)):
-                if (self.shadow_paging and vcpu.cr3 is None) or self._usable_spte(
-                    self._leaf_spte(vcpu, addr), True, False
-                ):
+                spte = 0 if untranslated else self._leaf_spte(vcpu, addr)
+                if untranslated or self._usable_spte(spte, True, False):
                     self.memory.table(gfn)[indices[pos:]] = values[pos:]
                     return
-                self._faulting_store(vcpu, addr, gfn, int(indices[pos]), int(values[pos]))
+                self._faulting_store(vcpu, addr, spte, gfn, int(indices[pos]), int(values[pos]))
 
-    def _faulting_store(self, vcpu: MmuVcpu, addr: int, gfn: int, index: int, value: int) -> None:
-        """A store through a translation that is missing or read-only: a write fault; the store then
-        completes (the guest retries it), and if KVM had to emulate it, the write is tracked."""
-        present = bool(self._leaf_spte(vcpu, addr) & SPTE_MMU_PRESENT_MASK)
+    def _faulting_store(self, vcpu: MmuVcpu, addr: int, spte: int, gfn: int, index: int, value: int) -> None:
+        """A store through a translation (leaf ``spte``) that is missing or read-only: a write fault; the store
+        then completes (the guest retries it), and if KVM had to emulate it, the write is tracked."""
+        present = bool(spte & SPTE_MMU_PRESENT_MASK)
         vcpu.stat.exits += 1
         ret = kvm_mmu_do_page_fault(self, vcpu, addr, True, False, present)
         self.memory.store_pte(gfn, index, value)

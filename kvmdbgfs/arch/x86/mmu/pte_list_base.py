@@ -176,6 +176,8 @@ class PteListDesign(ABC):
 
     def add_unique(self, heads: np.ndarray, indices: np.ndarray, sptes: np.ndarray) -> np.ndarray:
         """pte_list_add on distinct heads."""
+        if len(indices) == 1:
+            return self._add_one(heads, indices, sptes)
         values = heads[indices]
         counts = np.zeros(len(indices), np.int64)
         empty = values == 0
@@ -189,8 +191,22 @@ class PteListDesign(ABC):
             counts[many] = self._add_many(heads, indices[many], values[many] >> 1, sptes[many])
         return counts
 
+    def _add_one(self, heads: np.ndarray, indices: np.ndarray, sptes: np.ndarray) -> np.ndarray:
+        """add_unique() of one head, its form read as a Python int (no numpy masks over one element)."""
+        value = heads.item(indices.item(0))
+        if not value:
+            heads[indices] = sptes
+            return np.zeros(1, np.int64)
+        if not value & 1:
+            self._make_pairs(heads, indices, _one(value), sptes)
+            return np.ones(1, np.int64)
+        return self._add_many(heads, indices, _one(value >> 1), sptes)
+
     def remove_unique(self, heads: np.ndarray, indices: np.ndarray, sptes: np.ndarray) -> None:
         """__pte_list_remove on distinct heads; nothing changes if any spte is missing."""
+        if len(indices) == 1:
+            self._remove_one(heads, indices, sptes)
+            return
         values = heads[indices]
         many = (values & 1) == 1
         if ((values == 0) | (sptes <= 0) | (~many & (values != sptes))).any():
@@ -198,6 +214,16 @@ class PteListDesign(ABC):
         if many.any():
             self._remove_many(heads, indices[many], values[many] >> 1, sptes[many])
         heads[indices[~many]] = 0
+
+    def _remove_one(self, heads: np.ndarray, indices: np.ndarray, sptes: np.ndarray) -> None:
+        """remove_unique() of one head, its form read as a Python int."""
+        value, spte = heads.item(indices.item(0)), sptes.item(0)
+        if not value or spte <= 0 or (not value & 1 and value != spte):
+            raise RmapCorruption("__pte_list_remove: spte not in its rmap")
+        if value & 1:
+            self._remove_many(heads, indices, _one(value >> 1), sptes)
+        else:
+            heads[indices] = 0
 
     def count_heads(self, values: np.ndarray) -> np.ndarray:
         """pte_list_count for an array of head values."""
@@ -216,11 +242,18 @@ class PteListDesign(ABC):
         rmap_get_next stops at a NULL slot in every version, so each descriptor costs a NULL scan.
         """
         values = heads[indices]
+        if len(values) == 1 and values.item(0) & 1:  # one list of descriptors: nothing to merge
+            return self._gather_many(values >> 1)
         single, many = self._split(values)
-        rows, descs = self._walk_chains(values[many] >> 1)
+        entry_rows, sptes = self._gather_many(values[many] >> 1)
+        return by_row([single, many[entry_rows]], [values[single], sptes])
+
+    def _gather_many(self, first: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """gather() of lists in descriptor form: (row of each spte, sptes), row by row in chain order."""
+        rows, descs = self._walk_chains(first)
         entry_rows, sptes, used = self._entries(rows, descs)
         self.costs.slot_reads += self._null_scan_reads(used)
-        return by_row([single, many[entry_rows]], [values[single], sptes])
+        return entry_rows, sptes
 
     def zap_heads(self, heads: np.ndarray, indices: np.ndarray) -> np.ndarray:
         """Empty distinct heads; returns the removed sptes, head by head in removal order."""
@@ -254,6 +287,10 @@ class PteListDesign(ABC):
 
         Returns (row, desc) pairs, depth by depth; every descriptor counts as a visit.
         """
+        if len(first) == 1:  # one chain: its descriptors in order, read in Python
+            chain = np.array(self._chain(first.item(0)), np.int64)
+            self.costs.desc_visits += len(chain)
+            return np.zeros(len(chain), np.int64), chain
         rows, descs = [np.arange(len(first))], [first]
         while len(descs[-1]):
             if len(descs[-1]) <= SCALAR_WALK_ROWS:
@@ -303,9 +340,11 @@ class PteListDesign(ABC):
         a descriptor's entries are always 0, and sptes never are, so whole rows compare.
         """
         n = len(first)
-        hit_desc, hit_slot, hit_prev, hit_used = (np.zeros(n, np.int64) for _ in range(4))
+        hits = hit_desc, hit_slot, hit_prev, hit_used = tuple(np.zeros(n, np.int64) for _ in range(4))
         rows, descs, prev, wanted = (np.arange(n), first, np.zeros(n, np.int64), targets[:, None])
         while len(rows):
+            if len(rows) <= SCALAR_WALK_ROWS and self._find_few(rows, descs, prev, wanted[:, 0], hits):
+                break
             self.costs.desc_visits += len(rows)
             used = self._used(descs)
             match = self.pool.rows(descs) == wanted
@@ -327,6 +366,40 @@ class PteListDesign(ABC):
             if not descs.all():
                 raise RmapCorruption("__pte_list_remove: spte not in its rmap")
         return hit_desc, hit_slot, hit_prev, hit_used
+
+    def _find_few(
+        self, rows: np.ndarray, descs: np.ndarray, prev: np.ndarray, targets: np.ndarray, hits: tuple[np.ndarray, ...]
+    ) -> bool:
+        """The rest of _find's search once few chains are left, one chain at a time in Python (scalar reads of
+        slots and ``more``); records the same hits and counts the same visits and reads. Returns False, having
+        changed nothing, when a chain ends without its target: the numpy loop then raises as it counts."""
+        table, more = self.pool.sptes, self.pool.more
+        walked: list[int] = []  # every descriptor searched, chain by chain
+        found: list[tuple[int, int, int, int, int]] = []  # (row, desc, slot, prev, position in walked) of each hit
+        for row, desc, before, target in zip(rows.tolist(), descs.tolist(), prev.tolist(), targets.tolist()):
+            while True:
+                if not desc:
+                    return False
+                walked.append(desc)
+                slots = table[desc].tolist()
+                if target in slots:
+                    found.append((row, desc, slots.index(target), before, len(walked) - 1))
+                    break
+                before, desc = desc, more.item(desc)
+        used = self._used(np.array(walked, np.int64))
+        found_rows, found_descs, found_slots, found_prev, at = (np.array(column, np.int64) for column in zip(*found))
+        missed = np.ones(len(walked), bool)
+        missed[at] = False
+        hit_desc, hit_slot, hit_prev, hit_used = hits
+        hit_desc[found_rows], hit_slot[found_rows], hit_prev[found_rows], hit_used[found_rows] = (
+            found_descs,
+            found_slots,
+            found_prev,
+            used[at],
+        )
+        self.costs.desc_visits += len(walked)
+        self.costs.slot_reads += int(found_slots.sum()) + len(found) + self._miss_reads(used[missed])
+        return True
 
     def _null_scan_reads(self, used: np.ndarray) -> int:
         """Slots read by a scan that stops at the first NULL or the end of the array."""

@@ -89,9 +89,9 @@ class TailAppendDesign(PteListDesign):
         tails: list[tuple[int, int, int]] = []
         for row, desc in zip(rows.tolist(), descs.tolist()):
             chain = self._chain(desc)
-            partial = np.flatnonzero(~self._is_full(np.array(chain)))
-            if len(partial):
-                walked = int(partial[0])
+            full = self._is_full(np.fromiter(chain, np.int64, len(chain)))
+            walked = int(full.argmin())  # the first non-full descriptor, if there is one
+            if not full[walked]:
                 stop[row], counts[row] = chain[walked], (depth + walked) * ext
                 visits += walked + 1
             else:

@@ -75,10 +75,12 @@ class KvmRmaps:
 
     def _after_add(self, heads: np.ndarray, indices: np.ndarray, counts: np.ndarray) -> None:
         """The tail of __rmap_add: raise max_mmu_rmap_size, then recycle lists past the threshold."""
-        if len(counts):
-            self.vm_stat.max_mmu_rmap_size = max(self.vm_stat.max_mmu_rmap_size, int(counts.max()))
-        over = counts > RMAP_RECYCLE_THRESHOLD
-        if over.any():
+        if not len(counts):
+            return
+        longest = int(np.maximum.reduce(counts))
+        self.vm_stat.max_mmu_rmap_size = max(self.vm_stat.max_mmu_rmap_size, longest)
+        if longest > RMAP_RECYCLE_THRESHOLD:
+            over = counts > RMAP_RECYCLE_THRESHOLD
             flushes = int(over.sum())
             self._zap(heads, indices[over])
             self.vm_stat.remote_tlb_flush_requests += flushes

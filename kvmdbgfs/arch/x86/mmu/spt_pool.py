@@ -106,6 +106,15 @@ class SptPool:
             self.spt[sp_ids[had], indices[had]] = old[had] & ~U64(bits)
         return had
 
+    def clear_bits_one(self, sp_id: int, index: int, bits: int) -> bool:
+        """clear_bits() of one spte, with scalar reads: whether it had any of ``bits``."""
+        old = self.spt.item(sp_id, index)
+        if not old & bits:
+            return False
+        self.revoke_seq += 1
+        self.spt[sp_id, index] = old & ~bits
+        return True
+
     def leaf_sptes(self, root_id: int, addrs: np.ndarray) -> np.ndarray:
         """The leaf spte that translates each address (a gva, or a gpa under EPT) from page ``root_id``; 0 where
         the walk ends at a non-present entry."""

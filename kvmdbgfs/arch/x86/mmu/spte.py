@@ -115,6 +115,12 @@ def sptep_many(sp_id: int, indices: np.ndarray) -> np.ndarray:
     return (np.asarray(indices, np.int64) + (sp_id * SPTE_ENT_PER_PAGE + 1)) << 3
 
 
+def sptep_to_sp_index(addr: int) -> tuple[int, int]:
+    """sptep_to_sp() and spte_index() of one spte address: (page id, index)."""
+    k = (addr >> 3) - 1
+    return k >> 9, k & (SPTE_ENT_PER_PAGE - 1)
+
+
 def sptep_to_sp(addrs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """sptep_to_sp() and spte_index() of spte addresses: (page ids, indices)."""
     k = (np.asarray(addrs, np.int64) >> 3) - 1

@@ -13,11 +13,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from kvmdbgfs.arch.x86.mmu.page_track import kvm_vcpu_write_protect_gfn
-from kvmdbgfs.arch.x86.mmu.paging_tmpl import gptes_access, read_gptes
+from kvmdbgfs.arch.x86.mmu.paging_tmpl import gpte_access, gptes_access, read_gptes
 from kvmdbgfs.arch.x86.mmu.set_spte import make_sptes_synchronizing
 from kvmdbgfs.arch.x86.mmu.shadow_page import KvmMmuPage
 from kvmdbgfs.arch.x86.mmu.spte import (
+    ACC_WRITE_MASK,
     PT_ACCESSED_MASK,
+    PT_DIRTY_MASK,
     PT_PRESENT_MASK,
     PT_WRITABLE_MASK,
     SPTE_MMU_PRESENT_MASK,
@@ -35,30 +37,75 @@ from kvmdbgfs.arch.x86.mmu.zap import kvm_mmu_remote_flush_or_zap
 if TYPE_CHECKING:
     from kvmdbgfs.arch.x86.mmu.mmu import KvmMmu, MmuVcpu
 
+SCALAR_SYNC = 4  # up to this many present entries, syncing them one by one in Python beats numpy
+
 
 def sync_sptes(mmu: KvmMmu, sp: KvmMmuPage, indices: np.ndarray) -> bool:
     """FNAME(sync_spte) on the present entries among ``indices`` of a last-level page; True if a flush is due."""
     row = mmu.pool.spt[sp.id, indices]
-    present = (row & U64(SPTE_MMU_PRESENT_MASK)) != 0
-    if not present.any():
+    present = (row & U64(SPTE_MMU_PRESENT_MASK)).nonzero()[0]
+    if not len(present):
         return False
+    if len(present) <= SCALAR_SYNC:
+        return _sync_sptes_few(mmu, sp, indices[present].tolist(), row[present].tolist())
     indices, old = indices[present], row[present]
     gptes = read_gptes(mmu.memory, sp.gfn, indices)
     valid = (gptes & U64(PT_PRESENT_MASK | PT_ACCESSED_MASK)) == U64(PT_PRESENT_MASK | PT_ACCESSED_MASK)
     gfns = np.where(valid, sptes_to_pfn(gptes), -1)
     drop = gfns != sptes_to_pfn(old)
-    mmu.leaf.drop_sptes(sp.id, sp.level, indices[drop])
-    keep = ~drop
+    dropped = indices[drop]
+    flush = len(dropped) > 0
+    if flush:
+        mmu.leaf.drop_sptes(sp.id, sp.level, dropped)
     access = sp.access & gptes_access(gptes, protect_clean=True)
-    changed = keep & (mmu.pool.access[sp.id, indices] != access)
-    flush = bool(drop.any())
-    if changed.any():
-        at = indices[changed]
-        mmu.pool.access[sp.id, at] = access[changed]
-        new = make_sptes_synchronizing(mmu, gfns[changed], access[changed], old[changed])
-        mmu.pool.store_many(sp.id, at, new)
-        flush |= bool((((old[changed] & U64(SPTE_MMU_WRITEABLE)) != 0) & ((new & U64(PT_WRITABLE_MASK)) == 0)).any())
+    changed = ~drop & (mmu.pool.access[sp.id, indices] != access)
+    if np.count_nonzero(changed):
+        flush |= _update_sptes(mmu, sp, indices[changed], gfns[changed], access[changed], old[changed])
     return flush
+
+
+def _sync_sptes_few(mmu: KvmMmu, sp: KvmMmuPage, indices: list[int], old: list[int]) -> bool:
+    """sync_sptes() of a few present entries (``old`` their sptes), one by one with Python ints: the same
+    drops, updates and result as the numpy path, without its fixed cost per call."""
+    dropped: list[int] = []
+    changed: list[tuple[int, int, int, int]] = []  # (index, gfn, access, old spte)
+    for index, spte in zip(indices, old):
+        gpte = mmu.memory.read_pte(sp.gfn, index)
+        valid = gpte & (PT_PRESENT_MASK | PT_ACCESSED_MASK) == PT_PRESENT_MASK | PT_ACCESSED_MASK
+        gfn = spte_to_pfn(gpte) if valid else -1
+        if gfn != spte_to_pfn(spte):
+            dropped.append(index)
+            continue
+        access = sp.access & gpte_access(gpte)
+        if not gpte & PT_DIRTY_MASK:
+            access &= ~ACC_WRITE_MASK  # FNAME(protect_clean_gpte)
+        if mmu.pool.access.item(sp.id, index) != access:
+            changed.append((index, gfn, access, spte))
+    if dropped:
+        mmu.leaf.drop_sptes(sp.id, sp.level, np.array(dropped, np.int64))
+    flush = bool(dropped)
+    if changed:
+        at, gfns, access_bits, sptes = zip(*changed)
+        flush |= _update_sptes(
+            mmu,
+            sp,
+            np.array(at, np.int64),
+            np.array(gfns, np.int64),
+            np.array(access_bits, np.uint8),
+            np.array(sptes, np.uint64),
+        )
+    return flush
+
+
+def _update_sptes(
+    mmu: KvmMmu, sp: KvmMmuPage, indices: np.ndarray, gfns: np.ndarray, access: np.ndarray, old: np.ndarray
+) -> bool:
+    """The part of FNAME(sync_spte) for entries whose access changed: record it and remake the sptes;
+    True if a writable spte lost W (a flush is due)."""
+    mmu.pool.access[sp.id, indices] = access
+    new = make_sptes_synchronizing(mmu, gfns, access, old)
+    mmu.pool.store_many(sp.id, indices, new)
+    return bool((((old & U64(SPTE_MMU_WRITEABLE)) != 0) & ((new & U64(PT_WRITABLE_MASK)) == 0)).any())
 
 
 def kvm_sync_page(mmu: KvmMmu, sp: KvmMmuPage) -> bool:

@@ -59,10 +59,10 @@ def _set_unsync_child_bits(mmu: KvmMmu, parent_sptes: list[int]) -> list[KvmMmuP
     for parent_sptep in parent_sptes:
         k = (parent_sptep >> 3) - 1
         parent = by_id[k >> 9]
-        bit = 1 << (k & 511)
-        if parent.unsync_child_bitmap & bit:
+        index = k & 511
+        if parent.unsync_child_bitmap >> index & 1:  # no 512-bit mask built for a bit already set
             continue
-        parent.unsync_child_bitmap |= bit
+        parent.unsync_child_bitmap |= 1 << index
         parent.unsync_children += 1
         if parent.unsync_children == 1:
             first_unsync.append(parent)

@@ -26,6 +26,7 @@ from kvmdbgfs.arch.x86.mmu.spte import (
     sptep,
     sptep_many,
     sptep_to_sp,
+    sptep_to_sp_index,
     sptes_large,
     sptes_to_pfn,
 )
@@ -42,8 +43,7 @@ KVM_REFILL_PAGES = 25
 def drop_parent_pte(mmu: KvmMmu, child: KvmMmuPage, parent_sptep: int) -> None:
     """drop_parent_pte(): ``child`` loses the link ``parent_sptep``, which is cleared."""
     mmu.parents.remove(child, parent_sptep)
-    k = (parent_sptep >> 3) - 1
-    mmu.pool.set(k // 512, k % 512, 0)
+    mmu.pool.set(*sptep_to_sp_index(parent_sptep), 0)
 
 
 def mmu_page_zap_pte(mmu: KvmMmu, sp: KvmMmuPage, index: int) -> None:
