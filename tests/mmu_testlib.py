@@ -175,6 +175,11 @@ def check_invariants(kvm: Kvm) -> None:
     assert [kvm.stat.pages_4k, kvm.stat.pages_2m, kvm.stat.pages_1g] == per_level
     for sp in mmu.sps.by_id.values():
         assert set(mmu.parents.of(sp)) == links[sp.id], sp
+        unmarked = mmu.parents.unmarked.get(sp.id, set())
+        assert unmarked <= links[sp.id], sp  # only current links are kept as possibly unmarked ...
+        for parent_spte in links[sp.id] - unmarked:  # ... and every other link has its bit set
+            k = (parent_spte >> 3) - 1
+            assert mmu.sps.by_id[k // 512].unsync_child_bitmap >> (k % 512) & 1, (sp, parent_spte)
     assert kvm.stat.mmu_unsync == sum(sp.unsync for sp in mmu.sps.by_id.values())
     assert mmu.n_used_mmu_pages == sum(1 for sp in mmu.sps.by_id.values() if not sp.invalid or sp.root_count)
     for sp in mmu.sps.by_id.values():

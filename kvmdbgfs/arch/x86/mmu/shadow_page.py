@@ -124,12 +124,18 @@ class ShadowPages:
 
 
 class ParentPtes:
-    """Each page's ``parent_ptes``: the non-leaf sptes pointing at it, on the VM's pte_list design."""
+    """Each page's ``parent_ptes``: the non-leaf sptes pointing at it, on the VM's pte_list design.
+
+    Besides the lists, each page keeps the parent sptes that may lack its bit in their page's
+    ``unsync_child_bitmap`` (a superset: every link starts there, a cleared bit puts its link back).
+    mark_unsync() of a parent whose bit is set does nothing, so kvm_mmu_mark_parents_unsync() need
+    only visit these: a shared kernel table has one parent per root, hundreds, nearly all marked."""
 
     def __init__(self, design: str, pool: SptPool) -> None:
         self.pte_list = make_pte_list(design)
         self.pool = pool
         self.heads = np.zeros(pool.capacity, np.int64)
+        self.unmarked: dict[int, set[int]] = {}
 
     def _heads(self) -> np.ndarray:
         if len(self.heads) < self.pool.capacity:
@@ -141,14 +147,18 @@ class ParentPtes:
     def add(self, sp: KvmMmuPage, parent_sptep: int) -> None:
         """mmu_page_add_parent_pte."""
         self.pte_list.add(self._heads(), sp.id, parent_sptep)
+        self.unmarked.setdefault(sp.id, set()).add(parent_sptep)
 
     def remove(self, sp: KvmMmuPage, parent_sptep: int) -> None:
         """mmu_page_remove_parent_pte."""
         self.pte_list.remove(self.heads, sp.id, parent_sptep)
+        self.unmarked[sp.id].discard(parent_sptep)
 
     def remove_batch(self, child_ids: np.ndarray, parent_sptes: np.ndarray) -> None:
         """mmu_page_remove_parent_pte for several (child, parent spte) pairs, in order."""
         self.pte_list.remove_batch(self.heads, child_ids, parent_sptes)
+        for child_id, parent_sptep in zip(child_ids.tolist(), parent_sptes.tolist()):
+            self.unmarked[child_id].discard(parent_sptep)
 
     def of(self, sp: KvmMmuPage) -> list[int]:
         """for_each_rmap_spte over ``sp->parent_ptes`` (an empty or single-entry head needs no list walk)."""
@@ -157,6 +167,23 @@ class ParentPtes:
             return [head] if head else []
         return self.pte_list.gather(self.heads, np.array([sp.id]))[1].tolist()
 
+    def unmark(self, sp: KvmMmuPage, parent_sptep: int) -> None:
+        """The bit of ``sp`` was cleared in the page holding ``parent_sptep`` (nothing to keep once ``sp``
+        has been unlinked from all its parents, as a zapped page is before its bit goes)."""
+        unmarked = self.unmarked.get(sp.id)
+        if unmarked is not None:
+            unmarked.add(parent_sptep)
+
+    def take_unmarked(self, sp: KvmMmuPage) -> list[int]:
+        """The parent sptes of ``sp`` that may lack its bit, ascending; the caller sets their bits."""
+        unmarked = self.unmarked.get(sp.id)
+        if not unmarked:
+            return []
+        sptes = sorted(unmarked)
+        unmarked.clear()
+        return sptes
+
     def zap(self, sp: KvmMmuPage) -> np.ndarray:
         """Empty ``sp->parent_ptes``; returns the parent sptes it held."""
+        self.unmarked.pop(sp.id, None)
         return self.pte_list.zap(self._heads(), sp.id)

@@ -127,7 +127,7 @@ def mmu_sync_children(mmu: KvmMmu, parent: KvmMmuPage) -> None:
         for sp, path in batch:
             kvm_unlink_unsync_page(mmu, sp)
             flush |= kvm_sync_page(mmu, sp)
-            mmu_pages_clear_parents(path)
+            mmu_pages_clear_parents(mmu, sp, path)
     kvm_mmu_remote_flush_or_zap(mmu, invalid_list, flush)
 
 

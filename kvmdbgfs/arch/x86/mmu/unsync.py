@@ -16,7 +16,14 @@ from typing import TYPE_CHECKING
 from kvmdbgfs.arch.x86.mmu.mmu_memslots import MmuSlot
 from kvmdbgfs.arch.x86.mmu.page_track import kvm_gfn_is_write_tracked
 from kvmdbgfs.arch.x86.mmu.shadow_page import KvmMmuPage
-from kvmdbgfs.arch.x86.mmu.spte import PG_LEVEL_4K, PT64_ROOT_4LEVEL, is_large_pte, is_shadow_present_pte, spte_to_pfn
+from kvmdbgfs.arch.x86.mmu.spte import (
+    PG_LEVEL_4K,
+    PT64_ROOT_4LEVEL,
+    is_large_pte,
+    is_shadow_present_pte,
+    spte_to_pfn,
+    sptep,
+)
 
 if TYPE_CHECKING:
     from kvmdbgfs.arch.x86.mmu.mmu import KvmMmu
@@ -38,10 +45,11 @@ def kvm_unlink_unsync_page(mmu: KvmMmu, sp: KvmMmuPage) -> None:
 
 def kvm_mmu_mark_parents_unsync(mmu: KvmMmu, sp: KvmMmuPage) -> None:
     """mark_unsync() of every spte linking to ``sp``; a page getting its first unsync child marks its own
-    parents in turn (the kernel recurses; the bits and counts end up the same in any order)."""
+    parents in turn (the kernel recurses; the bits and counts end up the same in any order). Parent sptes
+    whose bit is set are skipped without a visit, as mark_unsync() would return at once for them."""
     pending = [sp]
     while pending:
-        pending.extend(_set_unsync_child_bits(mmu, mmu.parents.of(pending.pop())))
+        pending.extend(_set_unsync_child_bits(mmu, mmu.parents.take_unmarked(pending.pop())))
 
 
 def mark_unsync(mmu: KvmMmu, parent_sptep: int) -> None:
@@ -135,6 +143,7 @@ def _unsync_walk(mmu: KvmMmu, sp: KvmMmuPage, pvec: MmuPages) -> int:
             ret = _unsync_walk(mmu, child, pvec)
             if not ret:
                 clear_unsync_child_bit(sp, index)
+                mmu.parents.unmark(child, sptep(sp.id, index))
                 continue
             if ret < 0:
                 return ret
@@ -145,6 +154,7 @@ def _unsync_walk(mmu: KvmMmu, sp: KvmMmuPage, pvec: MmuPages) -> int:
                 return -1
         else:
             clear_unsync_child_bit(sp, index)
+            mmu.parents.unmark(child, sptep(sp.id, index))
     return nr_unsync_leaf
 
 
@@ -177,14 +187,15 @@ def mmu_unsync_batches(mmu: KvmMmu, parent: KvmMmuPage) -> Iterator[list[tuple[K
         yield batch
 
 
-def mmu_pages_clear_parents(parents: MmuPagePath) -> None:
+def mmu_pages_clear_parents(mmu: KvmMmu, leaf: KvmMmuPage, parents: MmuPagePath) -> None:
     """Clear the leaf's bit in its parent, and further up while a parent has no unsync child left."""
-    level = 0
+    level, child = 0, leaf
     while True:
         sp = parents.parent[level]
         if sp is None:
             return
         clear_unsync_child_bit(sp, parents.idx[level])
-        level += 1
+        mmu.parents.unmark(child, sptep(sp.id, parents.idx[level]))
+        level, child = level + 1, sp
         if sp.unsync_children:
             return

@@ -87,7 +87,7 @@ def mmu_zap_unsync_children(mmu: KvmMmu, parent: KvmMmuPage, invalid_list: list[
     for batch in mmu_unsync_batches(mmu, parent):
         for sp, path in batch:
             kvm_mmu_prepare_zap_page(mmu, sp, invalid_list)
-            mmu_pages_clear_parents(path)
+            mmu_pages_clear_parents(mmu, sp, path)
             zapped += 1
     return zapped
 
