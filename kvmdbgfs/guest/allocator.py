@@ -42,8 +42,6 @@ PAGEBLOCK_ORDER = 9
 MAX_ORDER_NR_PAGES = 1 << 10  # MAX_PAGE_ORDER 10: a 4 MiB block
 MIGRATE_UNMOVABLE, MIGRATE_MOVABLE = 0, 1
 KIND_NAMES = ("free", "reserved", "kernel", "pagetable", "anon", "pagecache")  # PAGE_HOLE: not RAM
-
-
 MOVABLE_KINDS = (PAGE_ANON, PAGE_CACHE)  # __GFP_MOVABLE order-0 allocations: user anonymous and page-cache pages
 
 
@@ -72,6 +70,7 @@ class FreeList:
         return gfns
 
     def peek(self, n: int) -> np.ndarray:
+        """What pop(n) would return, leaving the list as it is."""
         return self.stack[max(self.top - n, 0) : self.top][::-1].copy()
 
 
@@ -88,9 +87,8 @@ def max_order_blocks(free_runs: Sequence[tuple[int, int]]) -> list[np.ndarray]:
     blocks in the order their first frame is handed out."""
     fresh = np.concatenate([np.arange(start, end, dtype=np.int64) for start, end in free_runs])
     block_of = fresh // MAX_ORDER_NR_PAGES
-    _, first = np.unique(block_of, return_index=True)
-    order = np.argsort(first[np.searchsorted(np.unique(block_of), block_of)], kind="stable")
-    grouped = fresh[order]
+    _, first, block_index = np.unique(block_of, return_index=True, return_inverse=True)
+    grouped = fresh[np.argsort(first[block_index], kind="stable")]  # by the block's first hand-out
     cuts = np.flatnonzero(np.diff(grouped // MAX_ORDER_NR_PAGES)) + 1
     return np.split(grouped, cuts)
 
