@@ -123,18 +123,21 @@ class Userspace:
 
 def login(kernel: GuestKernel, init: Task, sshd: Task, session: list[str] = SESSION) -> list[Task]:
     """One user's SSH login: sshd forks twice (the privileged and the user's sshd: forks without exec,
-    which then run), systemd --user with its (sd-pam) child, then the user's shell."""
+    which then run), systemd --user with its (sd-pam) child, then the user's shell, which the user's
+    sshd starts."""
     tasks: list[Task] = []
+    last_sshd = sshd
     for name in session:
         if name == "sshd":
-            tasks.append(kernel.fork(tasks[-1] if tasks else sshd))
-            wake(tasks[-1])
+            last_sshd = kernel.fork(last_sshd)
+            tasks.append(last_sshd)
+            wake(last_sshd)
         elif name == "systemd":
             tasks.append(kernel.spawn(name, init))
             tasks.append(kernel.fork(tasks[-1]))
             wake(tasks[-1])
         else:
-            tasks.append(kernel.spawn(name, tasks[-1] if tasks else init))
+            tasks.append(kernel.spawn(name, last_sshd))
     return tasks
 
 
