@@ -12,16 +12,21 @@ import numpy as np
 from kvmdbgfs.arch.x86.mmu.mmu_memslots import MmuSlot
 from kvmdbgfs.arch.x86.mmu.page_hash import child_sp, kvm_mmu_get_child_sp, link_shadow_page, validate_direct_spte
 from kvmdbgfs.arch.x86.mmu.page_track import kvm_gfn_is_write_tracked
-from kvmdbgfs.arch.x86.mmu.paging_tmpl import GuestWalker, gpte_access, gpte_valid_for_prefetch, read_gptes, walk_addr
+from kvmdbgfs.arch.x86.mmu.paging_tmpl import (
+    GuestWalker,
+    gpte_access,
+    gpte_valid_for_prefetch,
+    protect_clean_gpte,
+    read_gptes,
+    walk_addr,
+)
 from kvmdbgfs.arch.x86.mmu.set_spte import RetPf, mmu_set_spte
 from kvmdbgfs.arch.x86.mmu.shadow_page import KvmMmuPage
 from kvmdbgfs.arch.x86.mmu.spte import (
     ACC_ALL,
-    ACC_WRITE_MASK,
     KVM_MAX_HUGEPAGE_LEVEL,
     PAGE_SHIFT,
     PG_LEVEL_4K,
-    PT_DIRTY_MASK,
     PTE_PREFETCH_NUM,
     gfn_round_for_level,
     is_last_spte,
@@ -148,9 +153,7 @@ def prefetch_gpte(mmu: KvmMmu, sp: KvmMmuPage, index: int, gpte: int) -> bool:
     if not gpte_valid_for_prefetch(gpte):
         return False
     gfn = pte_gfn(gpte)
-    pte_access = sp.access & gpte_access(gpte)
-    if not gpte & PT_DIRTY_MASK:
-        pte_access &= ~ACC_WRITE_MASK
+    pte_access = protect_clean_gpte(sp.access & gpte_access(gpte), gpte)
     ms = mmu.memslots.lookup(gfn)
     if ms is None:
         return False

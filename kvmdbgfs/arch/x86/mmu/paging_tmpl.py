@@ -42,6 +42,11 @@ def gpte_access(gpte: int) -> int:
     return (gpte & (ACC_WRITE_MASK | ACC_USER_MASK)) | (0 if gpte & PT64_NX_MASK else ACC_EXEC_MASK)
 
 
+def protect_clean_gpte(access: int, gpte: int) -> int:
+    """FNAME(protect_clean_gpte)(): a clean PTE grants no write, so the first write faults to set D."""
+    return access if gpte & PT_DIRTY_MASK else access & ~ACC_WRITE_MASK
+
+
 def gptes_access(gptes: np.ndarray, protect_clean: bool) -> np.ndarray:
     """gpte_access() of several PTEs as uint8; with ``protect_clean``, FNAME(protect_clean_gpte) too."""
     access = (gptes & U64(ACC_WRITE_MASK | ACC_USER_MASK)) | (~(gptes >> U64(63)) & U64(ACC_EXEC_MASK))
@@ -105,9 +110,7 @@ def walk_addr(
     pages = KVM_PAGES_PER_HPAGE(level)
     walker.level = level
     walker.gfn = (pte_gfn(gpte) & -pages) + ((gva >> PAGE_SHIFT) & (pages - 1))
-    if not write and not gpte & PT_DIRTY_MASK:
-        access &= ~ACC_WRITE_MASK  # FNAME(protect_clean_gpte)
-    walker.pte_access = access
+    walker.pte_access = access if write else protect_clean_gpte(access, gpte)
     if set_accessed_dirty:
         _update_accessed_dirty_bits(memory, walker, gva, write)
     return walker

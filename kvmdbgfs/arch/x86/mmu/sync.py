@@ -13,13 +13,17 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from kvmdbgfs.arch.x86.mmu.page_track import kvm_vcpu_write_protect_gfn
-from kvmdbgfs.arch.x86.mmu.paging_tmpl import gpte_access, gptes_access, read_gptes
+from kvmdbgfs.arch.x86.mmu.paging_tmpl import (
+    gpte_access,
+    gpte_valid_for_prefetch,
+    gptes_access,
+    protect_clean_gpte,
+    read_gptes,
+)
 from kvmdbgfs.arch.x86.mmu.set_spte import make_sptes_synchronizing
 from kvmdbgfs.arch.x86.mmu.shadow_page import KvmMmuPage
 from kvmdbgfs.arch.x86.mmu.spte import (
-    ACC_WRITE_MASK,
     PT_ACCESSED_MASK,
-    PT_DIRTY_MASK,
     PT_PRESENT_MASK,
     PT_WRITABLE_MASK,
     SPTE_MMU_PRESENT_MASK,
@@ -71,14 +75,11 @@ def _sync_sptes_few(mmu: KvmMmu, sp: KvmMmuPage, indices: list[int], old: list[i
     changed: list[tuple[int, int, int, int]] = []  # (index, gfn, access, old spte)
     for index, spte in zip(indices, old):
         gpte = mmu.memory.read_pte(sp.gfn, index)
-        valid = gpte & (PT_PRESENT_MASK | PT_ACCESSED_MASK) == PT_PRESENT_MASK | PT_ACCESSED_MASK
-        gfn = spte_to_pfn(gpte) if valid else -1
+        gfn = spte_to_pfn(gpte) if gpte_valid_for_prefetch(gpte) else -1  # FNAME(prefetch_invalid_gpte)
         if gfn != spte_to_pfn(spte):
             dropped.append(index)
             continue
-        access = sp.access & gpte_access(gpte)
-        if not gpte & PT_DIRTY_MASK:
-            access &= ~ACC_WRITE_MASK  # FNAME(protect_clean_gpte)
+        access = protect_clean_gpte(sp.access & gpte_access(gpte), gpte)
         if mmu.pool.access.item(sp.id, index) != access:
             changed.append((index, gfn, access, spte))
     if dropped:
