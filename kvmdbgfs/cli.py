@@ -13,7 +13,7 @@ from kvmdbgfs.control.client import ProgressCallback, RequestError, request
 from kvmdbgfs.control.paths import find_socket
 from kvmdbgfs.kvm.vm import MMU_MODES
 from kvmdbgfs.progress import progress_bar
-from kvmdbgfs.workload import parse_assignments
+from kvmdbgfs.workloads.base import parse_assignments
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -56,6 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--vm", required=True, help="the VM's directory name, <pid>-<fd>")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a workload parameter")
     run.add_argument("--json", action="store_true", help="print the summary as JSON")
+    run.add_argument("--detach", action="store_true", help="return at once; the workload runs on (see vm list)")
+    clock = commands.add_parser("clock", help="the host clock").add_subparsers(
+        dest="clock_command", required=True, parser_class=_Parser
+    )
+    advance = clock.add_parser("advance", help="move a manual clock forward and wait until the guests got there")
+    advance.add_argument("duration", help="how far: 500ms, 10s, 2m")
     commands.add_parser("workloads", help="list workloads and their parameters")
     return parser
 
@@ -81,7 +87,9 @@ def _call(args: argparse.Namespace, cmd: str, on_progress: ProgressCallback | No
 def _print_vm_table(vms: list[dict[str, Any]]) -> None:
     print(f"{'NAME':<14}{'MEMORY':>8} {'VCPUS':>5} {'MMU':<11}{'KERNEL':<12}{'RMAP':<5}{'USERS':>5}  STATE")
     for vm in vms:
-        state = "destroyed (pinned by open files)" if vm["destroyed"] else "running"
+        state = "destroyed (pinned by open files)" if vm["destroyed"] else f"up {vm['uptime_s']:.1f}s"
+        if vm["workload"]:
+            state += f", running {vm['workload']}"
         memory = f"{vm['memory'] >> 20}M" if vm["memory"] % (1 << 30) else f"{vm['memory'] >> 30}G"
         print(
             f"{vm['name']:<14}{memory:>8} {vm['vcpus']:>5} {vm['mmu']:<11}{vm['kernel']:<12}"
@@ -94,6 +102,8 @@ def _run_workload(args: argparse.Namespace) -> dict[str, Any]:
         settings = parse_assignments(args.set)
     except ValueError as exc:
         raise RequestError(str(exc)) from None
+    if args.detach:
+        return _call(args, "workload.run", vm=args.vm, workload=args.workload, settings=settings, detach=True)
     with progress_bar(f"{args.vm} {args.workload}") as progress:
         return _call(args, "workload.run", on_progress=progress, vm=args.vm, workload=args.workload, settings=settings)
 
@@ -116,6 +126,9 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_OK
     if args.command == "workloads":
         _print_workloads(_call(args, "workload.list"))
+        return EXIT_OK
+    if args.command == "clock":
+        print(_call(args, "clock.advance", duration=args.duration)["host_time_ns"])
         return EXIT_OK
     if args.command == "status":
         for key, value in _call(args, "status").items():

@@ -3,6 +3,7 @@
 A scenario file::
 
     seed = 7                 # optional host seed
+    clock = "manual"         # optional: realtime (default) | manual; --clock overrides it
     [[vm]]
     memory = "6G"
     vcpus = 2
@@ -23,7 +24,9 @@ from typing import Any
 from kvmdbgfs.kvm.host import KvmHost
 from kvmdbgfs.kvm.vm import VmConfig
 from kvmdbgfs.progress import progress_bar
-from workloads import get_workload, run_workload
+from kvmdbgfs.vmm.clock import CLOCK_MODES
+from kvmdbgfs.vmm.vmm import Vmm
+from kvmdbgfs.workloads import get_workload, run_workload
 
 CONFIG_KEYS = {"memory", "vcpus", "mmu", "kernel", "seed", "rmap_design"}
 VM_KEYS = CONFIG_KEYS | {"workload", "settings"}
@@ -35,6 +38,7 @@ class Scenario:
 
     seed: int = 0
     vms: list[dict[str, Any]] = field(default_factory=list)
+    clock: str = "realtime"
 
 
 BUILTIN_SCENARIOS = {
@@ -63,7 +67,7 @@ def load_scenario(name_or_path: str) -> Scenario:
         ) from None
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ValueError(f"scenario {name_or_path!r}: {exc}") from None
-    unknown = set(data) - {"seed", "vm"}
+    unknown = set(data) - {"seed", "vm", "clock"}
     if unknown:
         raise ValueError(f"scenario {name_or_path!r}: unknown keys {sorted(unknown)}")
     vms = data.get("vm", [])
@@ -76,7 +80,10 @@ def load_scenario(name_or_path: str) -> Scenario:
     seed = data.get("seed", 0)
     if not isinstance(seed, int) or seed < 0:
         raise ValueError(f"scenario {name_or_path!r}: seed must be a non-negative integer")
-    return Scenario(seed=seed, vms=vms)
+    clock = data.get("clock", "realtime")
+    if clock not in CLOCK_MODES:
+        raise ValueError(f"scenario {name_or_path!r}: clock must be one of {', '.join(CLOCK_MODES)}")
+    return Scenario(seed=seed, vms=vms, clock=clock)
 
 
 @dataclass(frozen=True)
@@ -107,12 +114,14 @@ def scenario_plans(host: KvmHost, scenario: Scenario) -> list[VmPlan]:
     return plans
 
 
-def build_host(scenario: Scenario, kernel: str) -> KvmHost:
+def build_host(scenario: Scenario, kernel: str, clock: str | None = None) -> Vmm:
     """A host running the scenario's VMs, each workload run to completion (with a progress bar)."""
-    host = KvmHost(profile=kernel, seed=scenario.seed)
-    for plan in scenario_plans(host, scenario):
-        kvm = host.create_vm(plan.config)
+    vmm = Vmm(profile=kernel, seed=scenario.seed, clock=clock or scenario.clock)
+    for plan in scenario_plans(vmm.host, scenario):
+        vm = vmm.create_vm(plan.config)
         if plan.workload is not None:
-            with progress_bar(f"{kvm.name} {plan.workload}") as progress:
-                run_workload(kvm, plan.workload, plan.settings, progress)
-    return host
+            with progress_bar(f"{vm.name} {plan.workload}") as progress:
+                run_workload(vm, plan.workload, plan.settings, progress)
+    # The scenario's guests were up before the tree is served: the host has been running as long as they ran.
+    vmm.clock.start_at(max((vm.created_ns + vm.guest_ns for vm in vmm.vms.values()), default=0))
+    return vmm

@@ -99,7 +99,10 @@ class Mount:
 
 
 def start_mount(tmp_path: Path, *args: str) -> Mount:
-    """Start mount.py and wait until a file inside the mount can be stat'ed."""
+    """Start mount.py and wait until a file inside the mount can be stat'ed. Tests run a manual clock
+    (deterministic trees) unless they ask for ``--clock realtime``."""
+    if "--clock" not in args:
+        args = (*args, "--clock", "manual")
     mountpoint = tmp_path / "mnt"
     with contextlib.suppress(FileExistsError):
         mountpoint.mkdir()
@@ -131,12 +134,12 @@ def start_mount(tmp_path: Path, *args: str) -> Mount:
 
 
 @contextlib.contextmanager
-def mount_with_scenario(tmp_path_factory: pytest.TempPathFactory, text: str) -> Iterator[Mount]:
+def mount_with_scenario(tmp_path_factory: pytest.TempPathFactory, text: str, *args: str) -> Iterator[Mount]:
     """mount.py serving the scenario ``text`` (TOML) for a module's tests; stopped and unmounted at the end."""
     directory = tmp_path_factory.mktemp("mount")
     scenario = directory / "scenario.toml"
     scenario.write_text(text)
-    running = start_mount(directory, "--scenario", str(scenario))
+    running = start_mount(directory, "--scenario", str(scenario), *args)
     try:
         yield running
     finally:

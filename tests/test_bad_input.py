@@ -307,12 +307,15 @@ def test_empty_write_changes_nothing(at, unchanged, target: str) -> None:
 
 def test_empty_write_is_einval_in_process() -> None:
     """What the debugfs layer answers when an empty write does reach it."""
-    from kvmdbgfs.kvm.host import KvmHost
+    from kvmdbgfs.vmm.vmm import Vmm
 
-    host = KvmHost()
-    name = host.create_vm(host.make_config(memory="64M", vcpus=1)).name
-    for path in ("/exits", f"/{name}/exits"):
-        expect_errno(lambda: write(host.debugfs_dir, path, b""), errno.EINVAL)
+    vmm = Vmm()
+    try:
+        name = vmm.create_vm(vmm.host.make_config(memory="64M", vcpus=1)).name
+        for path in ("/exits", f"/{name}/exits"):
+            expect_errno(lambda: write(vmm.host.debugfs_dir, path, b""), errno.EINVAL)
+    finally:
+        vmm.shutdown()
 
 
 READ_ONLY = ["pages_4k", "guest_mode", "{vm}/pages_4k", "{tdp}/mmu_unsync", "{vm}/vcpu0/tsc-offset", "{vm}/vcpu1/pid"]

@@ -146,7 +146,9 @@ def test_vm_list_table_json_and_a_pinned_vm(mount: Mount, new_vm) -> None:
     assert table[0].split() == ["NAME", "MEMORY", "VCPUS", "MMU", "KERNEL", "RMAP", "USERS", "STATE"]
     assert [row.split()[0] for row in table[1:]] == [vm["name"] for vm in listed]
     columns = [name, "1536M", "2", "tdp", "v6.4", "C", "1"]
-    assert table[1 + [vm["name"] for vm in listed].index(name)].split() == [*columns, "running"]
+    row = listed[[vm["name"] for vm in listed].index(name)]
+    uptime = f"{row['uptime_s']:.1f}s"
+    assert table[1 + [vm["name"] for vm in listed].index(name)].split() == [*columns, "up", uptime]
 
     with open(mount.path / name / "vcpu1" / "tsc-offset", "rb") as pinned:
         assert mount.cli("vm", "destroy", name).returncode == 0
@@ -170,6 +172,8 @@ def test_status(mount: Mount) -> None:
     assert status == {
         "kernel": "latest",
         "seed": "11",
+        "clock": "manual",
+        "host_time_ns": str(request(mount.control, "status")["host_time_ns"]),
         "vms": str(len(request(mount.control, "vm.list"))),
         "mountpoint": str(mount.path.resolve()),
         "server_pid": str(mount.process.pid),

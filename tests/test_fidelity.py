@@ -11,23 +11,29 @@ beyond, small 2M and 1G lines; with EPT only the 0 and 1 columns.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 from inprocess import cat
-from test_workloads import histogram
+from test_workloads import histogram, running_vmm
 
 from kvmdbgfs.kvm.host import KvmHost
-from workloads import run_workload
+from kvmdbgfs.kvm.vm import Kvm
+from kvmdbgfs.workloads import run_workload
 
 HEADS_6G = {"4K": 3154016, "2M": 6178, "1G": 32}
 
 
 @pytest.fixture(scope="module")
-def default_pair():
-    host = KvmHost(profile="latest+ffs", seed=0)
-    vms = [host.create_vm(host.make_config(memory="6G", vcpus=2, mmu=mmu)) for mmu in ("shadow", "tdp-legacy")]
-    for kvm in vms:
-        run_workload(kvm, "idle", {})
-    return host, vms
+def default_pair() -> Iterator[tuple[KvmHost, list[Kvm]]]:
+    """The default scenario built in-process (the same seeds, VMs and workloads; a manual clock): the host
+    and the two VMs' struct kvm."""
+    with running_vmm("latest+ffs", seed=0) as vmm:
+        host = vmm.host
+        vms = [vmm.create_vm(host.make_config(memory="6G", vcpus=2, mmu=mmu)) for mmu in ("shadow", "tdp-legacy")]
+        for vm in vms:
+            run_workload(vm, "idle", {})
+        yield host, [vm.kvm for vm in vms]
 
 
 def test_idle_shadow_guest_has_the_seeds_shape(default_pair) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+from collections.abc import Callable, Iterator
 
 import pytest
 from expected_files import INSTANT, PROFILE_STATS, per_vm_files
@@ -12,16 +13,30 @@ from inprocess import cat, read_all, walk_files, write
 
 from kvmdbgfs.debugfs.dentry import lookup
 from kvmdbgfs.debugfs.file import vfs_open
-from kvmdbgfs.kvm.host import KvmHost
+from kvmdbgfs.kvm.vm import Kvm
+from kvmdbgfs.vmm.vmm import Vmm
 
 
-def make_host(profile: str = "latest", seed: int = 0) -> KvmHost:
-    return KvmHost(profile=profile, seed=seed)
+@pytest.fixture
+def make_vmm() -> Iterator[Callable[..., Vmm]]:
+    """``make_vmm(profile, seed)`` starts a VMM (manual clock); every one is shut down afterwards."""
+    vmms: list[Vmm] = []
+
+    def factory(profile: str = "latest", seed: int = 0) -> Vmm:
+        vmms.append(Vmm(profile=profile, seed=seed))
+        return vmms[-1]
+
+    try:
+        yield factory
+    finally:
+        for vmm in vmms:
+            vmm.shutdown()
 
 
-def small_vm(host: KvmHost, **kwargs):
+def small_vm(vmm: Vmm, **kwargs) -> Kvm:
+    """A VM QEMU created (never booted: its vCPUs have not entered KVM_RUN); its struct kvm."""
     options = {"memory": "256M", "vcpus": 2, "mmu": "shadow", **kwargs}
-    return host.create_vm(host.make_config(**options))
+    return vmm.create_vm(vmm.host.make_config(**options)).kvm
 
 
 def errno_of(call) -> int:
@@ -31,23 +46,26 @@ def errno_of(call) -> int:
 
 
 @pytest.mark.parametrize("profile", ["v5.14", "v5.15", "latest"])
-def test_file_list_per_vm_matches_the_profile(profile: str) -> None:
-    host = make_host(profile)
-    kvm = small_vm(host, vcpus=3)
+def test_file_list_per_vm_matches_the_profile(profile: str, make_vmm) -> None:
+    vmm = make_vmm(profile)
+    host = vmm.host
+    kvm = small_vm(vmm, vcpus=3)
     assert walk_files(host.debugfs_dir.children[kvm.name]) == per_vm_files(profile, 3)
     top_level = sorted(name for name, d in host.debugfs_dir.children.items() if not d.is_dir)
     assert top_level == sorted(PROFILE_STATS[profile])
 
 
-def test_ffs_profile_variant_keeps_the_file_set() -> None:
-    host = make_host("v5.15+ffs")
-    kvm = small_vm(host)
+def test_ffs_profile_variant_keeps_the_file_set(make_vmm) -> None:
+    vmm = make_vmm("v5.15+ffs")
+    host = vmm.host
+    kvm = small_vm(vmm)
     assert walk_files(host.debugfs_dir.children[kvm.name]) == per_vm_files("v5.15", 2)
 
 
-def test_modes_follow_the_stat_types() -> None:
-    host = make_host()
-    kvm = small_vm(host)
+def test_modes_follow_the_stat_types(make_vmm) -> None:
+    vmm = make_vmm()
+    host = vmm.host
+    kvm = small_vm(vmm)
     vm_dir = host.debugfs_dir.children[kvm.name]
     assert vm_dir.mode & 0o7777 == 0o755
     for name in PROFILE_STATS["latest"]:
@@ -59,29 +77,31 @@ def test_modes_follow_the_stat_types() -> None:
         assert dentry.mode & 0o7777 == 0o444
 
 
-def test_directory_names_are_pid_fd_and_unique() -> None:
-    host = make_host()
-    names = [small_vm(host).name for _ in range(6)]
+def test_directory_names_are_pid_fd_and_unique(make_vmm) -> None:
+    vmm = make_vmm()
+    names = [small_vm(vmm).name for _ in range(6)]
     assert len(set(names)) == 6
     for name in names:
         pid, fd = map(int, re.fullmatch(r"(\d+)-(\d+)", name).groups())
         assert 300 < pid < 4194304 and fd >= 10
 
 
-def test_same_seed_same_tree() -> None:
+def test_same_seed_same_tree(make_vmm) -> None:
     def snapshot(seed: int) -> dict[str, str]:
-        host = make_host(seed=seed)
+        vmm = make_vmm(seed=seed)
+        host = vmm.host
         for mmu in ("shadow", "tdp-legacy", "tdp"):
-            small_vm(host, mmu=mmu)
+            small_vm(vmm, mmu=mmu)
         return {path: cat(host.debugfs_dir, path) for path in walk_files(host.debugfs_dir)}
 
     assert snapshot(3) == snapshot(3)
     assert snapshot(3).keys() != snapshot(4).keys()
 
 
-def test_vcpu_files_in_their_kernel_formats() -> None:
-    host = make_host()
-    kvm = small_vm(host, vcpus=2)
+def test_vcpu_files_in_their_kernel_formats(make_vmm) -> None:
+    vmm = make_vmm()
+    host = vmm.host
+    kvm = small_vm(vmm, vcpus=2)
     root = host.debugfs_dir
     offset = cat(root, f"{kvm.name}/vcpu1/tsc-offset")
     assert re.fullmatch(r"-\d+\n", offset)
@@ -90,12 +110,15 @@ def test_vcpu_files_in_their_kernel_formats() -> None:
     assert cat(root, f"{kvm.name}/vcpu0/tsc-scaling-ratio-frac-bits") == "48\n"
     assert cat(root, f"{kvm.name}/vcpu0/lapic_timer_advance_ns") == "1000\n"
     assert cat(root, f"{kvm.name}/vcpu0/guest_mode") == "0\n"
-    assert cat(root, f"{kvm.name}/vcpu1/pid") == f"{kvm.pid + 3}\n"
+    # The kernel shows 0 until the vCPU's first KVM_RUN, which only a booted guest makes (test_workloads.py
+    # checks the thread ids after boot).
+    assert cat(root, f"{kvm.name}/vcpu0/pid") == cat(root, f"{kvm.name}/vcpu1/pid") == "0\n"
 
 
-def test_top_level_is_a_plain_sum_even_for_peaks() -> None:
-    host = make_host()
-    first, second = small_vm(host), small_vm(host)
+def test_top_level_is_a_plain_sum_even_for_peaks(make_vmm) -> None:
+    vmm = make_vmm()
+    host = vmm.host
+    first, second = small_vm(vmm), small_vm(vmm)
     first.stat.max_mmu_rmap_size, second.stat.max_mmu_rmap_size = 5, 7
     first.vcpus[0].stat.exits, first.vcpus[1].stat.exits, second.vcpus[0].stat.exits = 3, 4, 10
     root = host.debugfs_dir
@@ -105,9 +128,10 @@ def test_top_level_is_a_plain_sum_even_for_peaks() -> None:
     assert cat(root, "exits") == "17\n"
 
 
-def test_histogram_stat_files_show_bucket_zero() -> None:
-    host = make_host()
-    kvm = small_vm(host)
+def test_histogram_stat_files_show_bucket_zero(make_vmm) -> None:
+    vmm = make_vmm()
+    host = vmm.host
+    kvm = small_vm(vmm)
     kvm.vcpus[0].stat.halt_wait_hist[0] = 4
     kvm.vcpus[0].stat.halt_wait_hist[5] = 100
     kvm.vcpus[1].stat.halt_wait_hist[0] = 1
@@ -117,9 +141,10 @@ def test_histogram_stat_files_show_bucket_zero() -> None:
     assert cat(host.debugfs_dir, f"{kvm.name}/halt_wait_hist") == "0\n"
 
 
-def test_clearing_per_vm_and_top_level() -> None:
-    host = make_host()
-    first, second = small_vm(host), small_vm(host)
+def test_clearing_per_vm_and_top_level(make_vmm) -> None:
+    vmm = make_vmm()
+    host = vmm.host
+    first, second = small_vm(vmm), small_vm(vmm)
     for kvm in (first, second):
         kvm.stat.mmu_cache_miss = 9
         kvm.vcpus[1].stat.pf_fixed = 2
@@ -135,9 +160,10 @@ def test_clearing_per_vm_and_top_level() -> None:
 
 @pytest.mark.parametrize("path_kind", ["top", "vm"])
 @pytest.mark.parametrize(("data", "code"), [(b"1\n", errno.EINVAL), (b"x\n", errno.EINVAL), (b" 0", errno.EINVAL)])
-def test_bad_writes_change_nothing(path_kind: str, data: bytes, code: int) -> None:
-    host = make_host()
-    kvm = small_vm(host)
+def test_bad_writes_change_nothing(path_kind: str, data: bytes, code: int, make_vmm) -> None:
+    vmm = make_vmm()
+    host = vmm.host
+    kvm = small_vm(vmm)
     kvm.stat.mmu_pte_write = 4
     path = "mmu_pte_write" if path_kind == "top" else f"{kvm.name}/mmu_pte_write"
     assert errno_of(lambda: write(host.debugfs_dir, path, data)) == code
@@ -145,23 +171,26 @@ def test_bad_writes_change_nothing(path_kind: str, data: bytes, code: int) -> No
 
 
 @pytest.mark.parametrize("path", ["pages_4k", "{vm}/pages_4k", "{vm}/vcpu0/tsc-offset", "{vm}/vcpu0/pid"])
-def test_readonly_files_refuse_writes_with_eacces(path: str) -> None:
-    host = make_host()
-    kvm = small_vm(host)
+def test_readonly_files_refuse_writes_with_eacces(path: str, make_vmm) -> None:
+    vmm = make_vmm()
+    host = vmm.host
+    kvm = small_vm(vmm)
     kvm.stat.pages_4k = 3
     assert errno_of(lambda: write(host.debugfs_dir, path.format(vm=kvm.name), b"0\n")) == errno.EACCES
     assert kvm.stat.pages_4k == 3
 
 
-def test_mmu_rmaps_stat_refuses_writes() -> None:
-    host = make_host()
-    kvm = small_vm(host)
+def test_mmu_rmaps_stat_refuses_writes(make_vmm) -> None:
+    vmm = make_vmm()
+    host = vmm.host
+    kvm = small_vm(vmm)
     assert errno_of(lambda: write(host.debugfs_dir, f"{kvm.name}/mmu_rmaps_stat", b"0\n")) == errno.EINVAL
 
 
-def test_mixed_profiles_sum_only_what_each_kernel_has() -> None:
-    host = make_host()
-    new, old = small_vm(host), small_vm(host, kernel="v5.14")
+def test_mixed_profiles_sum_only_what_each_kernel_has(make_vmm) -> None:
+    vmm = make_vmm()
+    host = vmm.host
+    new, old = small_vm(vmm), small_vm(vmm, kernel="v5.14")
     new.stat.max_mmu_rmap_size, old.stat.max_mmu_rmap_size = 3, 50
     assert cat(host.debugfs_dir, "max_mmu_rmap_size") == "3\n"
     assert "max_mmu_rmap_size" not in host.debugfs_dir.children[old.name].children
@@ -182,27 +211,29 @@ def test_mixed_profiles_sum_only_what_each_kernel_has() -> None:
         ({"seed": -1}, "seed"),
     ],
 )
-def test_bad_vm_configs_are_refused_before_anything_changes(options: dict, message: str) -> None:
-    host = make_host()
+def test_bad_vm_configs_are_refused_before_anything_changes(options: dict, message: str, make_vmm) -> None:
+    vmm = make_vmm()
+    host = vmm.host
     before = walk_files(host.debugfs_dir)
     with pytest.raises(ValueError, match=message):
-        small_vm(host, **options)
+        small_vm(vmm, **options)
     assert host.vm_list == [] and walk_files(host.debugfs_dir) == before
     # The next VM gets the name it would have got with no failed attempt.
-    assert small_vm(host).name == small_vm(make_host()).name
+    assert small_vm(vmm).name == small_vm(make_vmm()).name
 
 
 # Lifetime (reference §4.1), in-process.
 
 
-def test_open_pins_the_vm_and_the_last_close_removes_it() -> None:
-    host = make_host()
-    kvm = small_vm(host)
+def test_open_pins_the_vm_and_the_last_close_removes_it(make_vmm) -> None:
+    vmm = make_vmm()
+    host = vmm.host
+    kvm = small_vm(vmm)
     root = host.debugfs_dir
     kvm.stat.mmu_cache_miss = 42
     file = vfs_open(lookup(root, f"{kvm.name}/mmu_cache_miss"), os.O_RDONLY)
     assert kvm.users_count == 2
-    host.destroy_vm(kvm.name)
+    vmm.destroy_vm(kvm.name)
     assert kvm.users_count == 1
     assert kvm.name in root.children and kvm in host.vm_list
     assert read_all(file) == b"42\n"
@@ -214,30 +245,33 @@ def test_open_pins_the_vm_and_the_last_close_removes_it() -> None:
     assert errno_of(lambda: vfs_open(file.dentry, os.O_RDONLY)) == errno.ENOENT
 
 
-def test_open_fails_with_enoent_once_the_count_is_zero() -> None:
-    host = make_host()
-    kvm = small_vm(host)
+def test_open_fails_with_enoent_once_the_count_is_zero(make_vmm) -> None:
+    vmm = make_vmm()
+    host = vmm.host
+    kvm = small_vm(vmm)
     dentry = lookup(host.debugfs_dir, f"{kvm.name}/exits")
-    host.destroy_vm(kvm.name)
+    vmm.destroy_vm(kvm.name)
     assert errno_of(lambda: vfs_open(dentry, os.O_RDONLY)) == errno.ENOENT
     assert kvm.users_count == 0
 
 
-def test_destroy_twice_or_unknown_is_refused() -> None:
-    host = make_host()
-    kvm = small_vm(host)
+def test_destroy_twice_or_unknown_is_refused(make_vmm) -> None:
+    vmm = make_vmm()
+    host = vmm.host
+    kvm = small_vm(vmm)
     file = vfs_open(lookup(host.debugfs_dir, f"{kvm.name}/exits"), os.O_RDONLY)
-    host.destroy_vm(kvm.name)
+    vmm.destroy_vm(kvm.name)
     with pytest.raises(LookupError, match="already destroyed"):
-        host.destroy_vm(kvm.name)
+        vmm.destroy_vm(kvm.name)
     with pytest.raises(LookupError, match="no VM named"):
-        host.destroy_vm("1-1")
+        vmm.destroy_vm("1-1")
     assert kvm.users_count == 1
     file.dentry.fops.release(file)
 
 
-def test_tdp_vm_has_no_rmaps_and_an_empty_mmu_rmaps_stat() -> None:
-    host = make_host()
-    kvm = small_vm(host, mmu="tdp")
+def test_tdp_vm_has_no_rmaps_and_an_empty_mmu_rmaps_stat(make_vmm) -> None:
+    vmm = make_vmm()
+    host = vmm.host
+    kvm = small_vm(vmm, mmu="tdp")
     assert all(slot.rmap is None for slot in kvm.arch.memslots)
     assert cat(host.debugfs_dir, f"{kvm.name}/mmu_rmaps_stat") == ""

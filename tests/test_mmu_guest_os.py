@@ -17,7 +17,7 @@ MEMORY = 256 << 20
 def run_guest(mode: str, batch: bool):
     """systemd, a shell, five forks of it that run and exit, one more program."""
     kvm = new_vm(mode, memory="256M", vcpus=2, design="B")
-    kernel = GuestKernel(MEMORY, kvm.arch.mmu, np.random.default_rng(7), nr_vcpus=2, batch=batch)
+    kernel = GuestKernel(MEMORY, kvm.arch.guest_hardware, np.random.default_rng(7), nr_vcpus=2, batch=batch)
     init = kernel.kthread("init")
     kernel.exec(init, "systemd")
     shell = kernel.spawn("bash", init)

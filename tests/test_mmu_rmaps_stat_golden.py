@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from inprocess import cat
+from mmu_testlib import new_vm
 
 from kvmdbgfs.kvm.host import KvmHost
 
@@ -38,8 +39,8 @@ GOLDEN = {
 
 
 def build_known_state(kernel: str, design: str | None = None) -> tuple[KvmHost, str]:
-    host = KvmHost(profile=kernel)
-    kvm = host.create_vm(host.make_config(memory="128M", vcpus=1, mmu="shadow", rmap_design=design))
+    kvm = new_vm("shadow", memory="128M", vcpus=1, design=design, kernel=kernel)
+    host = kvm.host
     slot = next(s for s in kvm.arch.memslots if s.as_id == 0 and s.base_gfn == 0x100)
     spte = 8
     for level, lengths in ((1, LISTS_4K), (2, LISTS_2M), (3, LISTS_1G)):
@@ -80,7 +81,7 @@ def test_vm_list_reports_the_designs_work() -> None:
     from kvmdbgfs.control.server import describe_vm
 
     host, name = build_known_state("latest", "A")
-    described = describe_vm(host.find_vm(name))
+    described = describe_vm(host.find_vm(name), None)  # no QEMU process: a bare VM
     # Design A holds a list of n >= 2 entries in ceil(n / 3) three-slot descriptors.
     expected = sum(-(-n // 3) for n in LISTS_4K + LISTS_2M + LISTS_1G if n >= 2)
     assert (described["rmap_design"], expected) == ("A", 407)

@@ -96,8 +96,8 @@ def test_memslot_deletion_and_range_invalidation_in_ept_modes(mode: str) -> None
     assert vm_stats(kvm, "pages_2m", "pages_4k") == {"pages_2m": 1, "pages_4k": small}
     mmu.kvm_unmap_gfn_range(LOW, LOW + 1)
     assert vm_stats(kvm, "pages_2m", "pages_4k") == {"pages_2m": 1, "pages_4k": small - 1}
-    hotplug = kvm.arch.kvm_set_memory_region(40, 0, 0x80000, 0x200)
-    kvm.arch.kvm_delete_memory_region(hotplug)
+    hotplug = kvm.kvm_set_memory_region(40, 0, 0x80000, 0x200)
+    kvm.kvm_delete_memory_region(hotplug)
     assert vm_stats(kvm, "pages_2m", "pages_4k") == {"pages_2m": 0, "pages_4k": 0}
     mmu.access(0, gvas(BASE + 8 * 4096, 1), write=False, user=True)
     assert vm_stats(kvm, "pages_2m") == {"pages_2m": 1}

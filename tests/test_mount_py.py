@@ -165,7 +165,7 @@ def test_signal_unmounts_and_exits_0(mount_factory, sig: int) -> None:
     mount = mount_factory("--scenario", "empty")
     assert (mount.path / "exits").read_text() == "0\n"
     stderr = stopped_cleanly(mount, sig)
-    assert f"mount.py: serving {mount.path.resolve()} (latest; no VMs); Ctrl-C to unmount\n" in stderr
+    assert f"mount.py: serving {mount.path.resolve()} (latest, manual clock; no VMs); Ctrl-C to unmount\n" in stderr
 
 
 def test_signal_with_a_file_open(mount_factory) -> None:

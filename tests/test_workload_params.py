@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kvmdbgfs.workload import Param, Workload, parse_assignments
+from kvmdbgfs.workloads.base import Param, Workload, parse_assignments
 
 CHILDREN = Param("children", 500, 10, 1000, "children to fork")
 AREA = Param("area", 1 << 20, 4096, 1 << 30, "shared area size", size=True)

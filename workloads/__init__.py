@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from kvmdbgfs.workload import Progress, Workload, no_progress
-from workloads.hotplug import Hotplug
-from workloads.idle import Idle
-from workloads.kbuild import Kbuild
-from workloads.memhog import Memhog
-from workloads.rmap_fork import RmapFork
+from kvmdbgfs.vmm.qemu import WorkloadJob
+from kvmdbgfs.workloads.base import Progress, Workload, no_progress
+from kvmdbgfs.workloads.hotplug import Hotplug
+from kvmdbgfs.workloads.idle import Idle
+from kvmdbgfs.workloads.kbuild import Kbuild
+from kvmdbgfs.workloads.memhog import Memhog
+from kvmdbgfs.workloads.rmap_fork import RmapFork
 
 if TYPE_CHECKING:
-    from kvmdbgfs.kvm.vm import Kvm
+    from kvmdbgfs.vmm.qemu import QemuProcess
 
 WORKLOADS: dict[str, Workload] = {
     workload.name: workload for workload in (Idle(), RmapFork(), Kbuild(), Memhog(), Hotplug())
@@ -41,18 +43,37 @@ def describe_workload(workload: Workload) -> dict[str, Any]:
     }
 
 
-def run_workload(kvm: Kvm, name: str, overrides: Mapping[str, Any], progress: Progress = no_progress) -> dict[str, Any]:
-    """Validate everything, then run the workload holding a VM reference (the VM cannot vanish mid-run)."""
+def start_workload(vm: QemuProcess, name: str, overrides: Mapping[str, Any]) -> WorkloadJob:
+    """Validate the workload and its settings, then queue it on the VM (it runs on the VM's vCPU threads).
+
+    The VM's own checks (booted or not) run when the workload starts, after what was queued before it.
+    Randomness comes from the VM's seed and how many workloads it ran before, so a scenario replays."""
     workload = get_workload(name)
     settings = workload.settings(overrides)
-    workload.check_vm(kvm)
-    if not kvm.get_kvm_safe():
-        raise LookupError(f"VM {kvm.name!r} is gone")
-    try:
-        with kvm.mmu_lock:
-            rng = np.random.default_rng([kvm.config.seed, kvm.workload_runs])
-            kvm.workload_runs += 1
-            summary = workload.run(kvm, settings, rng, progress)
-    finally:
-        kvm.put_kvm()
-    return {"vm": kvm.name, "workload": name, "settings": settings, **summary}
+
+    def run(vm: QemuProcess, progress: Progress) -> dict[str, Any]:
+        workload.check_vm(vm)
+        rng = np.random.default_rng([vm.seed, vm.workload_runs])
+        vm.workload_runs += 1
+        return {"vm": vm.name, "workload": name, "settings": settings, **workload.run(vm, settings, rng, progress)}
+
+    return vm.submit(WorkloadJob(name, run))
+
+
+def wait_workload(job: WorkloadJob, progress: Progress = no_progress, timeout: float | None = None) -> dict[str, Any]:
+    """Wait for a queued workload, passing its progress on; its summary, or ValueError with its error."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while not job.done.is_set():
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError(f"workload {job.name} still running after {timeout:.0f} s")
+        job.wait_change(0.5)
+        progress(*job.progress)
+    if job.error is not None:
+        raise ValueError(job.error)
+    assert job.result is not None
+    return job.result
+
+
+def run_workload(vm: QemuProcess, name: str, overrides: Mapping[str, Any], progress: Progress = no_progress) -> dict:
+    """Queue a workload on the VM and wait for its summary."""
+    return wait_workload(start_workload(vm, name, overrides), progress)

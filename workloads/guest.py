@@ -10,26 +10,27 @@ from kvmdbgfs.guest.kernel import GuestKernel
 from kvmdbgfs.guest.userspace import Userspace
 
 if TYPE_CHECKING:
-    from kvmdbgfs.kvm.vm import Kvm
+    from kvmdbgfs.vmm.qemu import QemuProcess
 
 
-def boot_guest(kvm: Kvm, rng: np.random.Generator, logins: int = 1) -> Userspace:
+def boot_guest(vm: QemuProcess, rng: np.random.Generator, logins: int = 1) -> Userspace:
     """Start the guest kernel on the VM's MMU (its GuestHardware) and bring it to an idle multi-user system
     with ``logins`` users logged in."""
-    if kvm.guest is not None:
-        raise ValueError(f"VM {kvm.name} has already booted")
-    kernel = GuestKernel(kvm.config.memory, kvm.arch.mmu, rng, nr_vcpus=kvm.config.vcpus)
-    kvm.guest = kernel.boot(logins)
-    return kvm.guest
+    if vm.guest is not None:
+        raise ValueError(f"VM {vm.name} has already booted")
+    kernel = GuestKernel(vm.memory, vm.kvm.arch.guest_hardware, rng, nr_vcpus=vm.nr_vcpus)
+    vm.boot(kernel.boot(logins))
+    assert vm.guest is not None
+    return vm.guest
 
 
-def booted_guest(kvm: Kvm) -> Userspace:
+def booted_guest(vm: QemuProcess) -> Userspace:
     """The running guest of a VM; ValueError when the VM has not booted yet."""
-    if kvm.guest is None:
-        raise ValueError(f"VM {kvm.name} has not booted: run the idle workload on it first")
-    return kvm.guest
+    if vm.guest is None:
+        raise ValueError(f"VM {vm.name} has not booted: run the idle workload on it first")
+    return vm.guest
 
 
-def require_booted(kvm: Kvm) -> None:
+def require_booted(vm: QemuProcess) -> None:
     """check_vm() for workloads that need a running guest."""
-    booted_guest(kvm)
+    booted_guest(vm)

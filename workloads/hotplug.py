@@ -32,18 +32,18 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from kvmdbgfs.guest.layout import HIGH_MEMORY_START, KVM_ADDRESS_SPACE_NUM, PAGE_SHIFT, below_4g_ram
+from kvmdbgfs.vmm.layout import HIGH_MEMORY_START, KVM_ADDRESS_SPACE_NUM, PAGE_SHIFT, below_4g_ram
 from kvmdbgfs.guest.memory_hotplug import MEMORY_BLOCK_PAGES, add_memory, offline_and_remove_memory
 from kvmdbgfs.guest.migrate import MigrationResult
 from kvmdbgfs.guest.physmem import STRUCT_PAGES_PER_PAGE
-from kvmdbgfs.workload import Param, Progress, Workload
-from workloads.guest import booted_guest, require_booted
+from kvmdbgfs.workloads.base import Param, Progress, Workload
+from kvmdbgfs.workloads.guest import booted_guest, require_booted
 
 if TYPE_CHECKING:
     from kvmdbgfs.arch.x86.mmu.memslot import KvmMemorySlot
     from kvmdbgfs.guest.process import Task
     from kvmdbgfs.guest.vma import Vma
-    from kvmdbgfs.kvm.vm import Kvm
+    from kvmdbgfs.vmm.qemu import QemuProcess
 
 DIMM_ALIGN = 1 << 30  # QEMU places DIMMs in the device memory region, 1 GiB aligned
 MEMORY_BLOCK_SIZE = MEMORY_BLOCK_PAGES << PAGE_SHIFT
@@ -64,30 +64,30 @@ class Dimm:
         return self.start + self.npages
 
 
-def dimm_slot(kvm: Kvm, size: int) -> Dimm:
+def dimm_slot(vm: QemuProcess, size: int) -> Dimm:
     """Where QEMU maps a DIMM of ``size`` bytes: the first 1 GiB-aligned address above the guest's RAM."""
-    high_ram = kvm.config.memory - below_4g_ram(kvm.config.memory)
+    high_ram = vm.memory - below_4g_ram(vm.memory)
     base = -(-(HIGH_MEMORY_START + high_ram) // DIMM_ALIGN) * DIMM_ALIGN
     return Dimm(base >> PAGE_SHIFT, size >> PAGE_SHIFT)
 
 
-def plug(kvm: Kvm, dimm: Dimm) -> None:
+def plug(vm: QemuProcess, dimm: Dimm) -> None:
     """pc_dimm_plug: a memslot per address space (KVM_SET_USER_MEMORY_REGION); then the guest's ACPI
     handler adds the memory and onlines it (add_memory, online_pages into ZONE_MOVABLE)."""
-    first_id = max(slot.id for slot in kvm.arch.memslots) + 1
+    first_id = max(slot.id for slot in vm.memslots) + 1
     dimm.slots = [
-        kvm.arch.kvm_set_memory_region(first_id + as_id, as_id, dimm.start, dimm.npages)
+        vm.kvm.kvm_set_memory_region(first_id + as_id, as_id, dimm.start, dimm.npages)
         for as_id in range(KVM_ADDRESS_SPACE_NUM)
     ]
-    add_memory(booted_guest(kvm).kernel, dimm.start, dimm.end)
+    add_memory(booted_guest(vm).kernel, dimm.start, dimm.end)
 
 
-def unplug(kvm: Kvm, dimm: Dimm) -> MigrationResult:
+def unplug(vm: QemuProcess, dimm: Dimm) -> MigrationResult:
     """The guest offlines and removes the memory (offline_pages, remove_memory) and ejects the device; QEMU
     then deletes the memslots (KVM_MR_DELETE)."""
-    result = offline_and_remove_memory(booted_guest(kvm).kernel, dimm.start, dimm.end)
+    result = offline_and_remove_memory(booted_guest(vm).kernel, dimm.start, dimm.end)
     for slot in dimm.slots:
-        kvm.arch.kvm_delete_memory_region(slot)
+        vm.kvm.kvm_delete_memory_region(slot)
     dimm.slots = []
     return result
 
@@ -123,9 +123,9 @@ class Hotplug(Workload):
             raise ValueError(f"use ({settings['use']}) must not exceed the DIMM size ({settings['size']})")
         return settings
 
-    def run(self, kvm: Kvm, settings: dict[str, int], rng: np.random.Generator, progress: Progress) -> dict[str, Any]:
-        system = booted_guest(kvm)
-        dimm = dimm_slot(kvm, settings["size"])
+    def run(self, vm: QemuProcess, settings: dict[str, int], rng: np.random.Generator, progress: Progress) -> dict[str, Any]:
+        system = booted_guest(vm)
+        dimm = dimm_slot(vm, settings["size"])
         use_pages = settings["use"] >> PAGE_SHIFT
         free_pages = system.kernel.stats()["pages_free"]
         if use_pages + dimm.npages // STRUCT_PAGES_PER_PAGE > free_pages:
@@ -140,15 +140,15 @@ class Hotplug(Workload):
         for round_ in range(settings["rounds"]):
             for task, vma in buffers:
                 task.munmap(vma.start, vma.end - vma.start)
-            plug(kvm, dimm)
+            plug(vm, dimm)
             buffers = fill_buffers(users, use_pages)
             system.advance(IDLE_SECONDS)
             heads = [int(np.count_nonzero(level)) for level in dimm.slots[0].rmap or ()]
-            writes, shadow_zapped = kvm.stat.mmu_pte_write, kvm.stat.mmu_shadow_zapped
-            result = unplug(kvm, dimm)
+            writes, shadow_zapped = vm.kvm.stat.mmu_pte_write, vm.kvm.stat.mmu_shadow_zapped
+            result = unplug(vm, dimm)
             migrated, remapped = migrated + result.pages, remapped + result.ptes
-            pte_writes += kvm.stat.mmu_pte_write - writes
-            zapped += kvm.stat.mmu_shadow_zapped - shadow_zapped
+            pte_writes += vm.kvm.stat.mmu_pte_write - writes
+            zapped += vm.kvm.stat.mmu_shadow_zapped - shadow_zapped
             system.advance(IDLE_SECONDS)
             progress(round_ + 1, settings["rounds"])
         return {

@@ -16,12 +16,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from kvmdbgfs.guest.irq import NSEC_PER_SEC
 from kvmdbgfs.guest.userspace import serve, wake
-from kvmdbgfs.workload import Param, Progress, Workload
-from workloads.guest import boot_guest
+from kvmdbgfs.workloads.base import Param, Progress, Workload
+from kvmdbgfs.workloads.guest import boot_guest
 
 if TYPE_CHECKING:
-    from kvmdbgfs.kvm.vm import Kvm
+    from kvmdbgfs.vmm.qemu import QemuProcess
 
 SECONDS_PER_STEP = 5
 WORKER_PERIOD = 10.0  # seconds between a prefork worker's wake-ups (keepalive checks, scoreboard)
@@ -37,14 +38,14 @@ class Idle(Workload):
         Param("logins", 3, 1, 100, "users logged in over SSH (each: two sshd, systemd --user, a shell)"),
     )
 
-    def check_vm(self, kvm: Kvm) -> None:
-        if kvm.guest is not None:
-            raise ValueError(f"VM {kvm.name} has already booted")
+    def check_vm(self, vm: QemuProcess) -> None:
+        if vm.guest is not None:
+            raise ValueError(f"VM {vm.name} has already booted")
 
-    def run(self, kvm: Kvm, settings: dict[str, int], rng: np.random.Generator, progress: Progress) -> dict[str, Any]:
+    def run(self, vm: QemuProcess, settings: dict[str, int], rng: np.random.Generator, progress: Progress) -> dict[str, Any]:
         steps = 1 + -(-settings["uptime"] // SECONDS_PER_STEP)
         progress(0, steps)
-        system = boot_guest(kvm, rng, settings["logins"])
+        system = boot_guest(vm, rng, settings["logins"])
         if settings["workers"]:
             kernel = system.kernel
             apache = kernel.spawn("apache2", system.init)
@@ -54,9 +55,8 @@ class Idle(Workload):
                 serve(worker, float(kernel.rng.uniform(*WORKER_SHARE)))
                 system.arm(worker, WORKER_PERIOD)
         progress(1, steps)
-        wakeups, left = 0, settings["uptime"]
+        left = settings["uptime"]
         for step in range(2, steps + 1):
-            wakeups += system.advance(min(SECONDS_PER_STEP, left))
+            progress(step, steps, idle_ns=min(SECONDS_PER_STEP, left) * NSEC_PER_SEC)
             left -= SECONDS_PER_STEP
-            progress(step, steps)
-        return {"wakeups": wakeups, **system.kernel.stats()}
+        return {"wakeups": system.wakeups, **system.kernel.stats()}

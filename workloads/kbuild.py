@@ -7,11 +7,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from kvmdbgfs.guest.distro import Program
-from kvmdbgfs.workload import Param, Progress, Workload
-from workloads.guest import booted_guest, require_booted
+from kvmdbgfs.workloads.base import Param, Progress, Workload
+from kvmdbgfs.workloads.guest import booted_guest, require_booted
 
 if TYPE_CHECKING:
-    from kvmdbgfs.kvm.vm import Kvm
+    from kvmdbgfs.vmm.qemu import QemuProcess
 
 MAKE = Program("make", "make", ("libc.so.6",), heap_kib=4096, text_frac=0.3)
 # Each compile is gcc (the driver) exec'ing cc1, then as; objects are linked at the end.
@@ -32,8 +32,8 @@ class Kbuild(Workload):
     )
     check_vm = staticmethod(require_booted)
 
-    def run(self, kvm: Kvm, settings: dict[str, int], rng: np.random.Generator, progress: Progress) -> dict[str, Any]:
-        system = booted_guest(kvm)
+    def run(self, vm: QemuProcess, settings: dict[str, int], rng: np.random.Generator, progress: Progress) -> dict[str, Any]:
+        system = booted_guest(vm)
         kernel = system.kernel
         make = kernel.spawn(MAKE, system.session[-1])
         running: list = []

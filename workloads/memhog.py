@@ -7,11 +7,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from kvmdbgfs.guest.distro import Program
-from kvmdbgfs.workload import Param, Progress, Workload
-from workloads.guest import booted_guest, require_booted
+from kvmdbgfs.workloads.base import Param, Progress, Workload
+from kvmdbgfs.workloads.guest import booted_guest, require_booted
 
 if TYPE_CHECKING:
-    from kvmdbgfs.kvm.vm import Kvm
+    from kvmdbgfs.vmm.qemu import QemuProcess
 
 MEMHOG = Program("memhog", "memhog", ("libc.so.6",), heap_kib=64, text_frac=0.1)
 CHUNK = 64 << 20
@@ -26,8 +26,8 @@ class Memhog(Workload):
     )
     check_vm = staticmethod(require_booted)
 
-    def run(self, kvm: Kvm, settings: dict[str, int], rng: np.random.Generator, progress: Progress) -> dict[str, Any]:
-        system = booted_guest(kvm)
+    def run(self, vm: QemuProcess, settings: dict[str, int], rng: np.random.Generator, progress: Progress) -> dict[str, Any]:
+        system = booted_guest(vm)
         free_bytes = system.kernel.stats()["pages_free"] * 4096
         if settings["size"] > free_bytes:
             raise ValueError(f"memhog: size {settings['size']} exceeds the guest's free memory ({free_bytes})")
@@ -41,4 +41,4 @@ class Memhog(Workload):
         resident = task.resident_pages()
         if not settings["keep"]:
             system.kernel.exit(task)
-        return {"resident_pages": resident, "pages_2m": kvm.stat.pages_2m, "pages_4k": kvm.stat.pages_4k}
+        return {"resident_pages": resident, "pages_2m": vm.kvm.stat.pages_2m, "pages_4k": vm.kvm.stat.pages_4k}

@@ -14,11 +14,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from kvmdbgfs.guest.distro import Program
-from kvmdbgfs.workload import Param, Progress, Workload
-from workloads.guest import booted_guest, require_booted
+from kvmdbgfs.workloads.base import Param, Progress, Workload
+from kvmdbgfs.workloads.guest import booted_guest, require_booted
 
 if TYPE_CHECKING:
-    from kvmdbgfs.kvm.vm import Kvm
+    from kvmdbgfs.vmm.qemu import QemuProcess
 
 RMAP_FORK = Program("rmap_fork", "rmap_fork", ("libc.so.6",), heap_kib=132, stack_kib=16, text_frac=0.05)
 SLEEP_STACK_PAGES = 2  # the child's first return to user space: sleep() writes its stack
@@ -34,11 +34,11 @@ class RmapFork(Workload):
     )
     check_vm = staticmethod(require_booted)
 
-    def run(self, kvm: Kvm, settings: dict[str, int], rng: np.random.Generator, progress: Progress) -> dict[str, Any]:
-        system = booted_guest(kvm)
+    def run(self, vm: QemuProcess, settings: dict[str, int], rng: np.random.Generator, progress: Progress) -> dict[str, Any]:
+        system = booted_guest(vm)
         kernel = system.kernel
         total = 2 * settings["children"] + 2
-        before = kvm.stat.max_mmu_rmap_size
+        before = vm.kvm.stat.max_mmu_rmap_size
         parent = kernel.spawn(RMAP_FORK, system.session[-1])
         area = parent.mmap(settings["size"], shared=True, name="rmap_fork area")
         parent.touch(area.start, area.end, write=True)
@@ -57,4 +57,4 @@ class RmapFork(Workload):
             progress(done, total)
         kernel.exit(parent)
         progress(total, total)
-        return {"max_mmu_rmap_size_before": before, "max_mmu_rmap_size": kvm.stat.max_mmu_rmap_size}
+        return {"max_mmu_rmap_size_before": before, "max_mmu_rmap_size": vm.kvm.stat.max_mmu_rmap_size}

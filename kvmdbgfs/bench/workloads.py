@@ -16,7 +16,7 @@ from kvmdbgfs.guest.distro import Program
 from kvmdbgfs.guest.kernel import GuestKernel
 from kvmdbgfs.kvm.host import KvmHost
 from kvmdbgfs.kvm.vm import Kvm
-from workloads import run_workload
+from kvmdbgfs.workloads import run_workload
 
 TITLE = "issue 4: the emulated guest under the shadow MMU"
 SEED_MS = {"A": 367.2, "B": 265.2}  # v5.14 and v5.15 (design B) in the seed's cover letter

@@ -21,19 +21,23 @@ from typing import Any
 
 from kvmdbgfs.control.client import RequestError
 from kvmdbgfs.control.paths import pointer_path
-from kvmdbgfs.kvm.host import KvmHost, require_type
+from kvmdbgfs.kvm.host import require_type
 from kvmdbgfs.kvm.vm import Kvm
-from kvmdbgfs.workload import Progress, no_progress
-from workloads import WORKLOADS, describe_workload, run_workload
+from kvmdbgfs.vmm.clock import parse_duration
+from kvmdbgfs.vmm.qemu import QemuProcess
+from kvmdbgfs.vmm.vmm import Vmm
+from kvmdbgfs.workloads import WORKLOADS, describe_workload, start_workload, wait_workload
+from kvmdbgfs.workloads.base import Progress, no_progress
 
 MAX_REQUEST_BYTES = 1 << 20
 log = logging.getLogger(__name__)
 
 
-def describe_vm(kvm: Kvm) -> dict[str, Any]:
-    """What `vm list` reports of a VM."""
+def describe_vm(kvm: Kvm, vm: QemuProcess | None) -> dict[str, Any]:
+    """What `vm list` reports of a VM: the kernel's side, and QEMU's while its process runs."""
     config = kvm.config
     return {
+        **(vm.describe() if vm is not None else {"workload": None, "queued": []}),
         "name": kvm.name,
         "memory": config.memory,
         "vcpus": config.vcpus,
@@ -51,8 +55,9 @@ def describe_vm(kvm: Kvm) -> dict[str, Any]:
 class ControlHandlers:
     """The commands the socket accepts, each validated before it changes anything."""
 
-    def __init__(self, host: KvmHost, status: Callable[[], dict[str, Any]]) -> None:
-        self.host = host
+    def __init__(self, vmm: Vmm, status: Callable[[], dict[str, Any]]) -> None:
+        self.vmm = vmm
+        self.host = vmm.host
         self.status_extra = status
         self.commands: dict[str, Callable[..., Any]] = {
             "vm.create": self.vm_create,
@@ -60,6 +65,7 @@ class ControlHandlers:
             "vm.list": self.vm_list,
             "status": self.status,
             "workload.list": self.workload_list,
+            "clock.advance": self.clock_advance,
         }
         # Commands that report progress while they run.
         self.long_commands: dict[str, Callable[..., Any]] = {"workload.run": self.workload_run}
@@ -92,29 +98,57 @@ class ControlHandlers:
         rmap_design: str | None = None,
     ) -> dict[str, Any]:
         config = self.host.make_config(memory, vcpus, mmu, kernel, seed, rmap_design)
-        return describe_vm(self.host.create_vm(config))
+        vm = self.vmm.create_vm(config)
+        return describe_vm(vm.kvm, vm)
 
     def vm_destroy(self, name: str) -> dict[str, Any]:
         require_type("name", name, str)
-        return describe_vm(self.host.destroy_vm(name))
+        vm = self.vmm.destroy_vm(name)
+        return describe_vm(vm.kvm, None)
 
     def vm_list(self) -> list[dict[str, Any]]:
         with self.host.kvm_lock:
-            return [describe_vm(kvm) for kvm in self.host.vm_list]
+            kvms = list(self.host.vm_list)
+        return [describe_vm(kvm, self.vmm.vms.get(kvm.name)) for kvm in kvms]
+
+    def clock_advance(self, duration: str) -> dict[str, Any]:
+        require_type("duration", duration, str)
+        ns = parse_duration(duration)
+        try:
+            now = self.vmm.advance_clock(ns)
+        except TimeoutError as exc:
+            raise RequestError(str(exc)) from None
+        return {"host_time_ns": now}
 
     def workload_list(self) -> list[dict[str, Any]]:
         return [describe_workload(workload) for workload in WORKLOADS.values()]
 
-    def workload_run(self, vm: str, workload: str, settings: dict[str, Any], progress: Progress) -> dict[str, Any]:
+    def workload_run(
+        self, vm: str, workload: str, settings: dict[str, Any], progress: Progress, detach: bool = False
+    ) -> dict[str, Any]:
+        """Queue a workload; with ``detach`` answer at once, else when it ends (progress comes from this
+        connection's thread, which watches the job: the VM's thread never writes to a socket)."""
         require_type("vm", vm, str)
         require_type("workload", workload, str)
         require_type("settings", settings, dict)
-        return run_workload(self.host.find_vm(vm), workload, settings, progress)
+        if not isinstance(detach, bool):
+            raise ValueError(f"detach has the wrong type: {detach!r}")
+        job = start_workload(self.vmm.find_vm(vm), workload, settings)
+        if detach:
+            return {"vm": vm, "workload": workload, "detached": True}
+        return wait_workload(job, progress)
 
     def status(self) -> dict[str, Any]:
         with self.host.kvm_lock:
             vms = len(self.host.vm_list)
-        return {"kernel": self.host.profile.name, "seed": self.host.seed, "vms": vms, **self.status_extra()}
+        return {
+            "kernel": self.host.profile.name,
+            "seed": self.host.seed,
+            "clock": self.vmm.clock.mode,
+            "host_time_ns": self.vmm.clock.now_ns(),
+            "vms": vms,
+            **self.status_extra(),
+        }
 
 
 def answer(handlers: ControlHandlers, line: bytes, progress: Progress = no_progress) -> dict[str, Any]:

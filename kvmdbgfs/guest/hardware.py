@@ -39,6 +39,18 @@ class GuestHardware(Protocol):
     def flush_tlb(self, vcpu_id: int) -> None:
         """A full (non-global) TLB flush, e.g. a CR3 reload by the guest's flush_tlb_mm."""
 
+    def hlt(self, vcpu_id: int, interrupts: int) -> None:
+        """HLT: the vCPU idles until its next interrupt; ``interrupts`` is how many it handled since it woke."""
+
+    def wrmsr(self, vcpu_id: int, msr: int, value: int) -> None:
+        """WRMSR: the TSC deadline (ns of guest time) or an x2APIC ICR write (an IPI)."""
+
+    def pio(self, vcpu_id: int, port: int) -> None:
+        """An OUT to an I/O port (a virtio queue notify)."""
+
+    def vmcall(self, vcpu_id: int, nr: int, targets: list[int], vector: int) -> None:
+        """A KVM hypercall (PV send-IPI, PV sched-yield)."""
+
 
 class BareMetal:
     """Hardware with no hypervisor: stores go to memory, everything else is free."""
@@ -64,3 +76,15 @@ class BareMetal:
 
     def flush_tlb(self, vcpu_id: int) -> None:
         """Nothing to do on bare metal."""
+
+    def hlt(self, vcpu_id: int, interrupts: int) -> None:
+        """Nothing to do on bare metal: the CPU sleeps."""
+
+    def wrmsr(self, vcpu_id: int, msr: int, value: int) -> None:
+        """Nothing to do on bare metal: the LAPIC takes the write."""
+
+    def pio(self, vcpu_id: int, port: int) -> None:
+        """Nothing to do on bare metal: the device takes the write."""
+
+    def vmcall(self, vcpu_id: int, nr: int, targets: list[int], vector: int) -> None:
+        """Bare metal has no hypervisor to call."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kvmdbgfs.guest.layout import HIGH_MEMORY_START, PAGE_SHIFT, MiB, q35_memslots
+from kvmdbgfs.vmm.layout import HIGH_MEMORY_START, PAGE_SHIFT, MiB, q35_memslots
 
 ISA_END_PFN = (1 * MiB) >> PAGE_SHIFT
 DMA_END_PFN = (16 * MiB) >> PAGE_SHIFT  # MAX_DMA_PFN: ZONE_DMA below 16 MiB

@@ -14,7 +14,10 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from kvmdbgfs.guest.hardware import GuestHardware
+from kvmdbgfs.guest.irq import CALL_FUNCTION_VECTOR, X2APIC_ICR, icr
 from kvmdbgfs.guest.vaddr import PAGE_SIZE
+
+KVM_HC_SEND_IPI = 10
 
 TLB_SINGLE_PAGE_FLUSH_CEILING = 33
 TLB_FLUSH_ALL = -1
@@ -75,6 +78,7 @@ class Tlb:
         mm.tlb_gen += 1
         full = end == TLB_FLUSH_ALL or (end - start) // stride > TLB_SINGLE_PAGE_FLUSH_CEILING
         targets = self.loaded_on(mm)
+        self.send_call_function_ipi(cpu, [t for t in targets if t != cpu and not self.cpus[t].is_lazy])
         for target in sorted(targets, key=lambda c: c != cpu):  # the local flush first
             state = self.cpus[target]
             if state.is_lazy:
@@ -87,6 +91,13 @@ class Tlb:
                 for va in range(start, end, stride):
                     self.hw.invlpg(target, va)
             state.loaded_gen = mm.tlb_gen
+
+    def send_call_function_ipi(self, cpu: int, targets: list[int]) -> None:
+        """smp_call_function_many(): one target by an x2APIC ICR write, several by the PV send-IPI hypercall."""
+        if len(targets) == 1:
+            self.hw.wrmsr(cpu, X2APIC_ICR, icr(targets[0], CALL_FUNCTION_VECTOR))
+        elif targets:
+            self.hw.vmcall(cpu, KVM_HC_SEND_IPI, targets, CALL_FUNCTION_VECTOR)
 
     def flush_tlb_mm(self, mm: TlbMm, cpu: int) -> None:
         self.flush_tlb_mm_range(mm, cpu, 0, TLB_FLUSH_ALL, True)

@@ -11,6 +11,8 @@ every object it maps.
 from __future__ import annotations
 
 import heapq
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -24,6 +26,14 @@ from kvmdbgfs.guest.distro import (
     Program,
 )
 from kvmdbgfs.guest.exec import run_code
+from kvmdbgfs.guest.irq import (
+    LOCAL_TIMER_VECTOR,
+    MSR_IA32_TSC_DEADLINE,
+    NSEC_PER_SEC,
+    RESCHEDULE_VECTOR,
+    X2APIC_ICR,
+    icr,
+)
 from kvmdbgfs.guest.process import Task
 from kvmdbgfs.guest.vaddr import PAGE_SIZE, page_align
 from kvmdbgfs.guest.vma import PROT_READ, PROT_WRITE
@@ -81,40 +91,111 @@ def serve(task: Task, share: float) -> None:
         run_code(task.kernel, task, obj, frac)
 
 
+TimerFn = Callable[[int], float]  # a kernel timer function: runs on a CPU, returns its next period
+
+
 @dataclass
 class Userspace:
-    """The booted system: init, the services, the session, and a clock for periodic wake-ups."""
+    """The booted system: init, the services, the session, and the timers that wake them.
+
+    Timers are per CPU (the CPU the task ran on when it was armed), as hrtimers are: a CPU's next
+    timer is what it programs into its TSC deadline before it halts (irq.py). ``now`` is guest time in
+    seconds. Kernel timer functions (``add_timer``) sit in the same queues under negative ids.
+    """
 
     kernel: GuestKernel
     init: Task
     services: list[Task]
     session: list[Task]
     now: float = 0.0
-    _timers: list[tuple[float, int]] = field(default_factory=list)
+    _timers: list[list[tuple[float, int]]] = field(default_factory=list)
+    _timer_fns: dict[int, TimerFn] = field(default_factory=dict)
+    _deadline: list[int | None] = field(default_factory=list)
+    device_handlers: dict[int, Callable[[int], None]] = field(default_factory=dict)
+    wakeups: int = 0  # daemons woken by their timers so far
+
+    def __post_init__(self) -> None:
+        self._timers = [[] for _ in range(self.kernel.nr_vcpus)]
+        self._deadline = [None] * self.kernel.nr_vcpus
 
     def arm(self, task: Task, period: float) -> None:
-        """A periodic timer for ``task``, first firing at a random phase within one period."""
+        """A periodic timer for ``task`` on its CPU, first firing at a random phase within one period."""
         first = self.now + float(self.kernel.rng.random()) * period
-        heapq.heappush(self._timers, (first, task.pid))
+        heapq.heappush(self._timers[task.cpu], (first, task.pid))
 
-    def advance(self, seconds: float) -> int:
-        """Let ``seconds`` pass: every due timer wakes its task (in time order), then the vCPUs idle.
-        Returns the number of wake-ups."""
-        end = self.now + seconds
-        wakes = 0
-        while self._timers and self._timers[0][0] <= end:
-            when, pid = heapq.heappop(self._timers)
-            task = self.kernel.tasks.get(pid)
+    def add_timer(self, cpu: int, first: float, fn: TimerFn) -> None:
+        """A kernel timer (timer_list) on ``cpu`` running ``fn`` at ``first`` and then every period it returns."""
+        key = -1 - len(self._timer_fns)
+        self._timer_fns[key] = fn
+        heapq.heappush(self._timers[cpu], (first, key))
+
+    def next_timer(self, cpu: int) -> float | None:
+        """When the CPU's next timer is due (None: nothing armed)."""
+        return self._timers[cpu][0][0] if self._timers[cpu] else None
+
+    def run_timers(self, cpu: int, until: float) -> int:
+        """The timer interrupt's softirq: every timer of ``cpu`` due by ``until`` runs, in time order; a task woken
+        for another CPU gets there by a reschedule IPI. Returns the number of wake-ups."""
+        queue, wakes = self._timers[cpu], 0
+        hw = self.kernel.hw
+        while queue and queue[0][0] <= until:
+            when, key = heapq.heappop(queue)
+            self.now = max(self.now, when)
+            if key < 0:
+                heapq.heappush(queue, (when + self._timer_fns[key](cpu), key))
+                continue
+            task = self.kernel.tasks.get(key)
             if task is None:
                 continue
-            self.now = when
+            if task.cpu != cpu:
+                hw.wrmsr(cpu, X2APIC_ICR, icr(task.cpu, RESCHEDULE_VECTOR))
             wake(task)
             wakes += 1
-            heapq.heappush(self._timers, (when + self.period(task), pid))
-        self.now = end
+            self.wakeups += 1
+            heapq.heappush(self._timers[task.cpu], (when + self.period(task), key))
+        return wakes
+
+    def advance(self, seconds: float) -> int:
+        """Let ``seconds`` pass inside a workload step: every due timer runs (in time order across CPUs), then the
+        vCPUs idle. Returns the number of wake-ups."""
+        end = self.now + seconds
+        wakes = self.run_due_timers(end)
         for cpu in range(self.kernel.nr_vcpus):
             self.kernel.idle(cpu)
         return wakes
+
+    def run_due_timers(self, until: float) -> int:
+        """Every CPU's timers due by ``until``, in time order across CPUs; guest time is then ``until``."""
+        wakes = 0
+        while True:
+            due = [(self._timers[cpu][0][0], cpu) for cpu in range(self.kernel.nr_vcpus) if self._timers[cpu]]
+            if not due or min(due)[0] > until:
+                break
+            when, cpu = min(due)
+            wakes += self.run_timers(cpu, when)
+        self.now = max(self.now, until)
+        return wakes
+
+    def interrupt(self, cpu: int, vectors: list[int], now_ns: int) -> None:
+        """The vCPU takes ``vectors`` at ``now_ns``: timers run, device handlers run, then it goes idle (HLT)."""
+        self.now = max(self.now, now_ns / NSEC_PER_SEC)
+        for vector in vectors:
+            if vector == LOCAL_TIMER_VECTOR:  # the deadline was rounded up to a whole ns: take what it covered
+                self.run_timers(cpu, self.now + 1 / NSEC_PER_SEC)
+            elif vector in self.device_handlers:
+                self.device_handlers[vector](cpu)
+        self.idle_cpu(cpu, len(vectors))
+
+    def idle_cpu(self, cpu: int, interrupts: int) -> None:
+        """do_idle(): the idle task runs, tick_nohz_idle_stop_tick() programs the next timer into the TSC
+        deadline (only when it changed), then HLT."""
+        self.kernel.idle(cpu)
+        deadline = self.next_timer(cpu)
+        deadline_ns = None if deadline is None else max(math.ceil(deadline * NSEC_PER_SEC), 1)
+        if deadline_ns != self._deadline[cpu]:
+            self._deadline[cpu] = deadline_ns
+            self.kernel.hw.wrmsr(cpu, MSR_IA32_TSC_DEADLINE, deadline_ns or 0)
+        self.kernel.hw.hlt(cpu, interrupts)
 
     @staticmethod
     def period(task: Task) -> float:

@@ -83,11 +83,11 @@ def kvm_stat_data_get(data: KvmStatData) -> int:
 
 
 def kvm_stat_data_clear(data: KvmStatData, value: int) -> None:
-    """kvm_stat_data_clear(): 0 clears the stat in this VM or in all its vCPUs."""
+    """kvm_stat_data_clear(): 0 clears the stat in this VM or in all its vCPUs, a plain store under no lock
+    (kvm_clear_stat_per_vm / kvm_clear_stat_per_vcpu)."""
     _require_zero(value)
-    with data.kvm.mmu_lock:
-        for stat in _stat_blocks(data.kvm, data.kind):
-            stat.clear(data.desc.name)
+    for stat in _stat_blocks(data.kvm, data.kind):
+        stat.clear(data.desc.name)
 
 
 def _stat_blocks(kvm: Kvm, kind: str) -> list:
@@ -173,8 +173,6 @@ def kvm_init_debug(host: KvmHost) -> None:
 
 def kvm_create_vm_debugfs(kvm: Kvm) -> None:
     """kvm_create_vm_debugfs(): the ``<pid>-<fd>`` directory, its stat files, then the arch files."""
-    from kvmdbgfs.arch.x86.debugfs import kvm_arch_create_vm_debugfs
-
     parent = kvm.host.debugfs_dir
     if kvm.name in parent.children:
         log.warning("KVM: debugfs: duplicate directory %s", kvm.name)
@@ -187,7 +185,7 @@ def kvm_create_vm_debugfs(kvm: Kvm) -> None:
         STAT_FOPS_PER_VM,
         STAT_READONLY_FOPS_PER_VM,
     )
-    kvm_arch_create_vm_debugfs(kvm)
+    kvm.arch.kvm_arch_create_vm_debugfs(kvm)
 
 
 def kvm_destroy_vm_debugfs(kvm: Kvm) -> None:
@@ -203,15 +201,13 @@ def vcpu_get_pid(vcpu: KvmVcpu) -> int:
 
 def kvm_create_vcpu_debugfs(vcpu: KvmVcpu) -> None:
     """kvm_create_vcpu_debugfs(): ``vcpu<id>`` with ``pid`` (when the kernel has it) and the arch files."""
-    from kvmdbgfs.arch.x86.debugfs import kvm_arch_create_vcpu_debugfs
-
     kvm = vcpu.kvm
     if kvm.debugfs_dentry is None:
         return
     dentry = create_dir(f"vcpu{vcpu.vcpu_id}", kvm.debugfs_dentry)
     if kvm.profile.has_vcpu_pid:
         create_vcpu_file("pid", vcpu, dentry, vcpu_get_pid, "%llu\n")
-    kvm_arch_create_vcpu_debugfs(vcpu, dentry)
+    kvm.arch.kvm_arch_create_vcpu_debugfs(vcpu, dentry)
 
 
 def create_vcpu_file(name: str, vcpu: KvmVcpu, parent: Dentry, get: Callable[[Any], int], fmt: str) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from kvmdbgfs.kvm.halt import HaltPollParams
 from kvmdbgfs.kvm.stats import StatDesc, counters, icounter, loghist, pcounter
 
 _MMU_COUNTERS = counters(
@@ -94,6 +95,15 @@ VCPU_STATS_LATEST = (
 
 RMAP_BUCKETS = ("fls", "ffs")
 
+# Halt polling's module defaults and rules per kernel:
+# - ae232ea46088 "KVM: do not shrink halt_poll_ns below grow_start" (v5.15): the shrink floor;
+# - 97b6847ac10b "KVM: Cap vcpu->halt_poll_ns before halting rather than after" (v6.1);
+# - aeb1b22a3ac8 "KVM: Enable halt polling shrink parameter by default" (v6.11): shrink 0 -> 2.
+HALT_POLL_V5_14 = HaltPollParams(shrink=0, shrink_floor=False, cap_before_halt=False)
+HALT_POLL_V5_15 = HaltPollParams(shrink=0, cap_before_halt=False)
+HALT_POLL_V6_4 = HaltPollParams(shrink=0)
+HALT_POLL_LATEST = HaltPollParams(shrink=2)
+
 
 @dataclass(frozen=True)
 class KernelProfile:
@@ -105,6 +115,9 @@ class KernelProfile:
     rmap_design: str
     has_mmu_rmaps_stat: bool
     has_vcpu_pid: bool
+    halt_poll: HaltPollParams
+    # Exits handled in the fastpath and re-entered at once count in ``exits`` (commit 8b703a49c9df).
+    counts_fastpath_exits: bool = False
     rmap_bucket: str = "fls"
 
     @property
@@ -115,10 +128,12 @@ class KernelProfile:
 PROFILES: dict[str, KernelProfile] = {
     profile.name: profile
     for profile in (
-        KernelProfile("v5.14", VM_STATS_V5_14, VCPU_STATS_V5_14, "A", False, False),
-        KernelProfile("v5.15", VM_STATS_V5_15, VCPU_STATS_V5_15, "B", True, False),
-        KernelProfile("v6.4", VM_STATS_V5_15, VCPU_STATS_LATEST, "C", True, True),
-        KernelProfile("latest", VM_STATS_V5_15, VCPU_STATS_LATEST, "C", True, True),
+        KernelProfile("v5.14", VM_STATS_V5_14, VCPU_STATS_V5_14, "A", False, False, HALT_POLL_V5_14),
+        KernelProfile("v5.15", VM_STATS_V5_15, VCPU_STATS_V5_15, "B", True, False, HALT_POLL_V5_15),
+        KernelProfile("v6.4", VM_STATS_V5_15, VCPU_STATS_LATEST, "C", True, True, HALT_POLL_V6_4),
+        KernelProfile(
+            "latest", VM_STATS_V5_15, VCPU_STATS_LATEST, "C", True, True, HALT_POLL_LATEST, counts_fastpath_exits=True
+        ),
     )
 }
 DEFAULT_PROFILE = "latest"

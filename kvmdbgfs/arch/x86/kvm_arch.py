@@ -1,16 +1,22 @@
-"""Per-VM x86 state (struct kvm_arch): memslots of both address spaces, the rmaps behind them and the MMU."""
+"""Per-VM x86 state (struct kvm_arch) and the kvm_arch_* hooks generic KVM calls on it."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from kvmdbgfs.arch.x86.debugfs import kvm_arch_create_vcpu_debugfs, kvm_arch_create_vm_debugfs
+from kvmdbgfs.arch.x86.guest_hardware import VmxGuestHardware
 from kvmdbgfs.arch.x86.mmu.memslot import KvmMemorySlot
 from kvmdbgfs.arch.x86.mmu.mmu import KvmMmu
+from kvmdbgfs.arch.x86.mmu.pte_list import PTE_LIST_DESIGNS
 from kvmdbgfs.arch.x86.mmu.rmap import KvmRmaps
-from kvmdbgfs.guest.layout import q35_memslots
+from kvmdbgfs.arch.x86.mmu.vcpu_mmu import MmuVcpu
+from kvmdbgfs.arch.x86.x86 import GuestCpu, HostCpu, VcpuRunLoop
 
 if TYPE_CHECKING:
-    from kvmdbgfs.kvm.vm import Kvm
+    from kvmdbgfs.debugfs.dentry import Dentry
+    from kvmdbgfs.kvm.vcpu import KvmVcpu
+    from kvmdbgfs.kvm.vm import Kvm, VmConfig
 
 
 class KvmArch:
@@ -19,40 +25,80 @@ class KvmArch:
     Rmap arrays exist only when the VM has rmaps (kvm_memslots_have_rmaps):
     always with the shadow MMU (``shadow`` and ``tdp-legacy``), never in this
     model with the TDP MMU (``tdp``), which would need a nested shadow root.
+    Memslots come from userspace (KVM_SET_USER_MEMORY_REGION), through the
+    generic code and the hooks below.
     """
 
-    def __init__(self, kvm: Kvm, rmap_design: str) -> None:
+    def __init__(self, kvm: Kvm, rmap_design: str, host_cpu: HostCpu) -> None:
+        self.kvm = kvm
         self.mmu_mode = kvm.config.mmu
         self.rmaps = KvmRmaps(rmap_design, kvm.stat)
         self.memslots: list[KvmMemorySlot] = []
         self._shadow_root_allocated = self.mmu_mode != "tdp"
         self.mmu = KvmMmu(kvm, self)
-        for slot_id, region in enumerate(q35_memslots(kvm.config.memory)):
-            self.kvm_set_memory_region(slot_id, region.as_id, region.base_gfn, region.npages)
+        self.run = VcpuRunLoop(kvm.profile.halt_poll, host_cpu, kvm.profile.counts_fastpath_exits)
+        # What KVM_RUN puts the guest on.
+        self.guest_hardware = VmxGuestHardware(self.mmu, self.run)
 
     def memslots_have_rmaps(self) -> bool:
         """kvm_memslots_have_rmaps()."""
         return self._shadow_root_allocated
 
-    def kvm_set_memory_region(self, slot_id: int, as_id: int, base_gfn: int, npages: int) -> KvmMemorySlot:
-        """Add a memslot; kvm_alloc_memslot_metadata() allocates its rmaps when the VM has them."""
+    # -- kvm_arch_* hooks ---------------------------------------------------------------
+
+    def kvm_arch_create_vm_debugfs(self, kvm: Kvm) -> None:
+        kvm_arch_create_vm_debugfs(kvm)
+
+    def kvm_arch_create_vcpu_debugfs(self, vcpu: KvmVcpu, dentry: Dentry) -> None:
+        kvm_arch_create_vcpu_debugfs(vcpu, dentry)
+
+    def kvm_arch_vcpu_create(self, vcpu: KvmVcpu) -> None:
+        """kvm_arch_vcpu_create(): the vCPU's MMU context, its LAPIC and run state."""
+        mmu_vcpu = self.mmu.vcpus[vcpu.vcpu_id] = MmuVcpu(vcpu.vcpu_id, vcpu.stat)
+        self.run.add_vcpu(vcpu, mmu_vcpu)
+
+    def kvm_arch_vcpu_ioctl_run(self, vcpu: KvmVcpu, now_ns: int, guest: GuestCpu) -> None:
+        """KVM_RUN: the vCPU thread runs from ``now_ns`` (see x86.py) until the guest halts again."""
+        self.run.kvm_arch_vcpu_ioctl_run(vcpu.vcpu_id, now_ns, guest)
+
+    def kvm_arch_prepare_memory_region(self, slot_id: int, as_id: int, base_gfn: int, npages: int) -> KvmMemorySlot:
+        """kvm_arch_prepare_memory_region(): kvm_alloc_memslot_metadata() allocates the rmaps when the VM has them."""
         slot = KvmMemorySlot(slot_id, as_id, base_gfn, npages)
         if self.memslots_have_rmaps():
             slot.alloc_rmaps()
-        self.memslots.append(slot)
-        self.mmu.kvm_arch_commit_memory_region()
         return slot
 
-    def kvm_delete_memory_region(self, slot: KvmMemorySlot) -> None:
-        """KVM_MR_DELETE: kvm_arch_flush_shadow_memslot() zaps the MMU, then the slot goes with its rmaps."""
+    def kvm_arch_flush_shadow_memslot(self, slot: KvmMemorySlot) -> None:
+        """kvm_arch_flush_shadow_memslot(): zap the MMU (every page, not just the slot's)."""
         self.mmu.kvm_arch_flush_shadow_memslot()
-        self.memslots.remove(slot)
-        slot.free_rmaps()
+
+    def kvm_arch_commit_memory_region(self, slot: KvmMemorySlot, change: int) -> None:
+        """kvm_arch_commit_memory_region(): the slot joins or leaves (its rmaps go with it), then the
+        default shadow-page limit follows the memory size."""
+        if slot in self.memslots:
+            self.memslots.remove(slot)
+            slot.free_rmaps()
+        else:
+            self.memslots.append(slot)
         self.mmu.kvm_arch_commit_memory_region()
 
-    def destroy(self) -> None:
+    def kvm_arch_destroy_vm(self) -> None:
         """kvm_arch_flush_shadow_all() then kvm_arch_destroy_vm(): zap every shadow page, free every slot's rmaps."""
         self.mmu.kvm_mmu_zap_all()
         for slot in self.memslots:
             slot.free_rmaps()
         self.memslots.clear()
+
+
+class X86KvmArchFactory:
+    """kvm_arch_init_vm() for x86 on ``host_cpu``: the rmap design is the VM's choice, else its kernel's."""
+
+    def __init__(self, host_cpu: HostCpu | None = None) -> None:
+        self.host_cpu = host_cpu or HostCpu()
+
+    def kvm_arch_check_config(self, config: VmConfig) -> None:
+        if config.rmap_design is not None and config.rmap_design not in PTE_LIST_DESIGNS:
+            raise ValueError(f"unknown rmap design {config.rmap_design!r} (known: {', '.join(PTE_LIST_DESIGNS)})")
+
+    def __call__(self, kvm: Kvm) -> KvmArch:
+        return KvmArch(kvm, kvm.config.rmap_design or kvm.profile.rmap_design, self.host_cpu)

@@ -102,6 +102,7 @@ class KvmMmu:
         self.n_requested_mmu_pages = 0
         self.indirect_shadow_pages = 0
         self.vcpus: dict[int, MmuVcpu] = {}
+        self.current: MmuVcpu | None = None  # the vCPU whose exit is being handled
         self.locked = MmuLock(kvm.mmu_lock, self.leaf)
 
     # -- plumbing used by the MMU's parts ------------------------------------------------
@@ -112,19 +113,25 @@ class KvmMmu:
             vcpu = self.vcpus[vcpu_id] = MmuVcpu(vcpu_id, self.kvm.vcpus[vcpu_id].stat)
         return vcpu
 
-    def make_all_cpus_request(self, request: int) -> None:
-        """kvm_make_all_cpus_request()."""
+    def make_all_cpus_request(self, request: int) -> bool:
+        """kvm_make_all_cpus_request(): every vCPU gets the request; true when one of the others was in guest
+        mode and had to be kicked with an IPI (the requester itself is handling an exit, outside guest mode)."""
+        kicked = False
         for kvm_vcpu in self.kvm.vcpus:
-            self.vcpu(kvm_vcpu.vcpu_id).requests |= request
+            vcpu = self.vcpu(kvm_vcpu.vcpu_id)
+            vcpu.requests |= request
+            kicked |= vcpu.in_guest_mode and vcpu is not self.current
+        return kicked
 
     def flush_remote_tlbs(self) -> None:
-        """kvm_flush_remote_tlbs(): one request to every vCPU (no range flush on this host)."""
+        """kvm_flush_remote_tlbs(): every call is a request; only one that had to IPI a vCPU running guest code
+        counts as a remote flush (no range flush on this host)."""
         self.stat.remote_tlb_flush_requests += 1
-        self.stat.remote_tlb_flush += 1
-        self.make_all_cpus_request(KVM_REQ_TLB_FLUSH)
+        if self.make_all_cpus_request(KVM_REQ_TLB_FLUSH):
+            self.stat.remote_tlb_flush += 1
 
     def _enter(self, vcpu_id: int) -> MmuVcpu:
-        vcpu = self.vcpu(vcpu_id)
+        vcpu = self.current = self.vcpu(vcpu_id)
         vcpu_enter(self, vcpu)
         return vcpu
 
@@ -220,7 +227,7 @@ class KvmMmu:
             if attempt:
                 spte = self._leaf_spte(vcpu, addr)
             present = bool(spte & SPTE_MMU_PRESENT_MASK)
-            vcpu.stat.exits += 1
+            vcpu.count_exit()
             ret = kvm_mmu_do_page_fault(self, vcpu, addr, write, user, present)
             retry = False
             if ret == RetPf.EMULATE:
@@ -261,7 +268,7 @@ class KvmMmu:
         """A store through a translation (leaf ``spte``) that is missing or read-only: a write fault; the store
         then completes (the guest retries it), and if KVM had to emulate it, the write is tracked."""
         present = bool(spte & SPTE_MMU_PRESENT_MASK)
-        vcpu.stat.exits += 1
+        vcpu.count_exit()
         ret = kvm_mmu_do_page_fault(self, vcpu, addr, True, False, present)
         self.memory.store_pte(gfn, index, value)
         if ret == RetPf.EMULATE:
@@ -276,7 +283,7 @@ class KvmMmu:
             if not self.shadow_paging:
                 vcpu.cr3 = root_gfn
                 return
-            vcpu.stat.exits += 1
+            vcpu.count_exit()
             kvm_set_cr3(self, vcpu, root_gfn)
             vcpu_enter(self, vcpu)
 
@@ -292,7 +299,7 @@ class KvmMmu:
             return
         with self.locked:
             vcpu = self._enter(vcpu_id)
-            vcpu.stat.exits += 1
+            vcpu.count_exit()
             kvm_mmu_invalidate_addr(self, vcpu, gva)
             vcpu.stat.invlpg += 1
             vcpu_enter(self, vcpu)

@@ -26,6 +26,13 @@ class MmuVcpu:
     root: KvmMmuPage | None = None
     prev_roots: list[KvmMmuPage | None] = field(default_factory=lambda: [None] * KVM_MMU_NUM_PREV_ROOTS)
     requests: int = 0
+    in_guest_mode: bool = False  # vcpu->mode == IN_GUEST_MODE: running guest code, so a request needs an IPI
+    nr_exits: int = 0  # exits taken, whatever a reader has done to the ``exits`` stat
+
+    def count_exit(self) -> None:
+        """A VM exit: ``exits`` in the stats (vcpu_enter_guest) and the run loop's own count."""
+        self.stat.exits += 1
+        self.nr_exits += 1
 
     def check_request(self, request: int) -> bool:
         """kvm_check_request(): test and clear."""

@@ -10,21 +10,24 @@ the VM has run before, so a scenario replays byte for byte.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import numpy as np
 
 from kvmdbgfs.kvm.host import parse_memory
 
 if TYPE_CHECKING:
-    from kvmdbgfs.kvm.vm import Kvm
+    from kvmdbgfs.vmm.qemu import QemuProcess
 
-Progress = Callable[[int, int], None]  # (done, total)
+class Progress(Protocol):
+    """A workload's safe point: ``(done, total)`` steps so far; ``idle_ns`` of guest time to idle there."""
+
+    def __call__(self, done: int, total: int, idle_ns: int = 0) -> None: ...
 
 
-def no_progress(done: int, total: int) -> None:
+def no_progress(done: int, total: int, idle_ns: int = 0) -> None:
     """A progress callback that shows nothing."""
 
 
@@ -68,11 +71,11 @@ class Workload(ABC):
             raise ValueError(f"{self.name}: unknown parameter {unknown[0]!r} (parameters: {names})")
         return {name: param.parse(overrides.get(name, param.default)) for name, param in known.items()}
 
-    def check_vm(self, kvm: Kvm) -> None:
+    def check_vm(self, vm: QemuProcess) -> None:
         """Refuse a VM this workload cannot run on (ValueError); the default accepts any."""
 
     @abstractmethod
-    def run(self, kvm: Kvm, settings: dict[str, int], rng: np.random.Generator, progress: Progress) -> dict[str, Any]:
+    def run(self, vm: QemuProcess, settings: dict[str, int], rng: np.random.Generator, progress: Progress) -> dict[str, Any]:
         """Drive the guest; return a short summary (JSON-able)."""
 
 

@@ -1,0 +1,266 @@
+"""One QEMU process: its identity (pid, VM fd), the memslot layout it registers, the guest it runs, its
+vCPU threads' run loop and its queue of workloads.
+
+The vCPU threads are emulated by one Python thread per VM, which runs the vCPUs in guest-time order
+(each one is resumed in KVM_RUN when its next interrupt arrives). A VM's guest time starts at 0 when it is
+created. Idle, it follows the host clock; a workload (the boot included) runs the guest as fast as the
+emulation allows, its steps costing the guest time their exits and interrupts take, and the VM then idles
+until the host clock catches up. Each step is a safe point: due timers and devices run there, the thread
+yields to readers, and a cancelled workload stops there.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from kvmdbgfs.arch.x86.x86 import NS_PER_EXIT
+from kvmdbgfs.guest.irq import NSEC_PER_SEC
+from kvmdbgfs.vmm.devices import VirtioDevices
+from kvmdbgfs.vmm.layout import q35_memslots
+
+if TYPE_CHECKING:
+    from kvmdbgfs.guest.userspace import Userspace
+    from kvmdbgfs.kvm.vm import Kvm
+    from kvmdbgfs.vmm.clock import HostClock
+
+log = logging.getLogger(__name__)
+
+IDLE_SLICE_NS = 50_000_000  # guest time idled between two yields to readers
+IDLE_WAIT_S = 0.02  # how long the thread sleeps when it has caught up with a realtime clock
+MANUAL_WAIT_S = 1.0
+
+
+class WorkloadCancelled(Exception):
+    """The VM was destroyed while the workload ran; it stopped at a safe point."""
+
+
+@dataclass(eq=False)
+class WorkloadJob:
+    """A workload queued on a VM: its progress, and its result or error once done."""
+
+    name: str
+    run: Callable[[QemuProcess, Callable[..., None]], dict[str, Any]]
+    progress: tuple[int, int] = (0, 0)
+    result: dict[str, Any] | None = None
+    error: str | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+    changed: threading.Condition = field(default_factory=threading.Condition)
+
+    def wait_change(self, timeout: float) -> None:
+        """Until the progress moves, the job ends, or ``timeout`` seconds pass."""
+        with self.changed:
+            if not self.done.is_set():
+                self.changed.wait(timeout)
+
+    def _notify(self) -> None:
+        with self.changed:
+            self.changed.notify_all()
+
+
+class QemuProcess:
+    """What QEMU owns for one VM. ``kvm`` is the kernel's VM; ``guest`` the booted guest OS (None before)."""
+
+    def __init__(self, kvm: Kvm, pid: int, fd: int, seed: int, clock: HostClock) -> None:
+        self.kvm = kvm
+        self.pid = pid
+        self.fd = fd
+        self.name = kvm.name
+        self.seed = seed
+        self.memory = kvm.config.memory
+        self.nr_vcpus = kvm.config.vcpus
+        self.clock = clock
+        self.created_ns = clock.now_ns()
+        self.memslots = [
+            kvm.kvm_set_memory_region(slot_id, region.as_id, region.base_gfn, region.npages)
+            for slot_id, region in enumerate(q35_memslots(self.memory))
+        ]
+        self.vcpus = [kvm.host.kvm_vm_ioctl_create_vcpu(kvm, vcpu_id) for vcpu_id in range(self.nr_vcpus)]
+        self.guest: Userspace | None = None
+        self.devices: VirtioDevices | None = None
+        self.guest_ns = 0
+        self.workload_runs = 0
+        self.jobs: deque[WorkloadJob] = deque()
+        self.current: WorkloadJob | None = None
+        self._lock = threading.Lock()
+        self._stopping = False
+        self._cancel = False
+        self._thread = threading.Thread(target=self._main, name=f"qemu {self.name}", daemon=True)
+        self._thread.start()
+
+    # -- what the rest of the VMM asks ------------------------------------------------------------
+
+    def host_target_ns(self) -> int:
+        """The guest time the host clock has reached for this VM."""
+        return self.clock.now_ns() - self.created_ns
+
+    def submit(self, job: WorkloadJob) -> WorkloadJob:
+        """Queue a workload; it starts when the ones before it have ended."""
+        with self._lock:
+            if self._stopping:
+                raise LookupError(f"VM {self.name!r} is being destroyed")
+            self.jobs.append(job)
+        self.clock.wake()
+        return job
+
+    def caught_up(self, target_ns: int) -> bool:
+        """True once the VM's guest time has reached ``target_ns`` with no workload waiting."""
+        with self._lock:
+            return self.guest_ns >= target_ns and not self.jobs and self.current is None
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """QEMU exits: a running workload stops at its next safe point, queued ones fail, the thread ends."""
+        with self._lock:
+            self._stopping = self._cancel = True
+            queued, self.jobs = list(self.jobs), deque()
+        for job in queued:
+            _finish(job, error=f"VM {self.name} was destroyed before the workload started")
+        self.clock.wake()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+
+    def describe(self) -> dict[str, Any]:
+        """What `vm list` shows of the QEMU side: uptime, guest time, what runs."""
+        with self._lock:
+            running = self.current.name if self.current else None
+            queued = [job.name for job in self.jobs]
+        return {
+            "pid": self.pid,
+            "guest_time_ns": self.guest_ns,
+            "uptime_s": round(self.guest_ns / NSEC_PER_SEC, 3),
+            "booted": self.guest is not None,
+            "workload": running,
+            "queued": queued,
+        }
+
+    # -- the vCPU threads -----------------------------------------------------------------------------
+
+    def _main(self) -> None:
+        while True:
+            with self._lock:
+                if self._stopping:
+                    return
+                job = self.jobs.popleft() if self.jobs else None
+                self.current = job
+            if job is not None:
+                self._run_job(job)
+                continue
+            target = self.host_target_ns()
+            if self.guest_ns < target:
+                self.idle_until(min(target, self.guest_ns + IDLE_SLICE_NS))
+                if self.guest_ns >= target:
+                    self.kvm.arch.run.blocking_at(self.guest_ns)
+                time.sleep(0)  # let readers in
+            else:
+                self.clock.wait(MANUAL_WAIT_S if self.clock.manual else IDLE_WAIT_S)
+
+    def _run_job(self, job: WorkloadJob) -> None:
+        start = self.guest_ns
+        try:
+            job.result = job.run(self, lambda done, total, idle_ns=0: self._checkpoint(job, done, total, idle_ns))
+        except WorkloadCancelled:
+            job.error = f"VM {self.name} was destroyed: the workload stopped"
+        except (ValueError, LookupError, MemoryError) as exc:
+            job.error = str(exc) or type(exc).__name__
+        except Exception as exc:  # a bug must not kill the VM's thread
+            log.exception("workload %s on %s failed", job.name, self.name)
+            job.error = f"internal error: {type(exc).__name__}: {exc}"
+        try:
+            self._end_busy(start)
+        except Exception:
+            log.exception("the vCPUs of %s could not go idle after %s", self.name, job.name)
+        with self._lock:
+            self.current = None
+        _finish(job)
+
+    def _checkpoint(self, job: WorkloadJob, done: int, total: int, idle_ns: int) -> None:
+        """A workload's safe point: the step's guest time passes (busy vCPUs take their ticks, due timers and
+        devices run), then ``idle_ns`` of idle time; readers get the GIL; a destroyed VM stops the workload."""
+        self._busy_step()
+        if idle_ns:
+            self._end_busy(self.guest_ns)
+            self.idle_until(self.guest_ns + idle_ns)
+        job.progress = (done, total)
+        job._notify()
+        time.sleep(0)
+        if self._cancel:
+            raise WorkloadCancelled
+
+    def _busy_step(self) -> None:
+        """The guest code a step ran took as long as its busiest vCPU's exits; every vCPU with work ran it."""
+        run = self.kvm.arch.run
+        if self.guest is None:
+            return
+        start = self.guest_ns
+        spent = {vcpu_id: run.busy_ns(r) for vcpu_id, r in run.runs.items()}
+        end = start + max(spent.values(), default=0)
+        for vcpu_id, r in run.runs.items():
+            if spent[vcpu_id]:
+                run.busy(vcpu_id, start, end, self.guest)
+                r.busy_exits = r.mmu.nr_exits
+        self.guest_ns = end
+        self.guest.run_due_timers(end / NSEC_PER_SEC)
+
+    def _end_busy(self, start: int) -> None:
+        """The workload is over: what it last ran is accounted, every vCPU that ran it halts."""
+        if self.guest is None:
+            return
+        self._busy_step()
+        for vcpu_id, run in self.kvm.arch.run.runs.items():
+            if not run.halted:
+                self.guest.idle_cpu(vcpu_id, 0)
+
+    def idle_until(self, target_ns: int) -> None:
+        """The vCPUs run the idle guest up to ``target_ns``: each is resumed when its deadline or an interrupt
+        arrives, in time order; the LAN's packets arrive on the way."""
+        if self.guest is None or self.devices is None:
+            self.guest_ns = max(self.guest_ns, target_ns)
+            return
+        run = self.kvm.arch.run
+        while True:
+            wake = run.next_wake()
+            packet = self.devices.next_event_ns()
+            if packet is not None and packet <= target_ns and (wake is None or packet < wake[0]):
+                self.devices.deliver()
+                continue
+            if wake is None or wake[0] > target_ns:
+                break
+            when, vcpu_id = wake
+            self.kvm.arch.kvm_arch_vcpu_ioctl_run(self.vcpus[vcpu_id], when, self.guest)
+        self.guest_ns = max(self.guest_ns, target_ns)
+
+    def boot(self, system: Userspace) -> None:
+        """The guest is up: its devices are probed, every vCPU enters KVM_RUN (its thread id in ``pid``) and
+        goes idle."""
+        self.guest_ns += max(run.mmu.nr_exits for run in self.kvm.arch.run.runs.values()) * NS_PER_EXIT
+        system.now = self.guest_ns / NSEC_PER_SEC
+        self.guest = system
+        self.devices = VirtioDevices(self.kvm.arch.run, np.random.default_rng([self.seed, 1 << 20]), self.nr_vcpus)
+        self.devices.attach(system, self.guest_ns)
+        for vcpu in self.vcpus:
+            vcpu.pid = self.pid + 2 + vcpu.vcpu_id  # QEMU's main thread and its RCU thread come first
+            self.kvm.arch.kvm_arch_vcpu_ioctl_run(vcpu, self.guest_ns, _NoInterrupts(system))
+
+
+class _NoInterrupts:
+    """The first entry of a vCPU that has nothing pending: the guest idles it at once."""
+
+    def __init__(self, system: Userspace) -> None:
+        self.system = system
+
+    def interrupt(self, cpu: int, vectors: list[int], now_ns: int) -> None:
+        self.system.idle_cpu(cpu, 0)
+
+
+def _finish(job: WorkloadJob, error: str | None = None) -> None:
+    if error is not None:
+        job.error = error
+    job.done.set()
+    job._notify()
