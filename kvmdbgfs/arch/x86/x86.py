@@ -43,6 +43,10 @@ X2APIC_ICR = APIC_BASE_MSR + 0x30  # x2APIC interrupt command register
 KVM_HC_KICK_CPU = 5
 KVM_HC_SEND_IPI = 10
 KVM_HC_SCHED_YIELD = 11
+# The vectors a Linux guest puts in its LVT timer entry and uses for reschedule IPIs.
+LOCAL_TIMER_VECTOR = 0xEC
+RESCHEDULE_VECTOR = 0xFD
+GUEST_HZ = 250  # CONFIG_HZ of the guest kernel (Ubuntu's generic kernel): its tick while busy
 
 # Guest-time costs: an exit round trip with its handling (a shadow page fault with its rmap work is the
 # bulk of them), and the guest code around one interrupt (entry, handler, softirq, back to idle).
@@ -277,8 +281,3 @@ class VcpuRunLoop:
             )
             run.vcpu.stat.blocking = int(blocking)
 
-
-LOCAL_TIMER_VECTOR = 0xEC
-RESCHEDULE_VECTOR = 0xFD
-CALL_FUNCTION_VECTOR = 0xFC
-GUEST_HZ = 250  # CONFIG_HZ of the guest kernel (Ubuntu's generic kernel)
