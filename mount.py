@@ -59,14 +59,22 @@ def main(argv: list[str] | None = None) -> int:
         return fail(str(exc))
     if note:
         print(f"mount.py: {note}", file=sys.stderr)
+    mountpoint = os.path.realpath(args.mountpoint)
+    socket_path = args.control or default_socket_path(mountpoint)
+    try:
+        control = ControlServer(socket_path, mountpoint)
+    except OSError as exc:
+        return fail(f"control socket {socket_path}: {exc.strerror or exc}")
     try:
         vmm = build_host(scenario, args.kernel, args.clock)
     except ValueError as exc:
+        control.close()
         return fail(str(exc))
+    except BaseException:  # Ctrl-C during the boot: no socket left behind
+        control.close()
+        raise
     host = vmm.host
     operations = DebugfsOperations(host.debugfs_dir)
-    mountpoint = os.path.realpath(args.mountpoint)
-    socket_path = args.control or default_socket_path(mountpoint)
 
     def status() -> dict[str, object]:
         return {
@@ -76,11 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             "control": str(socket_path),
         }
 
-    try:
-        control = ControlServer(ControlHandlers(vmm, status), socket_path, mountpoint)
-    except OSError as exc:
-        return fail(f"control socket {socket_path}: {exc.strerror or exc}")
-    control.start()
+    control.start(ControlHandlers(vmm, status))
     # The guests' emulation threads are CPU-bound: a short switch interval lets a FUSE request that waits for
     # the GIL in after about 1 ms instead of 5 (measured in `make bench`).
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)

@@ -3,14 +3,17 @@ realtime through a real mount)."""
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
 
 import numpy as np
 import pytest
-from conftest import Mount, mount_with_scenario
+from conftest import Mount, mount_with_scenario, wait_until
 from inprocess import cat, walk_files, write
 
 from kvmdbgfs.kvm.stats import HALT_POLL_HIST_COUNT
@@ -189,3 +192,34 @@ def test_a_kvm_stat_style_sampler_sees_exits_and_halts_on_every_sample(realtime_
         current = sample()
         assert all(current[key] > previous[key] for key in current), (previous, current)
         previous = current
+
+
+def _workload_of(mount: Mount, name: str) -> str | None:
+    listed = {vm["name"]: vm for vm in json.loads(mount.cli("vm", "list", "--json").stdout)}
+    return listed[name]["workload"] if name in listed else None
+
+
+def test_destroying_a_vm_stops_its_workload_and_tells_the_waiting_cli(realtime_mount: Mount) -> None:
+    """`run` waits on a workload that `vm destroy` interrupts: it stops at a safe point, the waiting CLI prints
+    one clear line and exits 1, and the VM is gone. (`run --detach` returns at once and the workload runs on.)"""
+    name = realtime_mount.create_vm("--memory", "512M", "--vcpus", "2")
+    realtime_mount.cli("run", "idle", "--vm", name, "--set", "uptime=0", "--set", "workers=4", "--set", "logins=1")
+    detached = realtime_mount.cli("run", "memhog", "--vm", name, "--detach", "--json")
+    assert json.loads(detached.stdout)["detached"] is True
+    assert wait_until(lambda: _workload_of(realtime_mount, name) is None, timeout=60)
+    waiting = subprocess.Popen(
+        [sys.executable, "-m", "kvmdbgfs.cli", "-m", str(realtime_mount.path), "run", "rmap_fork", "--vm", name,
+         "--set", "children=1000"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=realtime_mount.env,
+    )
+    try:
+        assert wait_until(lambda: _workload_of(realtime_mount, name) == "rmap_fork", timeout=30)
+        realtime_mount.destroy_vm(name)
+        out, err = waiting.communicate(timeout=60)
+    finally:
+        if waiting.poll() is None:
+            waiting.kill()
+            waiting.wait()
+    assert (waiting.returncode, out) == (1, "")
+    assert err.splitlines()[-1] == f"kvmdbgfs: error: VM {name} was destroyed: the workload stopped"
+    assert name not in os.listdir(realtime_mount.path)

@@ -8,6 +8,7 @@ import numpy as np
 
 from kvmdbgfs.guest.kernel import GuestKernel
 from kvmdbgfs.guest.userspace import Userspace
+from kvmdbgfs.guest.virtio import VirtioDrivers
 
 if TYPE_CHECKING:
     from kvmdbgfs.vmm.qemu import QemuProcess
@@ -15,11 +16,13 @@ if TYPE_CHECKING:
 
 def boot_guest(vm: QemuProcess, rng: np.random.Generator, logins: int = 1) -> Userspace:
     """Start the guest kernel on the VM's MMU (its GuestHardware) and bring it to an idle multi-user system
-    with ``logins`` users logged in."""
+    with ``logins`` users logged in; its virtio drivers probe the VM's devices."""
     if vm.guest is not None:
         raise ValueError(f"VM {vm.name} has already booted")
     kernel = GuestKernel(vm.memory, vm.kvm.arch.guest_hardware, rng, nr_vcpus=vm.nr_vcpus)
-    vm.boot(kernel.boot(logins))
+    system = kernel.boot(logins)
+    VirtioDrivers(system).probe()
+    vm.boot(system)
     assert vm.guest is not None
     return vm.guest
 

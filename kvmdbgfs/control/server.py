@@ -199,9 +199,10 @@ def remove_stale_socket(path: Path) -> None:
 
 
 class ControlServer:
-    """Listens on a Unix socket (mode 0600) in a background thread."""
+    """Listens on a Unix socket (mode 0600) in a background thread. The socket is bound at construction, so a
+    bad path is refused before the host is built; requests are served from ``start``."""
 
-    def __init__(self, handlers: ControlHandlers, path: Path, mountpoint: str) -> None:
+    def __init__(self, path: Path, mountpoint: str) -> None:
         self.path = path
         self.pointer = pointer_path(mountpoint)
         remove_stale_socket(path)
@@ -210,15 +211,16 @@ class ControlServer:
             self._server = _Server(str(path), _Handler)
         finally:
             os.umask(old_umask)
-        self._server.handlers = handlers  # type: ignore[attr-defined]
         self.pointer.write_text(str(path.resolve()) + "\n")
         self._thread = threading.Thread(target=self._server.serve_forever, name="control", daemon=True)
 
-    def start(self) -> None:
+    def start(self, handlers: ControlHandlers) -> None:
+        self._server.handlers = handlers  # type: ignore[attr-defined]
         self._thread.start()
 
     def close(self) -> None:
-        self._server.shutdown()
+        if self._thread.is_alive():
+            self._server.shutdown()
         self._server.server_close()
         for leftover in (self.path, self.pointer):
             leftover.unlink(missing_ok=True)

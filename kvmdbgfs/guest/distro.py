@@ -212,7 +212,8 @@ class Program:
     ``text_frac`` is the fraction of each object's text windows it executes;
     ``heap_kib`` is brk heap written, ``anon_kib`` anonymous mmap memory written,
     ``stack_kib`` stack written; a daemon wakes every ``wake_period`` seconds
-    (0: never) and then touches ``wake_kib`` of its heap."""
+    (0: never) and then touches ``wake_kib`` of its heap; one run of it computes for ``cpu_ms`` of user time
+    (what it does besides faulting its memory in: a compiler's parsing and code generation)."""
 
     name: str
     exe: str
@@ -224,6 +225,7 @@ class Program:
     wake_period: float = 0.0
     wake_kib: int = 16
     threads: int = 0  # besides the main thread
+    cpu_ms: float = 0.0
 
 
 def _program(name: str, exe: str, libs: list[str], **kw: float) -> Program:

@@ -39,6 +39,9 @@ class GuestHardware(Protocol):
     def flush_tlb(self, vcpu_id: int) -> None:
         """A full (non-global) TLB flush, e.g. a CR3 reload by the guest's flush_tlb_mm."""
 
+    def execute(self, vcpu_id: int, ns: int) -> None:
+        """The vCPU runs ``ns`` of instructions that touch nothing the hypervisor sees (a program's own work)."""
+
     def hlt(self, vcpu_id: int, interrupts: int) -> None:
         """HLT: the vCPU idles until its next interrupt; ``interrupts`` is how many it handled since it woke."""
 
@@ -76,6 +79,9 @@ class BareMetal:
 
     def flush_tlb(self, vcpu_id: int) -> None:
         """Nothing to do on bare metal."""
+
+    def execute(self, vcpu_id: int, ns: int) -> None:
+        """Nothing to account on bare metal."""
 
     def hlt(self, vcpu_id: int, interrupts: int) -> None:
         """Nothing to do on bare metal: the CPU sleeps."""

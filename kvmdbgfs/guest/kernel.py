@@ -156,6 +156,11 @@ class GuestKernel:
             raise ValueError(f"task {task.pid} ({task.comm}) has exited")
         return self.run(task)
 
+    def compute(self, task: Task, ms: float) -> None:
+        """``task`` runs its own code for ``ms`` of CPU time on its CPU: nothing the MMU sees, only time."""
+        ctx = self.enter(task)
+        self.hw.execute(ctx.cpu, int(ms * 1_000_000))
+
     def idle(self, cpu: int) -> None:
         """The vCPU runs its idle task: the last mm stays loaded, lazily."""
         self.current[cpu] = None

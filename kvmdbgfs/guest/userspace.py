@@ -117,6 +117,7 @@ class Userspace:
     def __post_init__(self) -> None:
         self._timers = [[] for _ in range(self.kernel.nr_vcpus)]
         self._deadline = [None] * self.kernel.nr_vcpus
+        self._halted = [False] * self.kernel.nr_vcpus
 
     def arm(self, task: Task, period: float) -> None:
         """A periodic timer for ``task`` on its CPU, first firing at a random phase within one period."""
@@ -176,15 +177,18 @@ class Userspace:
         self.now = max(self.now, until)
         return wakes
 
-    def interrupt(self, cpu: int, vectors: list[int], now_ns: int) -> None:
-        """The vCPU takes ``vectors`` at ``now_ns``: timers run, device handlers run, then it goes idle (HLT)."""
+    def interrupt(self, cpu: int, vectors: list[int], now_ns: int, then_idle: bool = True) -> None:
+        """The vCPU takes ``vectors`` at ``now_ns``: timers run, device handlers run, then it goes idle (HLT), or
+        back to the task it was woken for."""
+        self._halted[cpu] = False
         self.now = max(self.now, now_ns / NSEC_PER_SEC)
         for vector in vectors:
             if vector == LOCAL_TIMER_VECTOR:  # the deadline was rounded up to a whole ns: take what it covered
                 self.run_timers(cpu, self.now + 1 / NSEC_PER_SEC)
             elif vector in self.device_handlers:
                 self.device_handlers[vector](cpu)
-        self.idle_cpu(cpu, len(vectors))
+        if then_idle:
+            self.idle_cpu(cpu, len(vectors))
 
     def idle_cpu(self, cpu: int, interrupts: int) -> None:
         """do_idle(): the idle task runs, tick_nohz_idle_stop_tick() programs the next timer into the TSC
@@ -195,7 +199,14 @@ class Userspace:
         if deadline_ns != self._deadline[cpu]:
             self._deadline[cpu] = deadline_ns
             self.kernel.hw.wrmsr(cpu, MSR_IA32_TSC_DEADLINE, deadline_ns or 0)
+        self._halted[cpu] = True
         self.kernel.hw.hlt(cpu, interrupts)
+
+    def idle_running_cpus(self) -> None:
+        """The work is done: every CPU that is not halted already goes idle."""
+        for cpu, halted in enumerate(self._halted):
+            if not halted:
+                self.idle_cpu(cpu, 0)
 
     @staticmethod
     def period(task: Task) -> float:

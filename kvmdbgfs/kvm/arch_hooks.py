@@ -27,6 +27,26 @@ class KvmArchHooks(Protocol):
     def kvm_arch_vcpu_create(self, vcpu: KvmVcpu) -> None:
         """The arch part of KVM_CREATE_VCPU (the vCPU's MMU context, its LAPIC)."""
 
+    def kvm_arch_vcpu_ioctl_run(self, vcpu: KvmVcpu, now_ns: int, guest: Any) -> None:
+        """KVM_RUN: enter the guest at ``now_ns`` and run it until it halts."""
+
+    def kvm_set_msi(self, vcpu_id: int, vector: int, when_ns: int) -> None:
+        """An MSI for one vCPU, pending from ``when_ns``."""
+
+    # The emulated host scheduler runs the vCPU threads in guest-time order; these say when and how long.
+
+    def vcpu_next_wakeup(self) -> tuple[int, int] | None:
+        """(guest ns, vcpu id) of the next halted vCPU thread to become runnable."""
+
+    def run_guest_code(self, start_ns: int, guest: Any) -> int:
+        """The vCPUs run what the guest executed on them since the last call, from ``start_ns``; returns the end."""
+
+    def guest_code_pending_ns(self) -> int:
+        """How long the guest code run before the vCPUs' first KVM_RUN takes."""
+
+    def update_blocking(self, now_ns: int) -> None:
+        """The ``blocking`` stats as seen at ``now_ns``."""
+
     def kvm_arch_prepare_memory_region(self, slot_id: int, as_id: int, base_gfn: int, npages: int) -> Any:
         """A new memslot: its arch metadata (rmaps); returns the slot."""
 

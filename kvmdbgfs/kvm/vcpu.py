@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from kvmdbgfs.kvm.stats import StatBlock
 
@@ -29,3 +29,7 @@ class KvmVcpu:
     tsc_scaling_ratio: int = DEFAULT_TSC_SCALING_RATIO
     timer_advance_ns: int = LAPIC_TIMER_ADVANCE_NS_INIT
     lapic_in_kernel: bool = True
+
+    def kvm_vcpu_ioctl_run(self, now_ns: int, guest: Any) -> None:
+        """KVM_RUN on the vCPU fd (kvm_vcpu_ioctl): the arch's run loop, from ``now_ns`` until the guest halts."""
+        self.kvm.arch.kvm_arch_vcpu_ioctl_run(self, now_ns, guest)

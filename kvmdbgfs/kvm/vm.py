@@ -6,6 +6,7 @@ import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from kvmdbgfs.kvm.eventfd import KvmIoBus
 from kvmdbgfs.kvm.profiles import ALL_VM_STATS, KernelProfile
 from kvmdbgfs.kvm.stats import StatBlock
 from kvmdbgfs.kvm.vcpu import KvmVcpu
@@ -50,6 +51,7 @@ class Kvm:
         # kvm->slots_lock: serialises memslot changes.
         self.slots_lock = threading.Lock()
         self.debugfs_dentry: Dentry | None = None
+        self.pio_bus = KvmIoBus()
         self.arch: KvmArchHooks
 
     def get_kvm_safe(self) -> bool:
@@ -90,6 +92,10 @@ class Kvm:
         with self.slots_lock:
             self.arch.kvm_arch_flush_shadow_memslot(slot)
             self.arch.kvm_arch_commit_memory_region(slot, KVM_MR_DELETE)
+
+    def kvm_send_userspace_msi(self, vcpu_id: int, vector: int, when_ns: int) -> None:
+        """An irqfd signalled (or KVM_SIGNAL_MSI) at ``when_ns``: the MSI goes to the arch's interrupt delivery."""
+        self.arch.kvm_set_msi(vcpu_id, vector, when_ns)
 
     def vcpu_stat_sum(self, name: str) -> int:
         """A vCPU stat summed over this VM's vCPUs, as the per-VM debugfs file shows it."""

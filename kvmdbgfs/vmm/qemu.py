@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from kvmdbgfs.arch.x86.x86 import NS_PER_EXIT
 from kvmdbgfs.guest.irq import NSEC_PER_SEC
 from kvmdbgfs.vmm.devices import VirtioDevices
 from kvmdbgfs.vmm.layout import q35_memslots
@@ -83,8 +82,8 @@ class QemuProcess:
             for slot_id, region in enumerate(q35_memslots(self.memory))
         ]
         self.vcpus = [kvm.host.kvm_vm_ioctl_create_vcpu(kvm, vcpu_id) for vcpu_id in range(self.nr_vcpus)]
+        self.devices = VirtioDevices(kvm, np.random.default_rng([seed, 1 << 20]))
         self.guest: Userspace | None = None
-        self.devices: VirtioDevices | None = None
         self.guest_ns = 0
         self.workload_runs = 0
         self.jobs: deque[WorkloadJob] = deque()
@@ -156,7 +155,7 @@ class QemuProcess:
             if self.guest_ns < target:
                 self.idle_until(min(target, self.guest_ns + IDLE_SLICE_NS))
                 if self.guest_ns >= target:
-                    self.kvm.arch.run.blocking_at(self.guest_ns)
+                    self.kvm.arch.update_blocking(self.guest_ns)
                 time.sleep(0)  # let readers in
             else:
                 self.clock.wait(MANUAL_WAIT_S if self.clock.manual else IDLE_WAIT_S)
@@ -194,38 +193,27 @@ class QemuProcess:
             raise WorkloadCancelled
 
     def _busy_step(self) -> None:
-        """The guest code a step ran took as long as its busiest vCPU's exits; every vCPU with work ran it."""
-        run = self.kvm.arch.run
+        """The guest code a step ran on each vCPU runs side by side; the step lasts as long as the busiest."""
         if self.guest is None:
             return
-        start = self.guest_ns
-        spent = {vcpu_id: run.busy_ns(r) for vcpu_id, r in run.runs.items()}
-        end = start + max(spent.values(), default=0)
-        for vcpu_id, r in run.runs.items():
-            if spent[vcpu_id]:
-                run.busy(vcpu_id, start, end, self.guest)
-                r.busy_exits = r.mmu.nr_exits
-        self.guest_ns = end
-        self.guest.run_due_timers(end / NSEC_PER_SEC)
+        self.guest_ns = self.kvm.arch.run_guest_code(self.guest_ns, self.guest)
+        self.guest.run_due_timers(self.guest_ns / NSEC_PER_SEC)
 
     def _end_busy(self, start: int) -> None:
-        """The workload is over: what it last ran is accounted, every vCPU that ran it halts."""
+        """The workload is over: what it last ran is accounted, and the guest idles every vCPU it ran on."""
         if self.guest is None:
             return
         self._busy_step()
-        for vcpu_id, run in self.kvm.arch.run.runs.items():
-            if not run.halted:
-                self.guest.idle_cpu(vcpu_id, 0)
+        self.guest.idle_running_cpus()
 
     def idle_until(self, target_ns: int) -> None:
         """The vCPUs run the idle guest up to ``target_ns``: each is resumed when its deadline or an interrupt
         arrives, in time order; the LAN's packets arrive on the way."""
-        if self.guest is None or self.devices is None:
+        if self.guest is None:
             self.guest_ns = max(self.guest_ns, target_ns)
             return
-        run = self.kvm.arch.run
         while True:
-            wake = run.next_wake()
+            wake = self.kvm.arch.vcpu_next_wakeup()
             packet = self.devices.next_event_ns()
             if packet is not None and packet <= target_ns and (wake is None or packet < wake[0]):
                 self.devices.deliver()
@@ -233,20 +221,19 @@ class QemuProcess:
             if wake is None or wake[0] > target_ns:
                 break
             when, vcpu_id = wake
-            self.kvm.arch.kvm_arch_vcpu_ioctl_run(self.vcpus[vcpu_id], when, self.guest)
+            self.vcpus[vcpu_id].kvm_vcpu_ioctl_run(when, self.guest)
         self.guest_ns = max(self.guest_ns, target_ns)
 
     def boot(self, system: Userspace) -> None:
-        """The guest is up: its devices are probed, every vCPU enters KVM_RUN (its thread id in ``pid``) and
-        goes idle."""
-        self.guest_ns += max(run.mmu.nr_exits for run in self.kvm.arch.run.runs.values()) * NS_PER_EXIT
+        """The guest has booted (its code ran as long as its busiest vCPU's part took): the LAN reaches its
+        drivers, and every vCPU enters KVM_RUN (its thread id in ``pid``) and goes idle."""
+        self.guest_ns += self.kvm.arch.guest_code_pending_ns()
         system.now = self.guest_ns / NSEC_PER_SEC
         self.guest = system
-        self.devices = VirtioDevices(self.kvm.arch.run, np.random.default_rng([self.seed, 1 << 20]), self.nr_vcpus)
-        self.devices.attach(system, self.guest_ns)
+        self.devices.start(self.guest_ns)
         for vcpu in self.vcpus:
             vcpu.pid = self.pid + 2 + vcpu.vcpu_id  # QEMU's main thread and its RCU thread come first
-            self.kvm.arch.kvm_arch_vcpu_ioctl_run(vcpu, self.guest_ns, _NoInterrupts(system))
+            vcpu.kvm_vcpu_ioctl_run(self.guest_ns, _NoInterrupts(system))
 
 
 class _NoInterrupts:
@@ -255,7 +242,7 @@ class _NoInterrupts:
     def __init__(self, system: Userspace) -> None:
         self.system = system
 
-    def interrupt(self, cpu: int, vectors: list[int], now_ns: int) -> None:
+    def interrupt(self, cpu: int, vectors: list[int], now_ns: int, then_idle: bool = True) -> None:
         self.system.idle_cpu(cpu, 0)
 
 

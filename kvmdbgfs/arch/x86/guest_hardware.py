@@ -18,6 +18,7 @@ class VmxGuestHardware:
         self.access = mmu.access
         self.invlpg = mmu.invlpg
         self.flush_tlb = mmu.flush_tlb
+        self.execute = run.execute
         self.hlt = run.hlt
         self.wrmsr = run.wrmsr
         self.pio = run.pio

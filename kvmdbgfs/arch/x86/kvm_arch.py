@@ -36,7 +36,7 @@ class KvmArch:
         self.memslots: list[KvmMemorySlot] = []
         self._shadow_root_allocated = self.mmu_mode != "tdp"
         self.mmu = KvmMmu(kvm, self)
-        self.run = VcpuRunLoop(kvm.profile.halt_poll, host_cpu, kvm.profile.counts_fastpath_exits)
+        self.run = VcpuRunLoop(kvm.profile.halt_poll, host_cpu, kvm.profile.counts_fastpath_exits, kvm.pio_bus)
         # What KVM_RUN puts the guest on.
         self.guest_hardware = VmxGuestHardware(self.mmu, self.run)
 
@@ -60,6 +60,31 @@ class KvmArch:
     def kvm_arch_vcpu_ioctl_run(self, vcpu: KvmVcpu, now_ns: int, guest: GuestCpu) -> None:
         """KVM_RUN: the vCPU thread runs from ``now_ns`` (see x86.py) until the guest halts again."""
         self.run.kvm_arch_vcpu_ioctl_run(vcpu.vcpu_id, now_ns, guest)
+
+    def kvm_set_msi(self, vcpu_id: int, vector: int, when_ns: int) -> None:
+        """kvm_set_msi() -> kvm_irq_delivery_to_apic(): an MSI (an irqfd or KVM_SIGNAL_MSI) for one vCPU."""
+        self.run.kvm_set_irq(vcpu_id, vector, when_ns)
+
+    # -- the vCPU threads' schedule, which the emulated host scheduler follows -------------------------
+
+    def vcpu_next_wakeup(self) -> tuple[int, int] | None:
+        """(guest ns, vcpu id) of the next halted vCPU thread to become runnable (its timer or an interrupt)."""
+        return self.run.next_wake()
+
+    def run_guest_code(self, start_ns: int, guest: GuestCpu) -> int:
+        """The vCPUs run what the guest executed on them since the last call, side by side from ``start_ns``;
+        returns when the longest ends."""
+        return self.run.run_guest_code(start_ns, guest)
+
+    def guest_code_pending_ns(self) -> int:
+        """How long the guest code run before the vCPUs' first KVM_RUN (the boot) takes."""
+        return self.run.pending_ns()
+
+    def update_blocking(self, now_ns: int) -> None:
+        """The ``blocking`` stats as a reader sees them at ``now_ns``."""
+        self.run.blocking_at(now_ns)
+
+    # -- memslots ----------------------------------------------------------------------------------
 
     def kvm_arch_prepare_memory_region(self, slot_id: int, as_id: int, base_gfn: int, npages: int) -> KvmMemorySlot:
         """kvm_arch_prepare_memory_region(): kvm_alloc_memslot_metadata() allocates the rmaps when the VM has them."""

@@ -35,6 +35,7 @@ from kvmdbgfs.kvm.halt import HaltPollParams, HaltPollState, kvm_vcpu_halt, kvm_
 
 if TYPE_CHECKING:
     from kvmdbgfs.arch.x86.mmu.vcpu_mmu import MmuVcpu
+    from kvmdbgfs.kvm.eventfd import KvmIoBus
     from kvmdbgfs.kvm.vcpu import KvmVcpu
 
 MSR_IA32_TSC_DEADLINE = 0x6E0
@@ -49,7 +50,8 @@ RESCHEDULE_VECTOR = 0xFD
 GUEST_HZ = 250  # CONFIG_HZ of the guest kernel (Ubuntu's generic kernel): its tick while busy
 
 # Guest-time costs: an exit round trip with its handling (a shadow page fault with its rmap work is the
-# bulk of them), and the guest code around one interrupt (entry, handler, softirq, back to idle).
+# bulk of them), and the guest code around one interrupt (entry, handler, softirq, back to idle). Guest
+# code that does not exit costs what the guest says it ran (``execute``).
 NS_PER_EXIT = 600
 NS_PER_INTERRUPT = 8_000
 HOST_HZ = 250  # the host's scheduler tick, which interrupts a vCPU running guest code
@@ -58,7 +60,11 @@ HOST_HZ = 250  # the host's scheduler tick, which interrupts a vCPU running gues
 class GuestCpu(Protocol):
     """What the hardware runs on a vCPU: the guest's interrupt entry (the guest ends by executing HLT)."""
 
-    def interrupt(self, cpu: int, vectors: list[int], now_ns: int) -> None: ...
+    def interrupt(self, cpu: int, vectors: list[int], now_ns: int, then_idle: bool = True) -> None:
+        """Take ``vectors`` at ``now_ns``; then HLT, unless the CPU has work to go back to."""
+
+    def idle_cpu(self, cpu: int, interrupts: int) -> None:
+        """The CPU has nothing to run: the guest's idle loop ends in HLT."""
 
 
 @dataclass(frozen=True)
@@ -86,6 +92,7 @@ class VcpuRun:
     halt_start_ns: int = 0
     halt_poll: HaltPollState = field(default_factory=HaltPollState)
     busy_exits: int = 0  # nr_exits when the guest code now running was entered
+    compute_ns: int = 0  # guest code that caused no exit, run since then
     guest_ns_run: int = 0  # guest code run in total, for the host's preemptions of this thread
 
     def next_wake_ns(self) -> int | None:
@@ -98,10 +105,13 @@ class VcpuRun:
 class VcpuRunLoop:
     """vcpu_run() for every vCPU of one VM, and the exits the guest's own instructions cause."""
 
-    def __init__(self, halt_params: HaltPollParams, host_cpu: HostCpu, counts_fastpath_exits: bool) -> None:
+    def __init__(
+        self, halt_params: HaltPollParams, host_cpu: HostCpu, counts_fastpath_exits: bool, pio_bus: KvmIoBus
+    ) -> None:
         self.halt_params = halt_params
         self.host_cpu = host_cpu
         self.counts_fastpath_exits = counts_fastpath_exits
+        self.pio_bus = pio_bus
         self.runs: dict[int, VcpuRun] = {}
 
     def add_vcpu(self, vcpu: KvmVcpu, mmu: MmuVcpu) -> None:
@@ -121,7 +131,12 @@ class VcpuRunLoop:
     def kvm_arch_vcpu_ioctl_run(self, vcpu_id: int, now_ns: int, guest: GuestCpu) -> None:
         """The vCPU thread wakes at ``now_ns`` (its deadline or a pending interrupt): vcpu_block() ends the
         halt, the expired timer is delivered, vcpu_enter_guest() injects and the guest runs until HLT."""
-        run = self.runs[vcpu_id]
+        vectors = self._vcpu_run_wake(self.runs[vcpu_id], now_ns)
+        guest.interrupt(vcpu_id, vectors, self.runs[vcpu_id].now_ns)
+
+    def _vcpu_run_wake(self, run: VcpuRun, now_ns: int) -> list[int]:
+        """The halt ends at ``now_ns``, the expired timer is delivered, pending vectors are injected and the vCPU
+        enters guest mode; returns the vectors the guest now takes."""
         if run.halted:
             # An interrupt sent while this vCPU was still running its last handler is taken at its HLT.
             self._vcpu_block(run, max(now_ns, run.halt_start_ns))
@@ -130,7 +145,7 @@ class VcpuRunLoop:
             self._apic_timer_expired(run)
         vectors = self._inject_pending(run)
         self._enter_guest_mode(run)
-        guest.interrupt(vcpu_id, vectors, run.now_ns)
+        return vectors
 
     def _vcpu_block(self, run: VcpuRun, wake_ns: int) -> None:
         """vcpu_block() -> kvm_vcpu_halt(): the halt from halt_start to the wake; a vCPU that really slept was
@@ -167,14 +182,24 @@ class VcpuRunLoop:
 
     def _enter_guest_mode(self, run: VcpuRun) -> None:
         run.mmu.in_guest_mode = True
+        self._accounted(run)
+
+    @staticmethod
+    def _accounted(run: VcpuRun) -> None:
+        """What the vCPU ran so far has been given its guest time: count from here."""
         run.busy_exits = run.mmu.nr_exits
+        run.compute_ns = 0
 
     def _exit(self, run: VcpuRun) -> None:
         run.mmu.count_exit()
 
     def busy_ns(self, run: VcpuRun, interrupts: int = 0) -> int:
-        """The guest code run since entry: its interrupts and every exit it took."""
-        return interrupts * NS_PER_INTERRUPT + (run.mmu.nr_exits - run.busy_exits) * NS_PER_EXIT
+        """The guest code run since entry: its interrupts, every exit it took, and what it computed."""
+        return interrupts * NS_PER_INTERRUPT + (run.mmu.nr_exits - run.busy_exits) * NS_PER_EXIT + run.compute_ns
+
+    def pending_ns(self) -> int:
+        """The guest time the busiest vCPU's code since its entry takes (a boot's, before the first KVM_RUN)."""
+        return max((self.busy_ns(run) for run in self.runs.values()), default=0)
 
     # -- exits the guest's instructions cause ------------------------------------------------------
 
@@ -203,11 +228,18 @@ class VcpuRunLoop:
         else:
             raise ValueError(f"MSR {msr:#x} is not modelled")
 
+    def execute(self, vcpu_id: int, ns: int) -> None:
+        """The guest runs ``ns`` of code that causes no exit (a compiler's own work): only time passes."""
+        self.runs[vcpu_id].compute_ns += ns
+
     def pio(self, vcpu_id: int, port: int) -> None:
-        """IN/OUT: handle_io() (a virtio kick is served in the kernel by an ioeventfd)."""
+        """OUT: handle_io() -> kernel_pio(): a port with an ioeventfd (a virtio queue notify) is served in the
+        kernel; nothing else the guest writes is modelled (it would exit to userspace)."""
         run = self.runs[vcpu_id]
         self._exit(run)
         run.vcpu.stat.io_exits += 1
+        if not self.pio_bus.kvm_io_bus_write(port, run.now_ns + self.busy_ns(run)):
+            raise ValueError(f"port {port:#x} has no ioeventfd: its exit to userspace is not modelled")
 
     def vmcall(self, vcpu_id: int, nr: int, targets: list[int], vector: int = 0) -> None:
         """VMCALL: kvm_emulate_hypercall(): PV send-IPI, or a directed yield to a preempted vCPU."""
@@ -253,14 +285,30 @@ class VcpuRunLoop:
                     stat.preemption_other += 1
                 stat.host_state_reload += 1
 
+    def run_guest_code(self, start_ns: int, guest: GuestCpu) -> int:
+        """The vCPUs that have run guest code since their last accounting (a workload's step) ran it side by side
+        from ``start_ns``; returns the guest time at which the longest of them ends. A vCPU left in guest mode
+        with nothing to run in this step has run out of work: the guest idles it."""
+        spent = {vcpu_id: self.busy_ns(run) for vcpu_id, run in self.runs.items()}
+        end = start_ns + max(spent.values(), default=0)
+        for vcpu_id, run in self.runs.items():
+            if spent[vcpu_id]:
+                self.busy(vcpu_id, start_ns, end, guest)
+                self._accounted(run)
+            elif not run.halted:
+                guest.idle_cpu(vcpu_id, 0)
+        return end
+
     def busy(self, vcpu_id: int, start_ns: int, end_ns: int, guest: GuestCpu) -> None:
-        """The vCPU runs guest code from ``start_ns`` to ``end_ns`` (a workload's step): it is woken if it was
-        halted, takes its scheduler tick at the guest's HZ (the TSC-deadline timer), and halts at the end."""
+        """The vCPU runs guest code from ``start_ns`` to ``end_ns``: a halted one is woken by a reschedule IPI
+        (it takes what is pending and goes back to its task), it takes its scheduler tick at the guest's HZ
+        (the TSC-deadline timer), and stays in guest mode until the guest halts it."""
         run = self.runs[vcpu_id]
         if run.halted:
             wake = max(start_ns, run.halt_start_ns)
             self.kvm_set_irq(vcpu_id, RESCHEDULE_VECTOR, wake)
-            self.kvm_arch_vcpu_ioctl_run(vcpu_id, wake, guest)
+            vectors = self._vcpu_run_wake(run, wake)
+            guest.interrupt(vcpu_id, vectors, run.now_ns, then_idle=False)
         run.mmu.in_guest_mode = True
         ticks = end_ns * GUEST_HZ // 1_000_000_000 - max(start_ns, run.now_ns) * GUEST_HZ // 1_000_000_000
         stat = run.vcpu.stat
