@@ -11,6 +11,8 @@ from mmu_testlib import BASE, DATA, ToyGuest, check_invariants, gvas, new_vm, rm
 from kvmdbgfs.arch.x86.debugfs import kvm_mmu_rmaps_stat_show
 from kvmdbgfs.arch.x86.mmu.mmu import LINUX_PAGE_OFFSET
 from kvmdbgfs.arch.x86.mmu.pte_list import PTE_LIST_DESIGNS
+from kvmdbgfs.arch.x86.mmu.vcpu_mmu import KVM_REQ_TLB_FLUSH
+from kvmdbgfs.kvm.vm import Kvm
 
 
 def touch_processes(kvm, guest, count: int, first: int = 0) -> list[int]:
@@ -58,11 +60,9 @@ def test_roots_in_use_are_never_zapped_for_room() -> None:
     check_invariants(kvm)
 
 
-@pytest.mark.parametrize("design", PTE_LIST_DESIGNS)
-def test_rmap_recycle_zaps_a_list_past_1000_entries(design: str) -> None:
-    """One read-only page (the zero page) mapped 1536 times. The add that sees 1001 entries (gva 1001, a
-    prefetch of the fault on gva 1000) zaps all 1002, itself included; gvas 1000 and 1001 then fault again."""
-    kvm = new_vm(design=design)
+def touch_the_zero_page_1536_times(kvm: Kvm) -> int:
+    """vCPU 0 runs a process with one read-only page (the zero page) mapped 1536 times and reads them all;
+    returns the zero page's gfn."""
     guest = ToyGuest(kvm)
     pgd = guest.new_pgd()
     zero = 0x3333
@@ -70,11 +70,38 @@ def test_rmap_recycle_zaps_a_list_past_1000_entries(design: str) -> None:
         guest.map(pgd, BASE + (table << 21), [zero] * 512, lib.USER_RO)
     kvm.arch.mmu.load_cr3(0, pgd)
     kvm.arch.mmu.access(0, gvas(BASE, 3 * 512), write=False, user=True)
+    return zero
+
+
+@pytest.mark.parametrize("design", PTE_LIST_DESIGNS)
+def test_rmap_recycle_zaps_a_list_past_1000_entries(design: str) -> None:
+    """The add that sees 1001 entries (gva 1001, a prefetch of the fault on gva 1000) zaps all 1002, itself
+    included; gvas 1000 and 1001 then fault again."""
+    kvm = new_vm(design=design)
+    zero = touch_the_zero_page_1536_times(kvm)
     assert rmap_count(kvm, zero) == 1536 - 1000
     assert vm_stats(kvm, "max_mmu_rmap_size", "pages_4k") == {"max_mmu_rmap_size": 1001, "pages_4k": 536}
     assert lib.vcpu_stats(kvm, "pf_fixed") == {"pf_fixed": 1536 // 8 + 1}
-    assert kvm.stat.remote_tlb_flush == 1
+    # The recycle flushes through kvm_flush_remote_tlbs(): one request, but no remote flush, since this bare
+    # VM's only vCPU is the one handling the fault (outside guest mode) and no other had to be kicked.
+    assert vm_stats(kvm, "remote_tlb_flush_requests", "remote_tlb_flush") == {
+        "remote_tlb_flush_requests": 1,
+        "remote_tlb_flush": 0,
+    }
     assert lib.leaf_spte(kvm, BASE) == 0 and lib.leaf_spte(kvm, BASE + (3 * 512 - 1) * 4096) != 0
+    check_invariants(kvm)
+
+
+def test_an_rmap_recycle_kicks_another_vcpu_running_guest_code() -> None:
+    """With vCPU 1 in guest mode, the recycle's kvm_flush_remote_tlbs() has to IPI it: a remote flush."""
+    kvm = new_vm(vcpus=2)
+    kvm.arch.mmu.vcpu(1).in_guest_mode = True
+    touch_the_zero_page_1536_times(kvm)
+    assert vm_stats(kvm, "remote_tlb_flush_requests", "remote_tlb_flush") == {
+        "remote_tlb_flush_requests": 1,
+        "remote_tlb_flush": 1,
+    }
+    assert kvm.arch.mmu.vcpu(1).requests & KVM_REQ_TLB_FLUSH
     check_invariants(kvm)
 
 

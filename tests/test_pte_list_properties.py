@@ -176,9 +176,7 @@ HOT_GFNS = (SLOT_BASE + 3, SLOT_BASE + 700)
 @functools.cache
 def near_threshold(design: str) -> tuple[KvmRmaps, KvmMemorySlot]:
     """Built once per design (A's adds are O(n)); every example starts from a deep copy."""
-    rmaps = KvmRmaps(
-        design, SimpleNamespace(max_mmu_rmap_size=0, remote_tlb_flush=0, remote_tlb_flush_requests=0)
-    )
+    rmaps = KvmRmaps(design, SimpleNamespace(max_mmu_rmap_size=0))
     slot = KvmMemorySlot(id=0, as_id=0, base_gfn=SLOT_BASE, npages=SLOT_PAGES)
     slot.alloc_rmaps()
     n = RMAP_RECYCLE_THRESHOLD - 10
@@ -202,15 +200,15 @@ gfn_choice = st.one_of(st.sampled_from(HOT_GFNS), st.integers(SLOT_BASE, SLOT_BA
 
 
 class RmapsMachine(RuleBasedStateMachine):
-    """KvmRmaps around the recycle threshold: max_mmu_rmap_size, recycle zaps and flushes against a model."""
+    """KvmRmaps around the recycle threshold: max_mmu_rmap_size, recycles and the zapped sptes returned,
+    against a model."""
 
     design_name = "C"
 
     @initialize()
     def setup(self) -> None:
         self.rmaps, self.slot = start(self.design_name)
-        self.zapped: Counter = Counter()
-        self.rmaps.on_zap = lambda sptes: self.zapped.update(sptes.tolist())
+        self.zapped: Counter = Counter()  # every spte the engine returned as removed (recycles and zaps)
         self.expected_zapped: Counter = Counter()
         n = RMAP_RECYCLE_THRESHOLD - 10
         self.model = {
@@ -218,7 +216,7 @@ class RmapsMachine(RuleBasedStateMachine):
             for k, gfn in enumerate(HOT_GFNS)
         }
         self.next_spte = 2 * n + 1
-        self.max_stat = self.flushes = 0
+        self.max_stat = self.recycles = self.recycled_lists = 0
 
     @rule(
         gfns=st.lists(gfn_choice, min_size=1, max_size=40), level=st.sampled_from([PG_LEVEL_4K, PG_LEVEL_2M])
@@ -227,10 +225,13 @@ class RmapsMachine(RuleBasedStateMachine):
         sptes = 8 * np.arange(self.next_spte, self.next_spte + len(gfns))
         self.next_spte += len(gfns)
         if len(gfns) == 1:
-            counts = [self.rmaps.rmap_add(self.slot, gfns[0], level, int(sptes[0]))]
+            adds = self.rmaps.rmap_add(self.slot, gfns[0], level, int(sptes[0]))
         else:
-            counts = self.rmaps.rmap_add_batch(self.slot, np.array(gfns), level, sptes).tolist()
-        for gfn, spte, count in zip(gfns, sptes.tolist(), counts):
+            adds = self.rmaps.rmap_add_batch(self.slot, np.array(gfns), level, sptes)
+        self.recycled_lists += len(adds.recycled)
+        for recycled in adds.recycled:
+            self.zapped.update(recycled.tolist())
+        for gfn, spte, count in zip(gfns, sptes.tolist(), adds.counts.tolist()):
             entries = self.model.setdefault((level, int(gfn_to_index(gfn, SLOT_BASE, level))), [])
             assert count == len(entries) if self.design_name in "CD" else count <= len(entries)
             entries.append(spte)
@@ -238,7 +239,7 @@ class RmapsMachine(RuleBasedStateMachine):
             if count > RMAP_RECYCLE_THRESHOLD:
                 self.expected_zapped.update(entries)
                 entries.clear()
-                self.flushes += 1
+                self.recycles += 1
 
     @rule(gfn=st.sampled_from(HOT_GFNS), n=st.integers(1, 30))
     def flood(self, gfn: int, n: int) -> None:
@@ -268,17 +269,15 @@ class RmapsMachine(RuleBasedStateMachine):
                 expected += len(entries)
                 self.expected_zapped.update(entries)
                 entries.clear()
-        assert self.rmaps.zap_gfn_range(self.slot, start_gfn, end_gfn) == expected
+        zapped = self.rmaps.zap_gfn_range(self.slot, start_gfn, end_gfn)
+        assert len(zapped) == expected
+        self.zapped.update(zapped.tolist())
 
     @invariant()
     def agrees_with_the_model(self) -> None:
         pte_list = self.rmaps.pte_list
         assert self.rmaps.vm_stat.max_mmu_rmap_size == self.max_stat
-        assert (
-            self.rmaps.vm_stat.remote_tlb_flush
-            == self.rmaps.vm_stat.remote_tlb_flush_requests
-            == self.flushes
-        )
+        assert self.recycled_lists == self.recycles, "one array per recycled list, for one flush each"
         assert self.zapped == self.expected_zapped
         arrays = []
         for level, heads in enumerate(self.slot.rmap, start=1):
@@ -316,14 +315,16 @@ Vm = tuple[KvmRmaps, KvmMemorySlot]
 
 
 def add_both(batch: Vm, one_by_one: Vm, data: st.DataObject, level: int, first_spte: int) -> int:
-    """The same adds, with a flood of one hot gfn mixed in, as one batch and one by one."""
+    """The same adds, with a flood of one hot gfn mixed in, as one batch and one by one: the same counts and
+    the same recycled sptes, list by list in the same order."""
     flood = [data.draw(st.sampled_from(HOT_GFNS))] * data.draw(st.integers(0, 25))
     others = data.draw(st.lists(gfn_choice, min_size=1, max_size=30))
     gfns = data.draw(st.permutations(others + flood))
     sptes = 8 * np.arange(first_spte, first_spte + len(gfns))
-    counts = batch[0].rmap_add_batch(batch[1], np.array(gfns), level, sptes)
+    adds = batch[0].rmap_add_batch(batch[1], np.array(gfns), level, sptes)
     singles = [one_by_one[0].rmap_add(one_by_one[1], g, level, int(s)) for g, s in zip(gfns, sptes)]
-    assert counts.tolist() == singles
+    assert adds.counts.tolist() == [count for one in singles for count in one.counts.tolist()]
+    assert [r.tolist() for r in adds.recycled] == [r.tolist() for one in singles for r in one.recycled]
     return len(gfns)
 
 

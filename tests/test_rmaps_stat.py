@@ -79,9 +79,7 @@ def two_address_spaces() -> list[KvmMemorySlot]:
 
 
 def populate(design: str, slots: list[KvmMemorySlot]) -> KvmRmaps:
-    rmaps = KvmRmaps(
-        design, SimpleNamespace(max_mmu_rmap_size=0, remote_tlb_flush=0, remote_tlb_flush_requests=0)
-    )
+    rmaps = KvmRmaps(design, SimpleNamespace(max_mmu_rmap_size=0))
     rng = np.random.default_rng(7)
     big = slots[1]
     gfns = np.concatenate(
@@ -128,9 +126,7 @@ def test_the_histogram_does_not_depend_on_the_design() -> None:
 
 def test_no_rmaps_means_an_empty_file() -> None:
     slots = [KvmMemorySlot(id=0, as_id=0, base_gfn=0, npages=0x1000)]
-    rmaps = KvmRmaps(
-        "C", SimpleNamespace(max_mmu_rmap_size=0, remote_tlb_flush=0, remote_tlb_flush_requests=0)
-    )
+    rmaps = KvmRmaps("C", SimpleNamespace(max_mmu_rmap_size=0))
     assert mmu_rmaps_stat_show(slots, rmaps.pte_list, "ffs") == ""
     assert mmu_rmaps_stat_show([], rmaps.pte_list) == ""
     slots[0].alloc_rmaps()

@@ -3,7 +3,11 @@
 Leaf sptes are added to the rmap of their gfn and level when installed (__rmap_add,
 with kvm_update_page_stats) and removed when dropped (drop_spte -> rmap_remove, with
 mmu_spte_clear_track_bits). Whole-list zaps (recycle, kvm_zap_rmap over a range) run in
-the rmap engine, which hands the removed sptes to ``clear_zapped``.
+the rmap engine, which returns the sptes it removed; this side clears them in their pages.
+A recycle is __rmap_add's: its sptes are cleared and remote TLBs flushed right here, once
+per recycled list (kvm_flush_remote_tlbs_gfn, which on this host, without range flushes,
+is kvm_flush_remote_tlbs: the MMU's ``flush_remote_tlbs``). A range zap's flush is left to
+the caller.
 
 Adds are deferred while the MMU lock is held and committed in one ``rmap_add_batch``
 before anything else reads or changes the rmaps (``flush``), so a batch of faults costs
@@ -13,6 +17,8 @@ add is never deferred when its list could pass the recycle threshold (the slot's
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 
@@ -36,15 +42,25 @@ from kvmdbgfs.kvm.stats import StatBlock
 
 
 class LeafRmaps:
-    """The VM's KvmRmaps seen from the MMU: the page-size stats and leaf counts move with every add and removal."""
+    """The VM's KvmRmaps seen from the MMU: the page-size stats and leaf counts move with every add and removal.
 
-    def __init__(self, rmaps: KvmRmaps, pool: SptPool, memslots: MmuMemslots, vm_stat: StatBlock) -> None:
+    ``flush_remote_tlbs`` is the MMU's kvm_flush_remote_tlbs(), called once per list an add recycles.
+    """
+
+    def __init__(
+        self,
+        rmaps: KvmRmaps,
+        pool: SptPool,
+        memslots: MmuMemslots,
+        vm_stat: StatBlock,
+        flush_remote_tlbs: Callable[[], None],
+    ) -> None:
         self.rmaps = rmaps
         self.pool = pool
         self.memslots = memslots
         self.vm_stat = vm_stat
+        self.flush_remote_tlbs = flush_remote_tlbs
         self._pending: dict[tuple[int, int], tuple[MmuSlot, list[int], list[int]]] = {}
-        rmaps.on_zap = self.clear_zapped
 
     def rmap_add(self, ms: MmuSlot, gfn: int, level: int, sptep: int) -> None:
         """__rmap_add: count the page, then add ``sptep`` to the rmap of (gfn, level)."""
@@ -55,7 +71,7 @@ class LeafRmaps:
         counts[index] = length + 1
         if length > RMAP_RECYCLE_THRESHOLD:
             self.flush()
-            self.rmaps.rmap_add(ms.slot, gfn, level, sptep)
+            self._add_batch(ms.slot, [gfn], level, [sptep])
             return
         key = (id(ms), level)
         if key not in self._pending:
@@ -70,7 +86,15 @@ class LeafRmaps:
             return
         pending, self._pending = self._pending, {}
         for (_, level), (ms, gfns, sptes) in pending.items():
-            self.rmaps.rmap_add_batch(ms.slot, np.array(gfns, np.int64), level, np.array(sptes, np.int64))
+            self._add_batch(ms.slot, gfns, level, sptes)
+
+    def _add_batch(self, slot: KvmMemorySlot, gfns: list[int], level: int, sptes: list[int]) -> None:
+        """The engine's rmap_add_batch, then the rest of __rmap_add for every list it recycled
+        (kvm_zap_all_rmap_sptes): clear its sptes, then kvm_flush_remote_tlbs_gfn."""
+        adds = self.rmaps.rmap_add_batch(slot, np.array(gfns, np.int64), level, np.array(sptes, np.int64))
+        for recycled in adds.recycled:
+            self._clear_zapped(recycled)
+            self.flush_remote_tlbs()
 
     def drop_sptes(self, sp_id: int, level: int, indices: np.ndarray) -> None:
         """drop_spte() of present leaf entries of one page, in order: clear, uncount, rmap_remove."""
@@ -97,10 +121,10 @@ class LeafRmaps:
             if remove:
                 self.rmaps.rmap_remove_batch(ms.slot, gfns[mine], level, sptes[mine])
 
-    def clear_zapped(self, sptes: np.ndarray) -> None:
+    def _clear_zapped(self, sptes: np.ndarray) -> None:
         """The rmap engine zapped these sptes (kvm_zap_all_rmap_sptes): clear them in their pages.
 
-        sptes the MMU does not hold (a caller driving the rmaps directly) are ignored."""
+        sptes the MMU does not hold (added by a caller driving the engine directly) are ignored."""
         sp_ids, indices = sptep_to_sp(sptes)
         known = sp_ids < self.pool.capacity
         sp_ids, indices, sptes = sp_ids[known], indices[known], sptes[known]
@@ -127,6 +151,10 @@ class LeafRmaps:
         return protected
 
     def zap_gfn_range(self, memslots: list[KvmMemorySlot], start: int, end: int) -> int:
-        """kvm_unmap_gfn_range's rmap part: kvm_zap_rmap on every head of every level over [start, end)."""
+        """kvm_unmap_gfn_range's rmap part: kvm_zap_rmap on every head of every level over [start, end),
+        then clear what it removed; returns how many sptes that was (the caller flushes if any)."""
         self.flush()
-        return sum(self.rmaps.zap_gfn_range(slot, start, end) for slot in memslots if slot.rmap is not None)
+        zapped = [self.rmaps.zap_gfn_range(slot, start, end) for slot in memslots if slot.rmap is not None]
+        for sptes in zapped:
+            self._clear_zapped(sptes)
+        return sum(len(sptes) for sptes in zapped)

@@ -95,7 +95,7 @@ class KvmMmu:
         self.pool = SptPool()
         self.sps = ShadowPages()
         self.parents = ParentPtes(arch.rmaps.pte_list.name, self.pool)
-        self.leaf = LeafRmaps(arch.rmaps, self.pool, self.memslots, kvm.stat)
+        self.leaf = LeafRmaps(arch.rmaps, self.pool, self.memslots, kvm.stat, self.flush_remote_tlbs)
         self.tdp = TdpMmu(self.memslots, kvm.stat) if arch.mmu_mode == "tdp" else None
         self.n_used_mmu_pages = 0
         self.n_max_mmu_pages = 0
