@@ -11,11 +11,17 @@ from typing import Any
 
 from kvmdbgfs.control.client import ProgressCallback, RequestError, request
 from kvmdbgfs.control.paths import find_socket
+from kvmdbgfs.kvm.host import parse_int
 from kvmdbgfs.kvm.vm import MMU_MODES
 from kvmdbgfs.progress import progress_bar
 from kvmdbgfs.workloads.base import parse_assignments
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def integer(text: str) -> int:
+    """An argparse type (its name is in the error): a whole number in ASCII digits."""
+    return parse_int(text)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -41,10 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     create = vm.add_parser("create", help="create a VM; prints its directory name")
     create.add_argument("--memory", default="6G", help="guest RAM, e.g. 6G or 512M (default 6G)")
-    create.add_argument("--vcpus", type=int, default=2, help="number of vCPUs (default 2)")
+    create.add_argument("--vcpus", type=integer, default=2, help="number of vCPUs (default 2)")
     create.add_argument("--mmu", choices=MMU_MODES, default="shadow", help="MMU mode (default shadow)")
     create.add_argument("--kernel", help="kernel profile (default: the mount's)")
-    create.add_argument("--seed", type=int, help="seed for everything random in this VM")
+    create.add_argument("--seed", type=integer, help="seed for everything random in this VM")
     create.add_argument("--rmap-design", choices=("A", "B", "C", "D"), help="rmap list design (default: the kernel's)")
     destroy = vm.add_parser("destroy", help="destroy a VM (its directory stays while files are open)")
     destroy.add_argument("name", help="the VM's directory name, <pid>-<fd>")

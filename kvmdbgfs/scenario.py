@@ -17,6 +17,9 @@ A scenario file::
 
 from __future__ import annotations
 
+import errno
+import os
+import stat
 import tomllib
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +31,7 @@ from kvmdbgfs.vmm.clock import CLOCK_MODES
 from kvmdbgfs.vmm.vmm import Vmm
 from kvmdbgfs.workloads import get_workload, run_workload
 
+MAX_SCENARIO_BYTES = 1 << 20
 CONFIG_KEYS = {"memory", "vcpus", "mmu", "kernel", "seed", "rmap_design"}
 VM_KEYS = CONFIG_KEYS | {"workload", "settings"}
 
@@ -59,13 +63,14 @@ def load_scenario(name_or_path: str) -> Scenario:
     if name_or_path in BUILTIN_SCENARIOS:
         return BUILTIN_SCENARIOS[name_or_path]
     try:
-        with open(name_or_path, "rb") as handle:
-            data = tomllib.load(handle)
+        data = tomllib.loads(_read_scenario_file(name_or_path).decode())
     except FileNotFoundError:
         raise ValueError(
             f"scenario {name_or_path!r}: no such file (built-in: {', '.join(BUILTIN_SCENARIOS)})"
         ) from None
-    except (OSError, tomllib.TOMLDecodeError) as exc:
+    except OSError as exc:
+        raise ValueError(f"scenario {name_or_path!r}: {exc.strerror or exc}") from None
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ValueError(f"scenario {name_or_path!r}: {exc}") from None
     unknown = set(data) - {"seed", "vm", "clock"}
     if unknown:
@@ -78,12 +83,31 @@ def load_scenario(name_or_path: str) -> Scenario:
         if bad:
             raise ValueError(f"scenario {name_or_path!r}: vm {index}: unknown keys {sorted(bad)}")
     seed = data.get("seed", 0)
-    if not isinstance(seed, int) or seed < 0:
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"scenario {name_or_path!r}: seed must be a non-negative integer")
     clock = data.get("clock", "realtime")
     if clock not in CLOCK_MODES:
         raise ValueError(f"scenario {name_or_path!r}: clock must be one of {', '.join(CLOCK_MODES)}")
     return Scenario(seed=seed, vms=vms, clock=clock)
+
+
+def _read_scenario_file(path: str) -> bytes:
+    """The file's bytes, if it is a regular file of at most MAX_SCENARIO_BYTES (a FIFO or a device is refused
+    without blocking on it); OSError otherwise."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        if info.st_size > MAX_SCENARIO_BYTES:
+            raise OSError(errno.EFBIG, f"larger than {MAX_SCENARIO_BYTES >> 10} KiB")
+        with os.fdopen(fd, "rb", closefd=False) as handle:
+            data = handle.read(MAX_SCENARIO_BYTES + 1)
+    finally:
+        os.close(fd)
+    if len(data) > MAX_SCENARIO_BYTES:  # it grew after the fstat
+        raise OSError(errno.EFBIG, f"larger than {MAX_SCENARIO_BYTES >> 10} KiB")
+    return data
 
 
 @dataclass(frozen=True)

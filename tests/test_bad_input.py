@@ -254,6 +254,8 @@ BAD_VALUES = {
     "two-newlines": (b"0\n\n", errno.EINVAL),
     "minus-one": (b"-1", errno.EINVAL),
     "bad-hex": (b"0x", errno.EINVAL),
+    "prefix-twice": (b"0x0x0", errno.EINVAL),
+    "octal-letter": (b"00o0", errno.EINVAL),
     "overflow": (str(U64_MAX + 1).encode(), errno.ERANGE),
     "overflow-hex": (b"0x1" + b"0" * 16, errno.ERANGE),
 }
@@ -283,6 +285,7 @@ ZERO_WRITES = [
     ("{tdp}/remote_tlb_flush", b"+0"),
     ("pf_fixed", b"00"),
     ("{vm}/max_mmu_rmap_size", b"0X0\n"),
+    ("halt_exits", b"0\x00junk"),
 ]
 
 

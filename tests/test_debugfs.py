@@ -86,7 +86,11 @@ def test_simple_attr_write_paths() -> None:
 
 @pytest.mark.parametrize(
     ("text", "value"),
-    [(b"0", 0), (b"0\n", 0), (b"+0", 0), (b"00", 0), (b"0x0", 0), (b"12\n", 12), (b"0x1f", 31), (b"017", 15)],
+    [
+        (b"0", 0), (b"0\n", 0), (b"+0", 0), (b"00", 0), (b"0x0", 0), (b"12\n", 12), (b"0x1f", 31), (b"017", 15),
+        (b"0\x00junk", 0),  # a C string: the NUL ends it
+        (b"18446744073709551615", (1 << 64) - 1),
+    ],
 )
 def test_kstrtoull_accepts(text: bytes, value: int) -> None:
     assert kstrtoull(text) == value
@@ -104,7 +108,14 @@ def test_kstrtoull_accepts(text: bytes, value: int) -> None:
         (b"abc", errno.EINVAL),
         (b"08", errno.EINVAL),
         (b"0x", errno.EINVAL),
+        (b"0xg", errno.EINVAL),
+        (b"0x0x0", errno.EINVAL),  # the base prefix is taken once
+        (b"00o0", errno.EINVAL),
+        (b"++0", errno.EINVAL),
+        (b"+", errno.EINVAL),
+        (b"\x00", errno.EINVAL),
         (b"18446744073709551616", errno.ERANGE),
+        (b"99999999999999999999x", errno.ERANGE),  # overflow is reported before what follows the digits
     ],
 )
 def test_kstrtoull_rejects(text: bytes, code: int) -> None:

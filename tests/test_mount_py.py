@@ -75,6 +75,13 @@ def _non_empty_dir(tmp_path: Path) -> Path:
     return tmp_path / "mnt"
 
 
+def _fifo(tmp: Path) -> str:
+    """A FIFO with no writer: opening it for reading the usual way would block forever."""
+    path = tmp / "scenario.fifo"
+    os.mkfifo(path)
+    return str(path)
+
+
 def _with_scenario(text: str) -> Callable[[Path], tuple[Path, list[str]]]:
     return lambda tmp: (_empty_dir(tmp), ["--scenario", str(write_scenario(tmp, text))])
 
@@ -110,6 +117,30 @@ REFUSALS: dict[str, tuple[Callable[[Path], tuple[Path, list[str]]], str]] = {
     "bad-vm-kernel-type": (
         _with_scenario('[[vm]]\nmemory = "256M"\nkernel = 515\n'),
         "mount.py: error: scenario vm 0: …",
+    ),
+    "float-where-an-integer-is-asked": (
+        _with_scenario('[[vm]]\nmemory = "256M"\nvcpus = 2.0\n'),
+        "mount.py: error: scenario vm 0: vcpus has the wrong type: 2.0",
+    ),
+    "boolean-seed": (
+        _with_scenario("seed = true\n"),
+        "mount.py: error: scenario '{tmp}/scenario.toml': seed must be a non-negative integer",
+    ),
+    "float-setting": (
+        _with_scenario('[[vm]]\nmemory = "256M"\nworkload = "idle"\nsettings = { uptime = 1.5 }\n'),
+        "mount.py: error: scenario vm 0: uptime: not a whole number: 1.5",
+    ),
+    "unicode-digits-in-a-size": (
+        _with_scenario('[[vm]]\nmemory = "\u0666G"\n'),
+        "mount.py: error: scenario vm 0: bad memory size '\u0666G' (examples: 6G, 512M)",
+    ),
+    "fifo-as-scenario": (
+        lambda tmp: (_empty_dir(tmp), ["--scenario", _fifo(tmp)]),
+        "mount.py: error: scenario '{tmp}/scenario.fifo': not a regular file",
+    ),
+    "device-as-scenario": (
+        lambda tmp: (_empty_dir(tmp), ["--scenario", "/dev/zero"]),
+        "mount.py: error: scenario '/dev/zero': not a regular file",
     ),
     "control-in-missing-directory": (
         lambda tmp: (_empty_dir(tmp), ["--control", str(tmp / "no" / "such" / "dir.sock")]),

@@ -31,6 +31,11 @@ def test_param_parse(param: Param, text, value: int) -> None:
         (CHILDREN, "1001", "children must be between 10 and 1000, not 1001"),
         (CHILDREN, "many", "children: not a whole number: 'many'"),
         (CHILDREN, True, "children: not a whole number: True"),
+        (CHILDREN, 20.0, "children: not a whole number: 20.0"),  # a scenario's float
+        (CHILDREN, "1_000", "children: not a whole number: '1_000'"),  # int() would take it; ASCII digits only
+        (CHILDREN, "\u0662\u0660", "children: not a whole number: '\u0662\u0660'"),  # Arabic-Indic 20
+        (CHILDREN, " 20", "children: not a whole number: ' 20'"),
+        (AREA, "1_0M", "area: not a size: '1_0M'"),
         (AREA, "1Q", "area: not a size: '1Q'"),
         (AREA, "1K", "area must be between 4096 and 1073741824, not 1024"),
     ],

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import numpy as np
 
-from kvmdbgfs.kvm.host import parse_memory
+from kvmdbgfs.kvm.host import parse_int, parse_memory
 
 if TYPE_CHECKING:
     from kvmdbgfs.vmm.qemu import QemuProcess
@@ -45,9 +45,12 @@ class Param:
     def parse(self, value: str | int) -> int:
         """The value as an int within [minimum, maximum]; ValueError with one line otherwise."""
         try:
-            if isinstance(value, bool):
-                raise TypeError
-            number = parse_memory(value) if self.size else int(value)
+            if isinstance(value, bool) or not isinstance(value, (int, str)):
+                raise TypeError  # a scenario's float or boolean is no integer
+            if isinstance(value, int):
+                number = value
+            else:
+                number = parse_memory(value) if self.size else parse_int(value)
         except (TypeError, ValueError):
             raise ValueError(f"{self.name}: not a {'size' if self.size else 'whole number'}: {value!r}") from None
         if not self.minimum <= number <= self.maximum:

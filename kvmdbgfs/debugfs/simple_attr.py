@@ -24,28 +24,47 @@ def format_u64(fmt: str, value: int) -> str:
     return fmt.replace("%llu", "%d").replace("%lld", "%d") % value
 
 
-def kstrtoull(text: bytes, base: int = 0) -> int:
-    """kstrtoull(): one unsigned number, optional '+', one trailing newline; EINVAL/ERANGE otherwise."""
-    if text.endswith(b"\n"):
-        text = text[:-1]
-    if text.startswith(b"+"):
-        text = text[1:]
+def _fixup_radix(text: bytes, base: int) -> tuple[bytes, int]:
+    """_parse_integer_fixup_radix(): base 0 is 16 for '0x' followed by a hex digit, 8 for any other leading
+    '0' (which stays a digit), else 10; a '0x' prefix is skipped once in base 16."""
     if base == 0:
-        if text[:2].lower() == b"0x" and len(text) > 2:
-            base, text = 16, text[2:]
-        elif text.startswith(b"0") and len(text) > 1:
-            base, text = 8, text[1:]
+        if text[:1] == b"0":
+            base = 16 if text[1:2].lower() == b"x" and len(text) > 2 and _digit(text[2]) < 16 else 8
         else:
             base = 10
-    try:
-        decoded = text.decode("ascii")
-        if not decoded or not all(c.isalnum() for c in decoded):
-            raise ValueError
-        value = int(decoded, base)
-    except ValueError:
-        raise kernel_error(EINVAL) from None
+    if base == 16 and text[:2].lower() == b"0x":
+        text = text[2:]
+    return text, base
+
+
+def _digit(c: int) -> int:
+    """The value of one ASCII digit or letter a-f in any base up to 16; 16 for anything else."""
+    if 0x30 <= c <= 0x39:
+        return c - 0x30
+    lower = c | 0x20
+    return lower - 0x61 + 10 if 0x61 <= lower <= 0x66 else 16
+
+
+def kstrtoull(text: bytes, base: int = 0) -> int:
+    """kstrtoull() on a C string (lib/kstrtox.c): an optional '+', the radix prefix, digits of that base only,
+    one optional newline, then the end (a NUL ends the string); EINVAL without a digit or with anything
+    left over, ERANGE past U64_MAX (checked first)."""
+    text = text.split(b"\0", 1)[0]
+    if text[:1] == b"+":
+        text = text[1:]
+    text, base = _fixup_radix(text, base)
+    value = parsed = 0
+    for c in text:
+        digit = _digit(c)
+        if digit >= base:
+            break
+        value = value * base + digit
+        parsed += 1
     if value > U64_MAX:
         raise kernel_error(ERANGE)
+    rest = text[parsed:]
+    if parsed == 0 or rest not in (b"", b"\n"):
+        raise kernel_error(EINVAL)
     return value
 
 
@@ -80,7 +99,7 @@ class SimpleAttrFops(FileOperations):
         if attr.set is None:
             raise kernel_error(EACCES)
         with file.lock:
-            value = kstrtoull(data[: SET_BUF_SIZE - 1])
+            value = kstrtoull(data[: SET_BUF_SIZE - 1])  # set_buf is NUL-terminated after what was copied
             attr.set(file.data, value)
         return len(data)
 

@@ -18,7 +18,16 @@ from kvmdbgfs.kvm.vm import MMU_MODES, Kvm, VmConfig
 MIN_MEMORY = 64 << 20
 MAX_MEMORY = 64 << 30
 MAX_VCPUS = 1024  # KVM_MAX_VCPUS
-_SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
+# ASCII only: Python's \d and int() would also take other scripts' digits and '_' separators.
+_SIZE = re.compile(r"^\s*([0-9]+)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE | re.ASCII)
+_INT = re.compile(r"^-?[0-9]+$", re.ASCII)
+
+
+def parse_int(text: str) -> int:
+    """A whole number written in ASCII digits (an optional '-'); ValueError otherwise."""
+    if not _INT.match(text):
+        raise ValueError(f"not a whole number: {text!r}")
+    return int(text)
 
 
 def parse_memory(text: str | int) -> int:
@@ -28,7 +37,7 @@ def parse_memory(text: str | int) -> int:
     match = _SIZE.match(text)
     if not match:
         raise ValueError(f"bad memory size {text!r} (examples: 6G, 512M)")
-    number, suffix = int(match.group(1)), match.group(2).upper()
+    number, suffix = parse_int(match.group(1)), match.group(2).upper()
     return number << {"": 0, "K": 10, "M": 20, "G": 30, "T": 40}[suffix]
 
 
