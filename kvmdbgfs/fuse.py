@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import itertools
 import os
+import posixpath
 import threading
 from typing import Any
 
@@ -129,7 +130,9 @@ class DebugfsOperations(mfusepy.Operations):
     # Everything that would change the tree's shape or its metadata.
 
     def create(self, path: str, mode: int, fi: Any = None) -> int:
-        """A new name in a debugfs directory: vfs_create() without ->create gives EACCES."""
+        """A new name in a debugfs directory: vfs_create() without ->create gives EACCES. A directory removed
+        since the path walk (a VM destroyed meanwhile) is dead: creating in it gives ENOENT (lookup_open)."""
+        lookup(self.root, posixpath.dirname(path))
         raise kernel_error(errno.EACCES)
 
     mkdir = rmdir = unlink = rename = link = symlink = mknod = _refuse
