@@ -61,7 +61,10 @@ def start_workload(vm: QemuProcess, name: str, overrides: Mapping[str, Any]) -> 
 
 
 def wait_workload(job: WorkloadJob, progress: Progress = no_progress, timeout: float | None = None) -> dict[str, Any]:
-    """Wait for a queued workload, passing its progress on; its summary, or ValueError with its error."""
+    """Wait for a queued workload, passing its progress on; its summary, or ValueError with its error.
+
+    ``progress`` runs on the waiting thread, never on the VM's: if it blocks or raises (a client gone), or the
+    wait times out, only the waiting stops; the workload runs to its end as if it had been waited for."""
     deadline = None if timeout is None else time.monotonic() + timeout
     while not job.done.is_set():
         if deadline is not None and time.monotonic() > deadline:

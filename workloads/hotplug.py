@@ -22,11 +22,20 @@ Each round:
 
 The buffers stay with their processes, now in the guest's other memory,
 until the next round, whose users free them first.
+
+A round has one safe point, at its end, when the DIMM is unplugged: a
+cancelled run (or a destroyed VM) stops there and its users unmap their
+buffers. A run that ends early elsewhere (the guest out of memory) unmaps
+the buffers made so far, then unplugs the DIMM if it is plugged: its pages
+in use are migrated out, and its memslots deleted. A guest that cannot add
+the DIMM's memory (no free 2 MiB block for its memmap) leaves nothing of it
+behind. If even that unplug finds no memory to migrate to, the DIMM stays
+plugged and online, and the error says the guest is out of memory.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +47,7 @@ from kvmdbgfs.guest.migrate import MigrationResult
 from kvmdbgfs.guest.physmem import STRUCT_PAGES_PER_PAGE
 from kvmdbgfs.workloads.base import Param, Progress, Workload
 from kvmdbgfs.workloads.guest import booted_guest, require_booted
+from kvmdbgfs.workloads.teardown import Started
 
 if TYPE_CHECKING:
     from kvmdbgfs.arch.x86.mmu.memslot import KvmMemorySlot
@@ -73,35 +83,50 @@ def dimm_slot(vm: QemuProcess, size: int) -> Dimm:
 
 def plug(vm: QemuProcess, dimm: Dimm) -> None:
     """pc_dimm_plug: a memslot per address space (KVM_SET_USER_MEMORY_REGION); then the guest's ACPI
-    handler adds the memory and onlines it (add_memory, online_pages into ZONE_MOVABLE)."""
+    handler adds the memory and onlines it (add_memory, online_pages into ZONE_MOVABLE). A guest that
+    cannot add it (no free 2 MiB block for its memmap) reports the failure, and the memslots go again."""
     first_id = max(slot.id for slot in vm.memslots) + 1
-    dimm.slots = [
+    slots = [
         vm.kvm.kvm_set_memory_region(first_id + as_id, as_id, dimm.start, dimm.npages)
         for as_id in range(KVM_ADDRESS_SPACE_NUM)
     ]
-    add_memory(booted_guest(vm).kernel, dimm.start, dimm.end)
+    try:
+        add_memory(booted_guest(vm).kernel, dimm.start, dimm.end)
+    except MemoryError:
+        delete_memslots(vm, slots)
+        raise
+    dimm.slots = slots
 
 
 def unplug(vm: QemuProcess, dimm: Dimm) -> MigrationResult:
     """The guest offlines and removes the memory (offline_pages, remove_memory) and ejects the device; QEMU
-    then deletes the memslots (KVM_MR_DELETE)."""
+    then deletes the memslots. Out of memory for the migration, the DIMM stays plugged and online."""
     result = offline_and_remove_memory(booted_guest(vm).kernel, dimm.start, dimm.end)
-    for slot in dimm.slots:
-        vm.kvm.kvm_delete_memory_region(slot)
+    delete_memslots(vm, dimm.slots)
     dimm.slots = []
     return result
 
 
-def fill_buffers(users: list[Task], use_pages: int) -> list[tuple[Task, Vma]]:
-    """Each user maps its share of ``use_pages`` anonymous pages and writes all of it."""
-    buffers = []
+def delete_memslots(vm: QemuProcess, slots: list[KvmMemorySlot]) -> None:
+    """KVM_MR_DELETE of each of a DIMM's memslots: KVM zaps what maps them, and they go with their rmaps."""
+    for slot in slots:
+        vm.kvm.kvm_delete_memory_region(slot)
+
+
+def map_buffers(users: list[Task], use_pages: int) -> Iterator[tuple[Task, Vma]]:
+    """Each user maps its share of ``use_pages`` anonymous pages and writes all of it. Each mapping is
+    yielded as soon as it is made, before it is written, so that the caller can track it."""
     for task, share in zip(users, np.array_split(np.arange(use_pages), len(users))):
         if not len(share):
             continue
         vma = task.mmap(len(share) << PAGE_SHIFT, name="[anon:dimm]")
+        yield task, vma
         task.touch(vma.start, vma.end, write=True)
-        buffers.append((task, vma))
-    return buffers
+
+
+def fill_buffers(users: list[Task], use_pages: int) -> list[tuple[Task, Vma]]:
+    """map_buffers, all of them."""
+    return list(map_buffers(users, use_pages))
 
 
 class Hotplug(Workload):
@@ -137,20 +162,23 @@ class Hotplug(Workload):
         buffers: list[tuple[Task, Vma]] = []
         migrated = remapped = pte_writes = zapped = 0
         heads: list[int] = []
-        for round_ in range(settings["rounds"]):
-            for task, vma in buffers:
-                task.munmap(vma.start, vma.end - vma.start)
-            plug(vm, dimm)
-            buffers = fill_buffers(users, use_pages)
-            system.advance(IDLE_SECONDS)
-            heads = [int(np.count_nonzero(level)) for level in dimm.slots[0].rmap or ()]
-            writes, shadow_zapped = vm.kvm.stat.mmu_pte_write, vm.kvm.stat.mmu_shadow_zapped
-            result = unplug(vm, dimm)
-            migrated, remapped = migrated + result.pages, remapped + result.ptes
-            pte_writes += vm.kvm.stat.mmu_pte_write - writes
-            zapped += vm.kvm.stat.mmu_shadow_zapped - shadow_zapped
-            system.advance(IDLE_SECONDS)
-            progress(round_ + 1, settings["rounds"])
+        with Started(system.kernel) as started:  # an early end unmaps the buffers, then unplugs a plugged DIMM
+            for round_ in range(settings["rounds"]):
+                for task, vma in buffers:
+                    started.munmap(task, vma)
+                plug(vm, dimm)
+                started.track(dimm, lambda: unplug(vm, dimm))
+                buffers = [(task, started.mapped(task, vma)) for task, vma in map_buffers(users, use_pages)]
+                system.advance(IDLE_SECONDS)
+                heads = [int(np.count_nonzero(level)) for level in dimm.slots[0].rmap or ()]
+                writes, shadow_zapped = vm.kvm.stat.mmu_pte_write, vm.kvm.stat.mmu_shadow_zapped
+                result = unplug(vm, dimm)
+                started.ended(dimm)
+                migrated, remapped = migrated + result.pages, remapped + result.ptes
+                pte_writes += vm.kvm.stat.mmu_pte_write - writes
+                zapped += vm.kvm.stat.mmu_shadow_zapped - shadow_zapped
+                system.advance(IDLE_SECONDS)
+                progress(round_ + 1, settings["rounds"])
         return {
             "rounds": settings["rounds"],
             "dimm_base": hex(dimm.start << PAGE_SHIFT),

@@ -8,6 +8,13 @@ they share its pages and libraries. Each worker has served its own share of
 the traffic so far, and so has run its own share of the code paths of
 apache2 and its libraries. Three users are logged in over SSH. With the
 defaults that is about 80 user processes, 190 in all.
+
+The booted system is the VM's guest from then on, not something the workload
+takes back. The boot has no safe point: cancelling it (or destroying the VM)
+takes effect once the system is up, at the first safe point of the uptime
+phase, and leaves the system running. A web server that runs the guest out of
+memory while it starts is stopped again; a boot that runs out of memory is a
+guest that panicked (see workloads/guest.py).
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from kvmdbgfs.guest.irq import NSEC_PER_SEC
 from kvmdbgfs.guest.userspace import serve, wake
 from kvmdbgfs.workloads.base import Param, Progress, Workload
 from kvmdbgfs.workloads.guest import boot_guest
+from kvmdbgfs.workloads.teardown import Started
 
 if TYPE_CHECKING:
     from kvmdbgfs.vmm.qemu import QemuProcess
@@ -48,12 +56,13 @@ class Idle(Workload):
         system = boot_guest(vm, rng, settings["logins"])
         if settings["workers"]:
             kernel = system.kernel
-            apache = kernel.spawn("apache2", system.init)
-            for _ in range(settings["workers"]):
-                worker = kernel.fork(apache)
-                wake(worker)
-                serve(worker, float(kernel.rng.uniform(*WORKER_SHARE)))
-                system.arm(worker, WORKER_PERIOD)
+            with Started(kernel) as started:  # a web server that cannot start in full is stopped again
+                apache = started.spawn("apache2", system.init)
+                for _ in range(settings["workers"]):
+                    worker = started.fork(apache)
+                    wake(worker)
+                    serve(worker, float(kernel.rng.uniform(*WORKER_SHARE)))
+                    system.arm(worker, WORKER_PERIOD)
         progress(1, steps)
         left = settings["uptime"]
         for step in range(2, steps + 1):

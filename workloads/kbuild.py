@@ -15,6 +15,7 @@ import numpy as np
 from kvmdbgfs.guest.distro import Program
 from kvmdbgfs.workloads.base import Param, Progress, Workload
 from kvmdbgfs.workloads.guest import booted_guest, require_booted
+from kvmdbgfs.workloads.teardown import Started
 
 if TYPE_CHECKING:
     from kvmdbgfs.vmm.qemu import QemuProcess
@@ -41,27 +42,28 @@ class Kbuild(Workload):
     def run(self, vm: QemuProcess, settings: dict[str, int], rng: np.random.Generator, progress: Progress) -> dict[str, Any]:
         system = booted_guest(vm)
         kernel = system.kernel
-        make = kernel.spawn(MAKE, system.session[-1])
-        kernel.compute(make, MAKE.cpu_ms)
-        running: list = []
         files = settings["files"]
         wave = min(settings["jobs"], kernel.nr_vcpus)
-        for done in range(files):
-            if len(running) == settings["jobs"]:
-                kernel.exit(running.pop(int(rng.integers(len(running)))))
-            task = kernel.spawn(STEPS[0], make)
-            kernel.compute(task, STEPS[0].cpu_ms)
-            for step in STEPS[1:]:
-                kernel.exec(task, step)
-                kernel.compute(task, step.cpu_ms)
-            running.append(task)
-            if (done + 1) % wave == 0 or done + 1 == files:
-                progress(done + 1, files + 1)
-        for task in running:
-            kernel.exit(task)
-        link = kernel.spawn(LINK, make)
-        kernel.compute(link, LINK.cpu_ms)
-        kernel.exit(link)
-        kernel.exit(make)
-        progress(files + 1, files + 1)
+        with Started(kernel) as started:
+            make = started.spawn(MAKE, system.session[-1])
+            kernel.compute(make, MAKE.cpu_ms)
+            running: list = []
+            for done in range(files):
+                if len(running) == settings["jobs"]:
+                    started.exit(running.pop(int(rng.integers(len(running)))))
+                task = started.spawn(STEPS[0], make)
+                kernel.compute(task, STEPS[0].cpu_ms)
+                for step in STEPS[1:]:
+                    kernel.exec(task, step)
+                    kernel.compute(task, step.cpu_ms)
+                running.append(task)
+                if (done + 1) % wave == 0 or done + 1 == files:
+                    progress(done + 1, files + 1)
+            for task in running:
+                started.exit(task)
+            link = started.spawn(LINK, make)
+            kernel.compute(link, LINK.cpu_ms)
+            started.exit(link)
+            started.exit(make)
+            progress(files + 1, files + 1)
         return {"compiles": files, "processes": files + 2}

@@ -9,6 +9,7 @@ import numpy as np
 from kvmdbgfs.guest.distro import Program
 from kvmdbgfs.workloads.base import Param, Progress, Workload
 from kvmdbgfs.workloads.guest import booted_guest, require_booted
+from kvmdbgfs.workloads.teardown import Started
 
 if TYPE_CHECKING:
     from kvmdbgfs.vmm.qemu import QemuProcess
@@ -31,14 +32,15 @@ class Memhog(Workload):
         free_bytes = system.kernel.stats()["pages_free"] * 4096
         if settings["size"] > free_bytes:
             raise ValueError(f"memhog: size {settings['size']} exceeds the guest's free memory ({free_bytes})")
-        task = system.kernel.spawn(MEMHOG, system.session[-1])
-        region = task.mmap(settings["size"], name="memhog")
-        task.madvise_hugepage(region.start, settings["size"])
-        chunks = -(-settings["size"] // CHUNK)
-        for done, start in enumerate(range(region.start, region.end, CHUNK), start=1):
-            task.touch(start, min(start + CHUNK, region.end), write=True)
-            progress(done, chunks)
-        resident = task.resident_pages()
-        if not settings["keep"]:
-            system.kernel.exit(task)
+        with Started(system.kernel) as started:
+            task = started.spawn(MEMHOG, system.session[-1])
+            region = task.mmap(settings["size"], name="memhog")
+            task.madvise_hugepage(region.start, settings["size"])
+            chunks = -(-settings["size"] // CHUNK)
+            for done, start in enumerate(range(region.start, region.end, CHUNK), start=1):
+                task.touch(start, min(start + CHUNK, region.end), write=True)
+                progress(done, chunks)
+            resident = task.resident_pages()
+            if not settings["keep"]:
+                started.exit(task)
         return {"resident_pages": resident, "pages_2m": vm.kvm.stat.pages_2m, "pages_4k": vm.kvm.stat.pages_4k}

@@ -16,6 +16,7 @@ import numpy as np
 from kvmdbgfs.guest.distro import Program
 from kvmdbgfs.workloads.base import Param, Progress, Workload
 from kvmdbgfs.workloads.guest import booted_guest, require_booted
+from kvmdbgfs.workloads.teardown import Started
 
 if TYPE_CHECKING:
     from kvmdbgfs.vmm.qemu import QemuProcess
@@ -39,22 +40,23 @@ class RmapFork(Workload):
         kernel = system.kernel
         total = 2 * settings["children"] + 2
         before = vm.kvm.stat.max_mmu_rmap_size
-        parent = kernel.spawn(RMAP_FORK, system.session[-1])
-        area = parent.mmap(settings["size"], shared=True, name="rmap_fork area")
-        parent.touch(area.start, area.end, write=True)
-        progress(1, total)
-        libc = next(obj for obj in parent.objects if obj.elf.name == "libc.so.6")
-        libc_text = kernel.hot_pages(libc, "text", SLEEP_LIBC_TEXT)
-        children = []
-        for _ in range(settings["children"]):
-            child = kernel.fork(parent)
-            child.touch(child.user_stack_top - SLEEP_STACK_PAGES * 4096, child.user_stack_top, write=True)
-            child.touch_pages(libc_text, write=False)
-            children.append(child)
-            progress(1 + len(children), total)
-        for done, child in enumerate(children, start=len(children) + 2):
-            kernel.exit(child)  # SIGKILL, then the parent's wait() reaps it
-            progress(done, total)
-        kernel.exit(parent)
-        progress(total, total)
+        with Started(kernel) as started:
+            parent = started.spawn(RMAP_FORK, system.session[-1])
+            area = parent.mmap(settings["size"], shared=True, name="rmap_fork area")
+            parent.touch(area.start, area.end, write=True)
+            progress(1, total)
+            libc = next(obj for obj in parent.objects if obj.elf.name == "libc.so.6")
+            libc_text = kernel.hot_pages(libc, "text", SLEEP_LIBC_TEXT)
+            children = []
+            for _ in range(settings["children"]):
+                child = started.fork(parent)
+                child.touch(child.user_stack_top - SLEEP_STACK_PAGES * 4096, child.user_stack_top, write=True)
+                child.touch_pages(libc_text, write=False)
+                children.append(child)
+                progress(1 + len(children), total)
+            for done, child in enumerate(children, start=len(children) + 2):
+                started.exit(child)  # SIGKILL, then the parent's wait() reaps it
+                progress(done, total)
+            started.exit(parent)
+            progress(total, total)
         return {"max_mmu_rmap_size_before": before, "max_mmu_rmap_size": vm.kvm.stat.max_mmu_rmap_size}

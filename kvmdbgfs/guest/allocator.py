@@ -213,7 +213,7 @@ class PageAllocator:
         """The lowest whole pageblock of fresh memory, taken out of its block (-1 if there is none)."""
         for i in range(len(self._fresh) - 1, -1, -1):
             block = self._fresh[i]
-            starts = np.flatnonzero(block[: len(block) - HPAGE_PMD_NR + 1] % HPAGE_PMD_NR == 0)
+            starts = np.flatnonzero(block[: max(len(block) - HPAGE_PMD_NR + 1, 0)] % HPAGE_PMD_NR == 0)
             whole = starts[block[starts + HPAGE_PMD_NR - 1] == block[starts] + HPAGE_PMD_NR - 1]
             if len(whole):
                 at = int(whole[0])

@@ -53,7 +53,9 @@ def map_elf(task: Task, elf: Elf, file: File, base: int) -> LoadedElf:
 
 
 def execve(kernel: GuestKernel, task: Task, program: Program) -> list[LoadedElf]:
-    """do_execve + load_elf_binary + ld.so start-up. Returns the mapped objects, executable first."""
+    """do_execve + load_elf_binary + ld.so start-up. Returns the mapped objects, executable first.
+    Out of memory after the new mm replaced the old one, the task is left with what was built so far: only
+    exiting remains for it."""
     ctx = kernel.enter(task)
     exe_file, ld_file = kernel.file(program.exe), kernel.file(LD_SO)
     kernel.cache.read(exe_file, 0)  # prepare_binprm
@@ -68,8 +70,12 @@ def execve(kernel: GuestKernel, task: Task, program: Program) -> list[LoadedElf]
             grows_down=True,
         )
     )
-    fault.populate(ctx, mm, mm.stack_top - ARG_PAGES * PAGE_SIZE, mm.stack_top, write=True)  # copy_strings
-    kernel.cache.read(ld_file, 0)  # the interpreter's ELF header
+    try:
+        fault.populate(ctx, mm, mm.stack_top - ARG_PAGES * PAGE_SIZE, mm.stack_top, write=True)  # copy_strings
+        kernel.cache.read(ld_file, 0)  # the interpreter's ELF header
+    except MemoryError:  # before the point of no return: the new mm goes (free_bprm), the task keeps its own
+        kernel.mmput(mm)
+        raise
     old, task.mm = task.mm, mm
     task.program, task.comm = program.name, program.name[:15]
     ctx.tlb.switch_mm(ctx.cpu, mm)  # exec_mmap: activate_mm

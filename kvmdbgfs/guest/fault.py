@@ -111,21 +111,26 @@ def _cow_sources_in_order(
     needs_page: np.ndarray,
 ) -> np.ndarray:
     """do_cow_fault's page-cache sources (filled into ``src``) and the new pages, allocated in fault order:
-    a read-around happens when the fault that needs it does."""
+    a read-around happens when the fault that needs it does. Should the guest run out of memory on the way,
+    the pages of the faults before (none mapped yet: the batch maps them together) are freed again."""
     file = vma.file
     assert file is not None
     new = np.full(len(indices), -1, np.int64)
     pos = 0
-    while pos < len(indices):
-        lookup = np.flatnonzero(missing[pos:] & (src[pos:] < 0)) + pos
-        src[lookup] = file.pages[vma.pgoff_at(base) + indices[lookup]]
-        uncached = lookup[src[lookup] < 0]
-        stop = int(uncached[0]) if len(uncached) else len(indices)
-        run = np.flatnonzero(needs_page[pos:stop]) + pos
-        new[run] = ctx.pages.alloc(len(run), PAGE_ANON)
-        if stop < len(indices):
-            src[stop] = ctx.cache.fault_page(file, vma.pgoff_at(base) + int(indices[stop]))
-        pos = stop
+    try:
+        while pos < len(indices):
+            lookup = np.flatnonzero(missing[pos:] & (src[pos:] < 0)) + pos
+            src[lookup] = file.pages[vma.pgoff_at(base) + indices[lookup]]
+            uncached = lookup[src[lookup] < 0]
+            stop = int(uncached[0]) if len(uncached) else len(indices)
+            run = np.flatnonzero(needs_page[pos:stop]) + pos
+            new[run] = ctx.pages.alloc(len(run), PAGE_ANON)
+            if stop < len(indices):
+                src[stop] = ctx.cache.fault_page(file, vma.pgoff_at(base) + int(indices[stop]))
+            pos = stop
+    except MemoryError:
+        ctx.pages.free(new[new >= 0])
+        raise
     return new
 
 

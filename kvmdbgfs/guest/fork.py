@@ -48,13 +48,16 @@ def copy_page_range(ctx: KernelContext, parent: Mm, child: Mm, vma: Vma) -> None
 
 
 def dup_mmap(ctx: KernelContext, parent: Mm, child: Mm) -> None:
-    """dup_mmap: the child gets a copy of every VMA, page tables only where needed; then flush_tlb_mm(parent)."""
-    for vma in parent.vmas:
-        dup = copy(vma)  # vm_area_dup: a shallow copy
-        if dup.file is not None:
-            dup.file.mappings += 1
-        child.insert(dup)
-        if vma_needs_copy(vma):
-            copy_page_range(ctx, parent, child, vma)
+    """dup_mmap: the child gets a copy of every VMA, page tables only where needed; then flush_tlb_mm(parent),
+    also when the guest runs out of memory on the way (the parent's PTEs copied so far are write-protected)."""
     child.copy_layout(parent)
-    ctx.tlb.flush_tlb_mm(parent, ctx.cpu)
+    try:
+        for vma in parent.vmas:
+            dup = copy(vma)  # vm_area_dup: a shallow copy
+            if dup.file is not None:
+                dup.file.mappings += 1
+            child.insert(dup)
+            if vma_needs_copy(vma):
+                copy_page_range(ctx, parent, child, vma)
+    finally:
+        ctx.tlb.flush_tlb_mm(parent, ctx.cpu)

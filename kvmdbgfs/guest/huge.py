@@ -68,12 +68,17 @@ def huge_fault(ctx: KernelContext, mm: Mm, vma: Vma, base: int, write: bool) -> 
 
 
 def do_huge_pmd_anonymous_page(ctx: KernelContext, mm: Mm, vma: Vma, base: int) -> bool:
-    """The THP, a PT page deposited for it, the THP cleared, then the PMD."""
+    """The THP, a PT page deposited for it, the THP cleared, then the PMD. No PT page to deposit is
+    VM_FAULT_OOM, after the THP is released."""
     pd = alloc_table_at(ctx, mm.pgd, base, 2, PAGE_TABLE)
     page = ctx.pages.alloc_huge(PAGE_ANON)
     if page < 0:  # no free 2 MiB block: fall back to small pages
         return False
-    mm.deposited[base] = ctx.alloc_table()  # pte_alloc_one + pgtable_trans_huge_deposit
+    try:
+        mm.deposited[base] = ctx.alloc_table()  # pte_alloc_one + pgtable_trans_huge_deposit
+    except MemoryError:
+        ctx.pages.put_huge(page)
+        raise
     ctx.kernel_access(direct_map(np.arange(page, page + HPAGE_PMD_NR)), write=True)  # clear_huge_page
     ctx.store(
         pd, pt_index(base, 2), make_pte(page, vma.page_prot() | PT_WRITABLE_MASK | PT_DIRTY_MASK | PT_PAGE_SIZE_MASK)

@@ -195,15 +195,27 @@ class GuestKernel:
         return self._new_task(comm, None, None)
 
     def fork(self, parent: Task) -> Task:
-        """kernel_clone: a new task with a copy of the parent's address space (dup_mm)."""
+        """kernel_clone: a new task with a copy of the parent's address space (dup_mm). Out of memory on the
+        way, copy_process's error path (bad_fork_cleanup_*) frees what the child got, its mm, kernel stack
+        and pid; the child never ran."""
         ctx = self.enter(parent)
         mm = None
         if parent.mm is not None:
             mm = Mm(pgd_alloc(ctx, self.kernel_entries))
-        child = self._new_task(parent.comm, mm, parent)
+        try:
+            child = self._new_task(parent.comm, mm, parent)
+        except MemoryError:  # dup_task_struct found no kernel stack
+            if mm is not None:
+                self.mmput(mm)
+            raise
         child.objects = list(parent.objects)  # the same executable and libraries stay mapped
         if parent.mm is not None and mm is not None:
-            dup_mmap(ctx, parent.mm, mm)
+            try:
+                dup_mmap(ctx, parent.mm, mm)
+            except MemoryError:
+                self.mmput(mm)
+                self._free_task(child)
+                raise
         return child
 
     def exec(self, task: Task, program: str | Program) -> None:
@@ -221,9 +233,13 @@ class GuestKernel:
         return userspace.boot(self, logins=logins)
 
     def spawn(self, program: str | Program, parent: Task) -> Task:
-        """fork + exec, as a shell or systemd starts a program."""
+        """fork + exec, as a shell or systemd starts a program; a child whose exec runs out of memory exits."""
         child = self.fork(parent)
-        self.exec(child, program)
+        try:
+            self.exec(child, program)
+        except MemoryError:
+            self.exit(child)
+            raise
         return child
 
     def mmput(self, mm: Mm) -> None:
@@ -267,12 +283,16 @@ class GuestKernel:
             if mm.users == 0:
                 self.mmput(mm)
         self.current[cpu] = None
-        self.stacks.free(task.stack)
-        del self.tasks[task.pid]
+        self._free_task(task)
         init = self.tasks.get(1)
         for other in self.tasks.values():
             if other.parent is task:
                 other.parent = init
+
+    def _free_task(self, task: Task) -> None:
+        """free_task: the kernel stack goes back (free_thread_stack), and the pid."""
+        self.stacks.free(task.stack)
+        del self.tasks[task.pid]
 
     # -- stats -----------------------------------------------------------------------
     def stats(self) -> dict[str, int]:

@@ -201,22 +201,30 @@ class KernelPageTables:
     def arch_add_memory(self, start: int, end: int) -> None:
         """arch_add_memory for [start, end): init_memory_mapping (tables from the page allocator), then
         vmemmap_populate of each new section: a zeroed 2 MiB block from the page allocator
-        (vmemmap_alloc_block), mapped by one PMD."""
+        (vmemmap_alloc_block), mapped by one PMD. When no block is left, what was added is removed again
+        before the MemoryError goes on (Linux's __add_pages leaves the sections it added, with a warning;
+        the model leaves nothing, so that the range can be plugged again)."""
         self.init_memory_mapping(start, end)
-        for section in range(start // SECTION_PAGES, -(-end // SECTION_PAGES)):
-            block = self.ctx.pages.alloc_huge(allocator.PAGE_KERNEL)  # the page kind, not this module's PTE flags
-            if block < 0:
-                raise MemoryError("vmemmap_populate: no free 2 MiB block for the memmap")
-            zeroed = np.arange(block, block + allocator.HPAGE_PMD_NR)  # __GFP_ZERO
-            self.ctx.kernel_access(direct_map(zeroed), write=True)
-            self._map_large(memmap_va(section), np.array([block]), 2, PAGE_KERNEL_LARGE)
-            self.hotplug_memmap[section] = block
+        try:
+            for section in range(start // SECTION_PAGES, -(-end // SECTION_PAGES)):
+                block = self.ctx.pages.alloc_huge(allocator.PAGE_KERNEL)  # the page kind, not this module's flags
+                if block < 0:
+                    raise MemoryError("vmemmap_populate: no free 2 MiB block for the memmap")
+                zeroed = np.arange(block, block + allocator.HPAGE_PMD_NR)  # __GFP_ZERO
+                self.ctx.kernel_access(direct_map(zeroed), write=True)
+                self._map_large(memmap_va(section), np.array([block]), 2, PAGE_KERNEL_LARGE)
+                self.hotplug_memmap[section] = block
+        except MemoryError:
+            self.arch_remove_memory(start, end)
+            raise
 
     def arch_remove_memory(self, start: int, end: int) -> None:
-        """arch_remove_memory for [start, end): vmemmap_free of its sections (each memmap block freed, its
-        PMD cleared), then kernel_physical_mapping_remove of the direct map; each remove_pagetable ends
-        with flush_tlb_all."""
+        """arch_remove_memory for [start, end): vmemmap_free of its sections that have a memmap (all of them
+        but after a failed arch_add_memory; each block freed, its PMD cleared), then
+        kernel_physical_mapping_remove of the direct map; each remove_pagetable ends with flush_tlb_all."""
         for section in range(start // SECTION_PAGES, -(-end // SECTION_PAGES)):
+            if section not in self.hotplug_memmap:
+                continue
             self.ctx.pages.put_huge(self.hotplug_memmap.pop(section))
             self._clear(memmap_va(section), 1, 2, free_empty=True)
         self.ctx.tlb.flush_tlb_all()

@@ -53,13 +53,18 @@ class MmuGather:
 
     def remove_pages(self, gfns: np.ndarray | int) -> None:
         """__tlb_remove_page for each small page (or tlb_remove_page_size for a THP, one entry): a new
-        batch page each time the current batch fills up."""
+        batch page each time the current batch fills up. When none can be had (tlb_next_batch's GFP_NOWAIT
+        allocation fails: the guest is out of memory) the gather is flushed at once (force_flush), so
+        tearing a process down never needs memory it cannot get."""
         self.pages.append(gfns)
         self.nr += 1 if isinstance(gfns, int) else len(gfns)
         needed = max(0, -(-(self.nr - MMU_GATHER_BUNDLE + 1) // MAX_GATHER_BATCH))
         needed = min(needed, MAX_GATHER_BATCH_COUNT)
-        while len(self.batch_pages) < needed:
-            self.batch_pages.append(int(self.ctx.alloc(1, PAGE_KERNEL, zero=False)[0]))
+        try:
+            while len(self.batch_pages) < needed:
+                self.batch_pages.append(int(self.ctx.alloc(1, PAGE_KERNEL, zero=False)[0]))
+        except MemoryError:
+            self.flush_mmu()
 
     def remove_table(self, gfn: int, va: int) -> None:
         """pte_free_tlb / pmd_free_tlb / pud_free_tlb."""

@@ -40,17 +40,25 @@ class KernelStacks:
         self.lazy_max_pages = LAZY_MAX_PAGES_PER_FLS * nr_cpus.bit_length()
 
     def alloc(self) -> int:
-        """A zeroed stack: a cached one (memset) or a fresh vmalloc area (zeroed pages, then mapped)."""
+        """A zeroed stack: a cached one (memset) or a fresh vmalloc area (zeroed pages, then mapped). When
+        no page is left for a page table of the mapping, the pages and the area go back (__vmalloc_area_node
+        fails)."""
         cached = self.cache[self.ctx.cpu]
         for i, va in enumerate(cached):
             if va is not None:
                 cached[i] = None
                 self.ctx.kernel_access(self.gvas(va), write=True)
                 return va
+        pages = self.ctx.alloc(THREAD_SIZE_PAGES, PAGE_KERNEL, zero=True)
         slot = heapq.heappop(self._free_slots) if self._free_slots else self._take_slot()
         va = self.base + slot * STACK_SLOT
-        self.pages[va] = self.ctx.alloc(THREAD_SIZE_PAGES, PAGE_KERNEL, zero=True)
-        self.kpt.map_pages(va, self.pages[va])
+        try:
+            self.kpt.map_pages(va, pages)
+        except MemoryError:
+            self.ctx.pages.put(pages)
+            heapq.heappush(self._free_slots, slot)
+            raise
+        self.pages[va] = pages
         return va
 
     def _take_slot(self) -> int:

@@ -6,7 +6,12 @@ The vCPU threads are emulated by one Python thread per VM, which runs the vCPUs 
 created. Idle, it follows the host clock; a workload (the boot included) runs the guest as fast as the
 emulation allows, its steps costing the guest time their exits and interrupts take, and the VM then idles
 until the host clock catches up. Each step is a safe point: due timers and devices run there, the thread
-yields to readers, and a cancelled workload stops there.
+yields to readers, and a cancelled workload stops there (it then tears down what it started in the guest:
+workloads/teardown.py).
+
+Nothing a workload's waiters do reaches the vCPU thread: it only sets the job's progress and notifies, so a
+waiter that blocks, fails or goes away (a client that disconnected) leaves the workload running to its end,
+exactly as if it had waited.
 """
 
 from __future__ import annotations
@@ -35,10 +40,11 @@ log = logging.getLogger(__name__)
 IDLE_SLICE_NS = 50_000_000  # guest time idled between two yields to readers
 IDLE_WAIT_S = 0.02  # how long the thread sleeps when it has caught up with a realtime clock
 MANUAL_WAIT_S = 1.0
+CANCEL_WAIT_S = 30.0  # how long a cancel or QEMU's exit waits for the workload to stop and tear down
 
 
 class WorkloadCancelled(Exception):
-    """The VM was destroyed while the workload ran; it stopped at a safe point."""
+    """The workload was cancelled, or its VM destroyed, while it ran; it stopped at a safe point."""
 
 
 @dataclass(eq=False)
@@ -48,6 +54,7 @@ class WorkloadJob:
     name: str
     run: Callable[[QemuProcess, Callable[..., None]], dict[str, Any]]
     progress: tuple[int, int] = (0, 0)
+    cancel: str | None = None  # why it must stop at its next safe point (its error then)
     result: dict[str, Any] | None = None
     error: str | None = None
     done: threading.Event = field(default_factory=threading.Event)
@@ -88,9 +95,9 @@ class QemuProcess:
         self.workload_runs = 0
         self.jobs: deque[WorkloadJob] = deque()
         self.current: WorkloadJob | None = None
+        self.guest_panicked = False  # QEMU's guest-panicked state: the guest died booting, nothing runs on it
         self._lock = threading.Lock()
         self._stopping = False
-        self._cancel = False
         self._thread = threading.Thread(target=self._main, name=f"qemu {self.name}", daemon=True)
         self._thread.start()
 
@@ -101,10 +108,11 @@ class QemuProcess:
         return self.clock.now_ns() - self.created_ns
 
     def submit(self, job: WorkloadJob) -> WorkloadJob:
-        """Queue a workload; it starts when the ones before it have ended."""
+        """Queue a workload; it starts when the ones before it have ended. A destroyed VM (or one being
+        destroyed) refuses it: LookupError."""
         with self._lock:
             if self._stopping:
-                raise LookupError(f"VM {self.name!r} is being destroyed")
+                raise LookupError(f"VM {self.name!r} is destroyed: it runs no more workloads")
             self.jobs.append(job)
         self.clock.wake()
         return job
@@ -114,10 +122,28 @@ class QemuProcess:
         with self._lock:
             return self.guest_ns >= target_ns and not self.jobs and self.current is None
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """QEMU exits: a running workload stops at its next safe point, queued ones fail, the thread ends."""
+    def cancel_workload(self, timeout: float = CANCEL_WAIT_S) -> str:
+        """`kvmdbgfs cancel`: the running workload stops at its next safe point and tears down what it started
+        in the guest; returns its name once it has (its error then says it was cancelled; one that reached its
+        end first simply ends). Workloads queued behind it are not affected: the next one starts after it.
+        LookupError when no workload runs; TimeoutError when it has not stopped within ``timeout`` seconds (it
+        still stops at its next safe point)."""
         with self._lock:
-            self._stopping = self._cancel = True
+            job = self.current
+            if job is None:
+                raise LookupError(f"no workload is running on VM {self.name}")
+            job.cancel = job.cancel or f"workload {job.name} on VM {self.name} was cancelled"
+        if not job.done.wait(timeout):
+            raise TimeoutError(f"workload {job.name} on VM {self.name} did not stop within {timeout:.0f} s")
+        return job.name
+
+    def stop(self, timeout: float = CANCEL_WAIT_S) -> None:
+        """QEMU exits: a running workload stops at its next safe point and tears down what it started, queued
+        ones fail, the thread ends (waited for ``timeout`` seconds at most)."""
+        with self._lock:
+            self._stopping = True
+            if self.current is not None:
+                self.current.cancel = f"VM {self.name} was destroyed: the workload stopped"
             queued, self.jobs = list(self.jobs), deque()
         for job in queued:
             _finish(job, error=f"VM {self.name} was destroyed before the workload started")
@@ -164,9 +190,7 @@ class QemuProcess:
         start = self.guest_ns
         try:
             job.result = job.run(self, lambda done, total, idle_ns=0: self._checkpoint(job, done, total, idle_ns))
-        except WorkloadCancelled:
-            job.error = f"VM {self.name} was destroyed: the workload stopped"
-        except (ValueError, LookupError, MemoryError) as exc:
+        except (WorkloadCancelled, ValueError, LookupError, MemoryError) as exc:
             job.error = str(exc) or type(exc).__name__
         except Exception as exc:  # a bug must not kill the VM's thread
             log.exception("workload %s on %s failed", job.name, self.name)
@@ -181,7 +205,8 @@ class QemuProcess:
 
     def _checkpoint(self, job: WorkloadJob, done: int, total: int, idle_ns: int) -> None:
         """A workload's safe point: the step's guest time passes (busy vCPUs take their ticks, due timers and
-        devices run), then ``idle_ns`` of idle time; readers get the GIL; a destroyed VM stops the workload."""
+        devices run), then ``idle_ns`` of idle time; readers get the GIL; a cancelled workload (or one whose
+        VM is destroyed) stops."""
         self._busy_step()
         if idle_ns:
             self._end_busy(self.guest_ns)
@@ -189,8 +214,8 @@ class QemuProcess:
         job.progress = (done, total)
         job._notify()
         time.sleep(0)
-        if self._cancel:
-            raise WorkloadCancelled
+        if job.cancel is not None:
+            raise WorkloadCancelled(job.cancel)
 
     def _busy_step(self) -> None:
         """The guest code a step ran on each vCPU runs side by side; the step lasts as long as the busiest."""
