@@ -14,8 +14,9 @@ import os
 import sys
 from pathlib import Path
 
-from kvmdbgfs.control.paths import default_socket_path
-from kvmdbgfs.control.server import ControlHandlers, ControlServer
+from kvmdbgfs.control.listener import ControlServer
+from kvmdbgfs.control.paths import UnsafeRuntimeDir, default_socket_path, pointer_path
+from kvmdbgfs.control.server import ControlHandlers
 from kvmdbgfs.fuse import DebugfsOperations, serve
 from kvmdbgfs.kvm.profiles import DEFAULT_PROFILE, get_profile
 from kvmdbgfs.mountpoint import MountpointError, prepare_mountpoint
@@ -49,6 +50,18 @@ def fail(message: str) -> int:
     return EXIT_USAGE
 
 
+def control_paths(control: Path | None, mountpoint: str) -> tuple[Path, Path | None]:
+    """The socket to listen on and the pointer file that lets `kvmdbgfs -m` find it. UnsafeRuntimeDir when the
+    runtime directory cannot be used; with --control that costs only the pointer (a line says so)."""
+    try:
+        return control or default_socket_path(mountpoint), pointer_path(mountpoint)
+    except UnsafeRuntimeDir as exc:
+        if control is None:
+            raise
+        print(f"mount.py: no pointer file for `kvmdbgfs -m`: {exc}", file=sys.stderr)
+        return control, None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -60,9 +73,12 @@ def main(argv: list[str] | None = None) -> int:
     if note:
         print(f"mount.py: {note}", file=sys.stderr)
     mountpoint = os.path.realpath(args.mountpoint)
-    socket_path = args.control or default_socket_path(mountpoint)
     try:
-        control = ControlServer(socket_path, mountpoint)
+        socket_path, pointer = control_paths(args.control, mountpoint)
+    except UnsafeRuntimeDir as exc:
+        return fail(str(exc))
+    try:
+        control = ControlServer(socket_path, pointer)
     except OSError as exc:
         return fail(f"control socket {socket_path}: {exc.strerror or exc}")
     try:

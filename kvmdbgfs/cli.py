@@ -4,24 +4,34 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
-from kvmdbgfs.control.client import ProgressCallback, RequestError, request
-from kvmdbgfs.control.paths import find_socket
+from kvmdbgfs.control.client import DEFAULT_TIMEOUT_S, ProgressCallback, RequestError, request
+from kvmdbgfs.control.paths import UnsafeRuntimeDir, find_socket
 from kvmdbgfs.kvm.host import parse_int
 from kvmdbgfs.kvm.vm import MMU_MODES
 from kvmdbgfs.progress import progress_bar
 from kvmdbgfs.workloads.base import parse_assignments
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_INTERRUPTED = 128 + 2  # the shell's status for a command ended by SIGINT
 
 
 def integer(text: str) -> int:
     """An argparse type (its name is in the error): a whole number in ASCII digits."""
     return parse_int(text)
+
+
+def seconds(text: str) -> float:
+    """An argparse type (its name is in the error): a finite number of seconds above 0."""
+    value = float(text)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(text)
+    return value
 
 
 class _Parser(argparse.ArgumentParser):
@@ -40,6 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="the mountpoint of a running mount.py (default: $KVMDBGFS_MOUNT)",
     )
     parser.add_argument("--control", type=Path, help="talk to this control socket instead of finding it from -m")
+    parser.add_argument(
+        "--timeout",
+        type=seconds,
+        default=DEFAULT_TIMEOUT_S,
+        metavar="SECONDS",
+        help=f"give up when the server sends nothing for this long (default {DEFAULT_TIMEOUT_S:g}; a workload goes on)",
+    )
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     vm = commands.add_parser("vm", help="create, destroy and list VMs").add_subparsers(
@@ -63,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a workload parameter")
     run.add_argument("--json", action="store_true", help="print the summary as JSON")
     run.add_argument("--detach", action="store_true", help="return at once; the workload runs on (see vm list)")
+    cancel = commands.add_parser("cancel", help="stop the workload running on a VM (what it started is torn down)")
+    cancel.add_argument("--vm", required=True, help="the VM's directory name, <pid>-<fd>")
     clock = commands.add_parser("clock", help="the host clock").add_subparsers(
         dest="clock_command", required=True, parser_class=_Parser
     )
@@ -79,15 +98,25 @@ def _socket(args: argparse.Namespace) -> Path:
         raise RequestError("no mount given: use -m MOUNTPOINT (or set KVMDBGFS_MOUNT)")
     if not os.path.isdir(args.mount):
         raise RequestError(f"{args.mount}: not a directory")
-    return find_socket(args.mount)
+    try:
+        return find_socket(args.mount)
+    except UnsafeRuntimeDir as exc:
+        raise RequestError(str(exc)) from None
+    except OSError as exc:
+        raise RequestError(f"{exc.filename}: {exc.strerror}") from None
 
 
 def _call(args: argparse.Namespace, cmd: str, on_progress: ProgressCallback | None = None, **kwargs: Any) -> Any:
     path = _socket(args)
     try:
-        return request(path, cmd, on_progress, **kwargs)
+        return request(path, cmd, on_progress, timeout=args.timeout, **kwargs)
     except (FileNotFoundError, ConnectionRefusedError):
         raise RequestError(f"no kvmdbgfs server is listening for {args.mount or path}") from None
+    except TimeoutError:
+        goes_on = "; the workload goes on" if cmd == "workload.run" else ""
+        raise RequestError(f"the server at {path} sent nothing for {args.timeout:g} s (--timeout){goes_on}") from None
+    except OSError as exc:
+        raise RequestError(f"{path}: {exc.strerror or exc}") from None
 
 
 def _print_vm_table(vms: list[dict[str, Any]]) -> None:
@@ -130,6 +159,10 @@ def run(args: argparse.Namespace) -> int:
             for key, value in summary.items():
                 print(f"{key}: {value}")
         return EXIT_OK
+    if args.command == "cancel":
+        cancelled = _call(args, "workload.cancel", vm=args.vm)
+        print(f"cancelled {cancelled['workload']} on {cancelled['vm']}")
+        return EXIT_OK
     if args.command == "workloads":
         _print_workloads(_call(args, "workload.list"))
         return EXIT_OK
@@ -169,6 +202,16 @@ def main(argv: list[str] | None = None) -> int:
     except RequestError as exc:
         print(f"kvmdbgfs: error: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    except KeyboardInterrupt:
+        print(f"kvmdbgfs: interrupted{_what_goes_on(args)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _what_goes_on(args: argparse.Namespace) -> str:
+    """What Ctrl-C leaves running: the server carries on with a request it got; `run` detaches from its workload."""
+    if args.command != "run":
+        return ""
+    return f"; {args.workload} goes on in VM {args.vm} (`kvmdbgfs cancel --vm {args.vm}` stops it)"
 
 
 if __name__ == "__main__":

@@ -58,18 +58,22 @@ class Mount:
         """What mount.py has written to its stderr so far."""
         return self.log.read_text()
 
+    def cli_command(self, *args: str) -> list[str]:
+        """The command line of the `kvmdbgfs` CLI against this mount."""
+        return [sys.executable, "-m", "kvmdbgfs.cli", "-m", str(self.path), *args]
+
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         """Run the `kvmdbgfs` CLI against this mount."""
-        result = subprocess.run(
-            [sys.executable, "-m", "kvmdbgfs.cli", "-m", str(self.path), *args],
-            capture_output=True,
-            text=True,
-            env=self.env,
-            timeout=60,
-        )
+        result = subprocess.run(self.cli_command(*args), capture_output=True, text=True, env=self.env, timeout=60)
         if check and result.returncode != 0:
             raise AssertionError(f"kvmdbgfs {' '.join(args)} failed: {result.stderr}")
         return result
+
+    def spawn_cli(self, *args: str) -> subprocess.Popen:
+        """Start the `kvmdbgfs` CLI against this mount without waiting for it (text pipes for its output)."""
+        return subprocess.Popen(
+            self.cli_command(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=self.env
+        )
 
     def create_vm(self, *args: str) -> str:
         return self.cli("vm", "create", *args).stdout.strip()
@@ -98,18 +102,23 @@ class Mount:
         return self.process.returncode
 
 
-def start_mount(tmp_path: Path, *args: str) -> Mount:
-    """Start mount.py and wait until a file inside the mount can be stat'ed. Tests run a manual clock
-    (deterministic trees) unless they ask for ``--clock realtime``."""
+def mount_env(runtime: Path) -> dict[str, str]:
+    """The environment tests run mount.py and the CLI in: ``runtime`` as $XDG_RUNTIME_DIR, this checkout importable."""
+    pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    return dict(os.environ, XDG_RUNTIME_DIR=str(runtime), PYTHONPATH=pythonpath)
+
+
+def spawn_mount(tmp_path: Path, *args: str, control: Path | None = None) -> Mount:
+    """Start mount.py on ``tmp_path``/mnt, its socket at ``control`` (default ``tmp_path``/control.sock), without
+    waiting for it. Tests run a manual clock (deterministic trees) unless they ask for ``--clock realtime``."""
     if "--clock" not in args:
         args = (*args, "--clock", "manual")
     mountpoint = tmp_path / "mnt"
     with contextlib.suppress(FileExistsError):
         mountpoint.mkdir()
-    control = tmp_path / "control.sock"
+    control = control or tmp_path / "control.sock"
     log = tmp_path / "mount.log"
-    pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    env = dict(os.environ, XDG_RUNTIME_DIR=str(tmp_path), PYTHONPATH=pythonpath)
+    env = mount_env(tmp_path)
     process = subprocess.Popen(
         [sys.executable, str(MOUNT_PY), str(mountpoint), "--control", str(control), *args],
         cwd=REPO,
@@ -117,20 +126,29 @@ def start_mount(tmp_path: Path, *args: str) -> Mount:
         stdout=subprocess.DEVNULL,
         stderr=log.open("w"),
     )
-    mount = Mount(mountpoint, process, control, env, log)
+    return Mount(mountpoint, process, control, env, log)
+
+
+def wait_served(mount: Mount) -> Mount:
+    """Wait until a file inside the mount can be stat'ed and its control socket exists."""
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"mount.py exited with {process.returncode}: {log.read_text()}")
-        if is_mounted(mountpoint) and control.exists():
+        if mount.process.poll() is not None:
+            raise AssertionError(f"mount.py exited with {mount.process.returncode}: {mount.stderr()}")
+        if is_mounted(mount.path) and mount.control.exists():
             try:
-                os.stat(mountpoint / "exits")
+                os.stat(mount.path / "exits")
                 return mount
             except OSError:
                 pass
         time.sleep(0.05)
     mount.stop()
     raise AssertionError("mount.py did not come up in time")
+
+
+def start_mount(tmp_path: Path, *args: str, control: Path | None = None) -> Mount:
+    """Start mount.py (see spawn_mount) and wait until it serves."""
+    return wait_served(spawn_mount(tmp_path, *args, control=control))
 
 
 @contextlib.contextmanager

@@ -209,6 +209,10 @@ REFUSALS = {
     "no-vm-command": ("vm", 2, "the following arguments are required: vm_command"),
     "destroy-without-name": ("vm destroy", 2, "the following arguments are required: name"),
     "unknown-command": ("start", 2, "argument command: invalid choice: 'start' …"),
+    "cancel-unknown-vm": (f"cancel --vm {MISSING_VM}", 1, f"no VM named '{MISSING_VM}'"),
+    "cancel-without-vm": ("cancel", 2, "the following arguments are required: --vm"),
+    "timeout-zero": ("--timeout 0 status", 2, "argument --timeout: invalid seconds value: '0'"),
+    "timeout-infinite": ("--timeout inf status", 2, "argument --timeout: invalid seconds value: 'inf'"),
 }
 
 
@@ -216,6 +220,14 @@ REFUSALS = {
 def test_refusal_changes_nothing(mount: Mount, argv: str, status: int, message: str) -> None:
     before = server_state(mount)
     assert_one_error_line(mount.cli(*argv.split(), check=False), status, ERROR + message)
+    assert server_state(mount) == before
+
+
+def test_cancel_with_no_workload_running(mount: Mount, new_vm) -> None:
+    name = new_vm("--memory", "64M", "--vcpus", "1")
+    before = server_state(mount)
+    result = mount.cli("cancel", "--vm", name, check=False)
+    assert_one_error_line(result, 1, f"{ERROR}no workload is running on VM {name}")
     assert server_state(mount) == before
 
 
@@ -244,13 +256,15 @@ def test_no_server_to_talk_to(mount: Mount, tmp_path, mount_args, message: str) 
 
 
 def exchange(path: os.PathLike, payload: bytes) -> list:
-    """Send ``payload`` then a good `vm.list` on one connection; the two answers (None: no answer)."""
+    """Send ``payload`` then a good `vm.list` on one connection; the two answers (None: no answer). Heartbeats,
+    which a slow answer may come after, are skipped."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(10)
         sock.connect(os.fspath(path))
         sock.sendall(payload + b'{"cmd": "vm.list", "args": {}}\n')
-        reader = sock.makefile("rb")
-        return [json.loads(line) if line else None for line in (reader.readline(), reader.readline())]
+        messages = (json.loads(line) for line in sock.makefile("rb"))
+        answers = (message for message in messages if message != {"heartbeat": True})
+        return [next(answers, None), next(answers, None)]
 
 
 RAW_REQUESTS = {

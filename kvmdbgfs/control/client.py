@@ -3,35 +3,68 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from kvmdbgfs.control.wire import LineReader, LineTooLong, peer_uid, send_message
+
 ProgressCallback = Callable[[int, int], None]
+DEFAULT_TIMEOUT_S = 30.0  # the server sends a line at least every second while it works on a request
+MAX_ANSWER_BYTES = 64 << 20
 
 
 class RequestError(Exception):
     """A request that cannot be carried out; its message goes back to the client."""
 
 
-def request(path: Path, cmd: str, on_progress: ProgressCallback | None = None, **args: Any) -> Any:
+def request(
+    path: Path,
+    cmd: str,
+    on_progress: ProgressCallback | None = None,
+    *,
+    timeout: float = DEFAULT_TIMEOUT_S,
+    **args: Any,
+) -> Any:
     """Send one request; return its result or raise RequestError with the server's message.
 
-    A long request may first send ``{"progress": [done, total]}`` lines; they go to ``on_progress``.
+    The server must run as the same user (SO_PEERCRED), or nothing is sent. A long request may first send
+    ``{"progress": [done, total]}`` lines, which go to ``on_progress``, and heartbeats. Connecting and each wait
+    for a line are bounded by ``timeout`` seconds (TimeoutError).
     """
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
         sock.connect(str(path))
-        sock.sendall(json.dumps({"cmd": cmd, "args": args}).encode() + b"\n")
-        replies = sock.makefile("rb")
+        uid = peer_uid(sock)
+        if uid != os.getuid():
+            raise RequestError(f"the server at {path} runs as uid {uid}, not {os.getuid()}: not talking to it")
+        send_message(sock, {"cmd": cmd, "args": args}, timeout)
+        reader = LineReader(sock)
         while True:
-            reply = json.loads(replies.readline() or b"null")
-            if not (isinstance(reply, dict) and "progress" in reply):
+            reply = _decode(reader, timeout)
+            if "ok" in reply:
                 break
-            if on_progress is not None:
+            if "progress" in reply and on_progress is not None:
                 on_progress(*reply["progress"])
-    if not isinstance(reply, dict):
-        raise RequestError("no answer from the server")
-    if not reply.get("ok"):
+    if not reply["ok"]:
         raise RequestError(reply.get("error", "request failed"))
     return reply.get("result")
+
+
+def _decode(reader: LineReader, timeout: float) -> dict[str, Any]:
+    """The server's next line as a JSON object; RequestError for anything else."""
+    try:
+        line = reader.readline(MAX_ANSWER_BYTES, timeout)
+    except LineTooLong:
+        raise RequestError("the server's answer is too large") from None
+    if not line:
+        raise RequestError("no answer from the server")
+    try:
+        reply = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        reply = None
+    if not isinstance(reply, dict):
+        raise RequestError("malformed answer from the server")
+    return reply

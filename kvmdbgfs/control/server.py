@@ -1,26 +1,19 @@
-"""The control server: answers the CLI's requests on a Unix socket.
+"""The control server's commands: what each request does, and the one answer every request line gets.
 
-One JSON object per line each way. A request is ``{"cmd": ..., "args": {...}}``;
-the answer is ``{"ok": true, "result": ...}`` or ``{"ok": false, "error": "one line"}``.
-A bad request changes nothing and leaves the server running.
+One JSON object per line each way. A request is ``{"cmd": ..., "args": {...}}``; the answer is
+``{"ok": true, "result": ...}`` or ``{"ok": false, "error": "one line"}``, after any number of
+``{"progress": [done, total]}`` and ``{"heartbeat": true}`` lines (control/listener.py sends one at least
+every second while a request runs). A bad request changes nothing and leaves the server running.
 """
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
-import os
-import socket
-import socketserver
-import stat
-import threading
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from kvmdbgfs.control.client import RequestError
-from kvmdbgfs.control.paths import pointer_path
 from kvmdbgfs.kvm.host import require_type
 from kvmdbgfs.kvm.vm import Kvm
 from kvmdbgfs.vmm.clock import parse_duration
@@ -29,8 +22,11 @@ from kvmdbgfs.vmm.vmm import Vmm
 from kvmdbgfs.workloads import WORKLOADS, describe_workload, start_workload, wait_workload
 from kvmdbgfs.workloads.base import Progress, no_progress
 
-MAX_REQUEST_BYTES = 1 << 20
 log = logging.getLogger(__name__)
+
+
+class ClientGone(Exception):
+    """Raised by a progress callback whose client has gone: the request stops waiting, no answer is due."""
 
 
 def describe_vm(kvm: Kvm, vm: QemuProcess | None) -> dict[str, Any]:
@@ -66,6 +62,7 @@ class ControlHandlers:
             "status": self.status,
             "workload.list": self.workload_list,
             "clock.advance": self.clock_advance,
+            "workload.cancel": self.workload_cancel,
         }
         # Commands that report progress while they run.
         self.long_commands: dict[str, Callable[..., Any]] = {"workload.run": self.workload_run}
@@ -85,7 +82,7 @@ class ControlHandlers:
             return handler(**args)
         except TypeError as exc:
             raise RequestError(f"bad arguments for {request['cmd']}: {exc}") from None
-        except (ValueError, LookupError) as exc:
+        except (ValueError, LookupError, TimeoutError) as exc:
             raise RequestError(exc.args[0] if exc.args else type(exc).__name__) from None
 
     def vm_create(
@@ -113,12 +110,7 @@ class ControlHandlers:
 
     def clock_advance(self, duration: str) -> dict[str, Any]:
         require_type("duration", duration, str)
-        ns = parse_duration(duration)
-        try:
-            now = self.vmm.advance_clock(ns)
-        except TimeoutError as exc:
-            raise RequestError(str(exc)) from None
-        return {"host_time_ns": now}
+        return {"host_time_ns": self.vmm.advance_clock(parse_duration(duration))}
 
     def workload_list(self) -> list[dict[str, Any]]:
         return [describe_workload(workload) for workload in WORKLOADS.values()]
@@ -126,8 +118,9 @@ class ControlHandlers:
     def workload_run(
         self, vm: str, workload: str, settings: dict[str, Any], progress: Progress, detach: bool = False
     ) -> dict[str, Any]:
-        """Queue a workload; with ``detach`` answer at once, else when it ends (progress comes from this
-        connection's thread, which watches the job: the VM's thread never writes to a socket)."""
+        """Queue a workload; with ``detach`` answer at once, else when it ends. This request's thread watches the
+        job and hands its progress on (the VM's thread never waits for it); when the client goes, the waiting
+        stops (ClientGone from ``progress``) and the workload runs on."""
         require_type("vm", vm, str)
         require_type("workload", workload, str)
         require_type("settings", settings, dict)
@@ -137,6 +130,11 @@ class ControlHandlers:
         if detach:
             return {"vm": vm, "workload": workload, "detached": True}
         return wait_workload(job, progress)
+
+    def workload_cancel(self, vm: str) -> dict[str, Any]:
+        """Stop the workload running on ``vm`` at its next safe point (what it started is torn down)."""
+        require_type("vm", vm, str)
+        return {"vm": vm, "workload": self.vmm.find_vm(vm).cancel_workload()}
 
     def status(self) -> dict[str, Any]:
         with self.host.kvm_lock:
@@ -152,9 +150,12 @@ class ControlHandlers:
 
 
 def answer(handlers: ControlHandlers, line: bytes, progress: Progress = no_progress) -> dict[str, Any]:
-    """The reply to one request line: every line gets exactly one (after any progress lines)."""
+    """The reply to one request line: every line gets exactly one (after any progress lines), unless its
+    client has gone (ClientGone)."""
     try:
         return {"ok": True, "result": handlers.dispatch(json.loads(line), progress)}
+    except ClientGone:
+        raise
     except (json.JSONDecodeError, UnicodeDecodeError):
         return {"ok": False, "error": "malformed request: not JSON"}
     except RequestError as exc:
@@ -162,65 +163,3 @@ def answer(handlers: ControlHandlers, line: bytes, progress: Progress = no_progr
     except Exception as exc:  # a bug must not cost the client its answer or the server its thread
         log.exception("control request failed")
         return {"ok": False, "error": f"internal error: {type(exc).__name__}"}
-
-
-class _Handler(socketserver.StreamRequestHandler):
-    def handle(self) -> None:
-        handlers: ControlHandlers = self.server.handlers  # type: ignore[attr-defined]
-        for line in self.rfile:
-            if len(line) > MAX_REQUEST_BYTES:
-                reply: dict[str, Any] = {"ok": False, "error": "request too large"}
-            else:
-                reply = answer(handlers, line, self.send_progress)
-            self.wfile.write(json.dumps(reply).encode() + b"\n")
-
-    def send_progress(self, done: int, total: int) -> None:
-        self.wfile.write(json.dumps({"progress": [done, total]}).encode() + b"\n")
-        self.wfile.flush()
-
-
-class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
-    daemon_threads = True
-
-
-def remove_stale_socket(path: Path) -> None:
-    """Clear the way for a new socket: a dead one is removed; a live one or any other file is refused."""
-    if not (path.exists() or path.is_symlink()):
-        return
-    if not stat.S_ISSOCK(path.lstat().st_mode):
-        raise OSError(errno.EEXIST, "exists and is not a socket")
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        try:
-            probe.connect(str(path))
-        except ConnectionRefusedError:
-            path.unlink()
-            return
-    raise OSError(errno.EADDRINUSE, "another server is listening on it")
-
-
-class ControlServer:
-    """Listens on a Unix socket (mode 0600) in a background thread. The socket is bound at construction, so a
-    bad path is refused before the host is built; requests are served from ``start``."""
-
-    def __init__(self, path: Path, mountpoint: str) -> None:
-        self.path = path
-        self.pointer = pointer_path(mountpoint)
-        remove_stale_socket(path)
-        old_umask = os.umask(0o177)
-        try:
-            self._server = _Server(str(path), _Handler)
-        finally:
-            os.umask(old_umask)
-        self.pointer.write_text(str(path.resolve()) + "\n")
-        self._thread = threading.Thread(target=self._server.serve_forever, name="control", daemon=True)
-
-    def start(self, handlers: ControlHandlers) -> None:
-        self._server.handlers = handlers  # type: ignore[attr-defined]
-        self._thread.start()
-
-    def close(self) -> None:
-        if self._thread.is_alive():
-            self._server.shutdown()
-        self._server.server_close()
-        for leftover in (self.path, self.pointer):
-            leftover.unlink(missing_ok=True)
