@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import sys
 
-from kvmdbgfs.bench import rmap, workloads
+from kvmdbgfs.bench import rmap, running, workloads
 from kvmdbgfs.bench.report import format_table
 
-BENCHES = [rmap, workloads]
+BENCHES = [rmap, workloads, running]
 
 
 def main() -> int:
