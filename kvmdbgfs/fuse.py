@@ -19,6 +19,7 @@ import mfusepy
 from kvmdbgfs.debugfs.dentry import Dentry, lookup, tree_lock
 from kvmdbgfs.debugfs.errors import kernel_error
 from kvmdbgfs.debugfs.file import File, vfs_open
+from kvmdbgfs.sched import serving
 
 DEBUGFS_MAGIC = 0x64626720
 ENOATTR = getattr(errno, "ENOATTR", errno.ENODATA)
@@ -156,10 +157,18 @@ def mount_options(allow_other: bool) -> dict[str, Any]:
     return options
 
 
+class _Fuse(mfusepy.FUSE):
+    """mfusepy's FUSE loop, each request announced to the host scheduler (kvmdbgfs.sched) while it runs."""
+
+    def _wrapper(self, func: Any, *args: Any, **kwargs: Any) -> Any:
+        with serving():
+            return super()._wrapper(func, *args, **kwargs)
+
+
 def serve(operations: DebugfsOperations, mountpoint: str, allow_other: bool = False) -> None:
     """Mount and serve until unmounted or signalled (SIGINT/SIGTERM end the loop and unmount)."""
     try:
-        mfusepy.FUSE(operations, mountpoint, **mount_options(allow_other))
+        _Fuse(operations, mountpoint, **mount_options(allow_other))
     except RuntimeError:
         # libfuse 3 reports a signal-triggered exit as a non-zero return; a
         # mount that never came up is a real failure.

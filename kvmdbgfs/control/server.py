@@ -8,6 +8,7 @@ every second while a request runs). A bad request changes nothing and leaves the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections.abc import Callable
@@ -16,11 +17,16 @@ from typing import Any
 from kvmdbgfs.control.client import RequestError
 from kvmdbgfs.kvm.host import require_type
 from kvmdbgfs.kvm.vm import Kvm
+from kvmdbgfs.sched import serving
 from kvmdbgfs.vmm.clock import parse_duration
 from kvmdbgfs.vmm.qemu import QemuProcess
 from kvmdbgfs.vmm.vmm import Vmm
 from kvmdbgfs.workloads import WORKLOADS, describe_workload, start_workload, wait_workload
 from kvmdbgfs.workloads.base import Progress, no_progress
+
+# Requests that only read the host: served ahead of the guests' emulation (kvmdbgfs.sched). The others
+# wait for the VMs' threads, which must not be held back meanwhile.
+READ_COMMANDS = frozenset({"vm.list", "status", "workload.list"})
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +85,8 @@ class ControlHandlers:
         if handler is None:
             raise RequestError(f"unknown command {request.get('cmd')!r}")
         try:
-            return handler(**args)
+            with serving() if cmd in READ_COMMANDS else contextlib.nullcontext():
+                return handler(**args)
         except TypeError as exc:
             raise RequestError(f"bad arguments for {request['cmd']}: {exc}") from None
         except (ValueError, LookupError, TimeoutError) as exc:

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from kvmdbgfs.guest.irq import NSEC_PER_SEC
+from kvmdbgfs.sched import cond_resched, emulation_thread
 from kvmdbgfs.vmm.devices import VirtioDevices
 from kvmdbgfs.vmm.layout import q35_memslots
 
@@ -39,6 +40,10 @@ log = logging.getLogger(__name__)
 
 IDLE_SLICE_NS = 50_000_000  # guest time idled between two yields to readers
 IDLE_WAIT_S = 0.02  # how long the thread sleeps when it has caught up with a realtime clock
+# A realtime clock is always a little ahead: the VM catches up in steps of at least this much guest time,
+# or it would spin on microsecond slices (a core's worth of CPU for an idle host). Readers see the
+# counters move in 20 ms steps.
+REALTIME_QUANTUM_NS = 20_000_000
 MANUAL_WAIT_S = 1.0
 CANCEL_WAIT_S = 30.0  # how long a cancel or QEMU's exit waits for the workload to stop and tear down
 
@@ -168,6 +173,7 @@ class QemuProcess:
     # -- the vCPU threads -----------------------------------------------------------------------------
 
     def _main(self) -> None:
+        emulation_thread()
         while True:
             with self._lock:
                 if self._stopping:
@@ -177,11 +183,12 @@ class QemuProcess:
             if job is not None:
                 self._run_job(job)
                 continue
-            target = self.host_target_ns()
-            if self.guest_ns < target:
-                self.idle_until(min(target, self.guest_ns + IDLE_SLICE_NS))
-                if self.guest_ns >= target:
+            behind = self.host_target_ns() - self.guest_ns
+            if behind >= (1 if self.clock.manual else REALTIME_QUANTUM_NS):
+                self.idle_until(self.guest_ns + min(behind, IDLE_SLICE_NS))
+                if behind <= IDLE_SLICE_NS:
                     self.kvm.arch.update_blocking(self.guest_ns)
+                cond_resched()
                 time.sleep(0)  # let readers in
             else:
                 self.clock.wait(MANUAL_WAIT_S if self.clock.manual else IDLE_WAIT_S)
@@ -213,6 +220,7 @@ class QemuProcess:
             self.idle_until(self.guest_ns + idle_ns)
         job.progress = (done, total)
         job._notify()
+        cond_resched()
         time.sleep(0)
         if job.cancel is not None:
             raise WorkloadCancelled(job.cancel)

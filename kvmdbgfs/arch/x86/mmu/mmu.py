@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from kvmdbgfs.arch.x86.mmu.leaf_rmap import LeafRmaps
+from kvmdbgfs.sched import cond_resched
 from kvmdbgfs.arch.x86.mmu.mmu_memslots import KVM_MIN_ALLOC_MMU_PAGES, MmuMemslots
 from kvmdbgfs.arch.x86.mmu.page_fault import kvm_mmu_do_page_fault
 from kvmdbgfs.arch.x86.mmu.paging_tmpl import translate_gvas, walk_addr
@@ -67,11 +68,16 @@ class MmuLock:
     def __init__(self, lock: RLock, leaf: LeafRmaps) -> None:
         self.lock = lock
         self.leaf = leaf
+        self.depth = 0
 
     def __enter__(self) -> None:
+        if not self.depth:
+            cond_resched()  # never while holding the lock: a reader may be waiting for it
         self.lock.acquire()
+        self.depth += 1
 
     def __exit__(self, *exc: object) -> None:
+        self.depth -= 1
         try:
             self.leaf.flush()
         finally:
