@@ -25,6 +25,13 @@ DEBUGFS_MAGIC = 0x64626720
 ENOATTR = getattr(errno, "ENOATTR", errno.ENODATA)
 
 
+def _open_mask(flags: int) -> int:
+    """What an open asks of the file's mode: read, write or both; O_TRUNC writes too."""
+    wanted = {os.O_RDONLY: os.R_OK, os.O_WRONLY: os.W_OK}
+    mask = wanted.get(flags & os.O_ACCMODE, os.R_OK | os.W_OK)
+    return mask | (os.W_OK if flags & os.O_TRUNC else 0)
+
+
 def _refuse(*_args: Any, **_kwargs: Any) -> int:
     raise kernel_error(errno.EPERM)
 
@@ -46,10 +53,40 @@ class DebugfsOperations(mfusepy.Operations):
     def init(self, path: str) -> None:
         self.mounted = True
 
-    # Lookups
+    # Lookups and permissions. The mount has no default_permissions: the kernel would then refresh a
+    # directory's attributes before every walk through it, and a process whose cwd is a removed VM
+    # directory could not even `cd ..` (its GETATTR finds nothing). The checks generic_permission() makes
+    # are made here instead, on every path a request names.
+
+    def _lookup(self, path: str, mask: int = 0) -> Dentry:
+        """The dentry at ``path``, if the caller may search every directory above it and has ``mask``
+        (os.R_OK | os.W_OK | os.X_OK) on it; EACCES otherwise."""
+        dentry = lookup(self.root, path)
+        uid, gid, _pid = mfusepy.fuse_get_context()
+        parent = dentry.parent
+        while parent is not None:
+            if not self._permitted(parent, uid, gid, os.X_OK):
+                raise kernel_error(errno.EACCES)
+            parent = parent.parent
+        if mask and not self._permitted(dentry, uid, gid, mask):
+            raise kernel_error(errno.EACCES)
+        return dentry
+
+    def _permitted(self, dentry: Dentry, uid: int, gid: int, mask: int) -> bool:
+        """generic_permission(): the owner's, the group's or the others' bits; root may read and write
+        anything and search any directory (CAP_DAC_OVERRIDE)."""
+        if uid == 0:
+            return not mask & os.X_OK or dentry.is_dir or bool(dentry.mode & 0o111)
+        shift = 6 if uid == self.uid else 3 if gid == self.gid else 0
+        return (dentry.mode >> shift) & mask == mask
+
+    def access(self, path: str, amode: int) -> int:
+        """access(2) and chdir's check (FUSE_ACCESS)."""
+        self._lookup(path, amode & (os.R_OK | os.W_OK | os.X_OK))
+        return 0
 
     def getattr(self, path: str, fh: int | None = None) -> dict[str, Any]:
-        dentry = self._file(fh).dentry if fh else lookup(self.root, path)
+        dentry = self._file(fh).dentry if fh else self._lookup(path)
         nlink = 2 + sum(child.is_dir for child in list(dentry.children.values())) if dentry.is_dir else 1
         ns = int(dentry.ctime * 1e9)
         return {
@@ -65,7 +102,7 @@ class DebugfsOperations(mfusepy.Operations):
         }
 
     def readdir(self, path: str, fh: int) -> list[str]:
-        dentry = lookup(self.root, path)
+        dentry = self._lookup(path, os.R_OK)
         if not dentry.is_dir:
             raise kernel_error(errno.ENOTDIR)
         with tree_lock:
@@ -78,7 +115,7 @@ class DebugfsOperations(mfusepy.Operations):
     # Files
 
     def open(self, path: str, flags: int) -> int:
-        file = vfs_open(lookup(self.root, path), flags)
+        file = vfs_open(self._lookup(path, _open_mask(flags)), flags)
         fh = next(self._fh_counter)
         with self._open_files_lock:
             self._open_files[fh] = file
@@ -93,7 +130,7 @@ class DebugfsOperations(mfusepy.Operations):
         return file.dentry.fops.write(file, data, offset)
 
     def truncate(self, path: str, length: int, fh: int | None = None) -> int:
-        dentry = self._file(fh).dentry if fh else lookup(self.root, path)
+        dentry = self._file(fh).dentry if fh else self._lookup(path, os.W_OK)
         if dentry.is_dir:
             raise kernel_error(errno.EISDIR)
         if length != 0:
@@ -121,11 +158,11 @@ class DebugfsOperations(mfusepy.Operations):
     # Extended attributes: debugfs has none.
 
     def getxattr(self, path: str, name: str, position: int = 0) -> bytes:
-        lookup(self.root, path)
+        self._lookup(path)
         raise kernel_error(ENOATTR)
 
     def listxattr(self, path: str) -> list[str]:
-        lookup(self.root, path)
+        self._lookup(path)
         return []
 
     # Everything that would change the tree's shape or its metadata.
@@ -133,7 +170,7 @@ class DebugfsOperations(mfusepy.Operations):
     def create(self, path: str, mode: int, fi: Any = None) -> int:
         """A new name in a debugfs directory: vfs_create() without ->create gives EACCES. A directory removed
         since the path walk (a VM destroyed meanwhile) is dead: creating in it gives ENOENT (lookup_open)."""
-        lookup(self.root, posixpath.dirname(path))
+        self._lookup(posixpath.dirname(path))
         raise kernel_error(errno.EACCES)
 
     mkdir = rmdir = unlink = rename = link = symlink = mknod = _refuse
@@ -141,14 +178,14 @@ class DebugfsOperations(mfusepy.Operations):
 
 
 def mount_options(allow_other: bool) -> dict[str, Any]:
-    """Options for FUSE(): direct I/O for size-0 generated files, no caching of entries or attributes."""
+    """Options for FUSE(): direct I/O for size-0 generated files, no caching of entries or attributes, and
+    permissions checked by the server (see DebugfsOperations._lookup)."""
     options: dict[str, Any] = {
         "foreground": True,
         "direct_io": True,
         "entry_timeout": 0,
         "attr_timeout": 0,
         "negative_timeout": 0,
-        "default_permissions": True,
         "fsname": "kvmdbgfs",
         "subtype": "kvmdbgfs",
     }
