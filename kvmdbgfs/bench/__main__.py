@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import sys
 
-from kvmdbgfs.bench import rmap, running, workloads
+from kvmdbgfs.bench import faults, rmap, running, workloads
 from kvmdbgfs.bench.report import format_table
 
-BENCHES = [rmap, workloads, running]
+BENCHES = [rmap, workloads, running, faults]
 
 
 def main() -> int:
