@@ -24,6 +24,7 @@ from kvmdbgfs.scenario import build_host, load_scenario
 from kvmdbgfs.vmm.clock import CLOCK_MODES
 
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as the shell reports it
 GIL_SWITCH_INTERVAL_S = 0.001
 
 
@@ -86,7 +87,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         control.close()
         return fail(str(exc))
-    except BaseException:  # Ctrl-C during the boot: no socket left behind
+    except KeyboardInterrupt:
+        control.close()
+        print("mount.py: interrupted while the scenario's guests booted: nothing was mounted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BaseException:
         control.close()
         raise
     host = vmm.host

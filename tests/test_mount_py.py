@@ -13,11 +13,12 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import MOUNT_PY, REPO, Mount, force_unmount, is_mounted, start_mount
+from conftest import MOUNT_PY, REPO, Mount, force_unmount, is_mounted, spawn_mount, start_mount, wait_until
 from conftest import assert_one_error_line
 
 EXIT_USAGE = 2
@@ -239,3 +240,18 @@ def test_stale_mount_is_detached_and_reused(mount_factory, monkeypatch: pytest.M
     finally:
         reused.stop()  # nothing left to do once it exited cleanly
     assert f"mount.py: {killed.path}: detached a stale mount left by a server that is gone\n" in stderr
+
+
+def test_ctrl_c_while_the_guests_boot_is_one_line(tmp_path: Path) -> None:
+    """SIGINT before the tree is served: one line, exit 130, nothing mounted, no socket left."""
+    scenario = write_scenario(tmp_path, '[[vm]]\nmemory = "2G"\nvcpus = 2\nworkload = "idle"\n')
+    mount = spawn_mount(tmp_path, "--scenario", str(scenario))
+    try:
+        assert wait_until(lambda: mount.control.exists() or mount.process.poll() is not None, timeout=30)
+        time.sleep(0.5)  # inside the boot, which takes seconds
+        mount.process.send_signal(signal.SIGINT)
+        assert mount.process.wait(timeout=30) == 130
+    finally:
+        mount.stop()
+    assert mount.stderr().splitlines()[-1] == "mount.py: interrupted while the scenario's guests booted: nothing was mounted"
+    assert not mount.control.exists() and not is_mounted(mount.path)
