@@ -9,7 +9,8 @@ mmu_lock, each workload step, each idle slice). While a request is in flight, or
 GRACE_S ago (a reader's next request follows within microseconds), such a thread sleeps until the readers
 are done, at most MAX_WAIT_S, and then runs at least RUN_QUANTUM_S before it yields again: readers in a
 tight loop slow the guests down, they never stop them. Other threads (a control request creating a VM)
-never wait here.
+never wait here. The VMs' threads also take turns on one emulation CPU (``emulating``), so that a reader
+competes for the interpreter lock with one CPU-bound thread, never with all of them.
 """
 
 from __future__ import annotations
@@ -22,11 +23,13 @@ from collections.abc import Iterator
 GRACE_S = 0.002
 MAX_WAIT_S = 0.05
 RUN_QUANTUM_S = 0.01
+SLICE_S = 0.005
 
 _lock = threading.Lock()
 _in_flight = 0
 _quiet_after = 0.0  # monotonic time from which no reader is expected
-_emulation = threading.local()  # run_until: set in emulation threads, the time before which they run on
+# Per emulation thread: run_until (no yielding to readers before), on_cpu and slice_end (see _Cpu).
+_emulation = threading.local()
 
 
 @contextlib.contextmanager
@@ -48,17 +51,57 @@ def readers_waiting() -> bool:
     return _in_flight > 0 or time.monotonic() < _quiet_after
 
 
+class _Cpu:
+    """The one emulation CPU: the VMs' threads take turns on it, SLICE_S at a time, so that a reader needing the
+    interpreter lock competes with one emulation thread rather than all of them (several CPU-bound threads
+    hand the lock among themselves and kept a reader out for 40-130 ms at a time)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.waiting = 0
+
+    def take(self) -> None:
+        with _lock:
+            self.waiting += 1
+        self.lock.acquire()
+        with _lock:
+            self.waiting -= 1
+        _emulation.slice_end = time.monotonic() + SLICE_S
+
+
+_cpu = _Cpu()
+
+
 def emulation_thread() -> None:
-    """The calling thread emulates guests: its cond_resched() calls yield to readers."""
+    """The calling thread emulates guests: it runs inside ``emulating()`` and yields in cond_resched()."""
     _emulation.run_until = 0.0
 
 
+@contextlib.contextmanager
+def emulating() -> Iterator[None]:
+    """Run guest emulation on the emulation CPU (waiting for it if another VM's thread has it)."""
+    _cpu.take()
+    _emulation.on_cpu = True
+    try:
+        yield
+    finally:
+        _emulation.on_cpu = False
+        _cpu.lock.release()
+
+
 def cond_resched() -> None:
-    """cond_resched() in an emulation thread: let the readers run first, for at most MAX_WAIT_S."""
+    """cond_resched() in an emulation thread: let the readers run first (at most MAX_WAIT_S, then at least
+    RUN_QUANTUM_S of emulation), and hand the emulation CPU to another VM once the slice is used up."""
     run_until = getattr(_emulation, "run_until", None)
-    if run_until is None or not readers_waiting() or time.monotonic() < run_until:
+    if run_until is None:
         return
-    deadline = time.monotonic() + MAX_WAIT_S
-    while readers_waiting() and time.monotonic() < deadline:
-        time.sleep(GRACE_S / 2)
-    _emulation.run_until = time.monotonic() + RUN_QUANTUM_S
+    now = time.monotonic()
+    if readers_waiting() and now >= run_until:
+        deadline = now + MAX_WAIT_S
+        while readers_waiting() and time.monotonic() < deadline:
+            time.sleep(GRACE_S / 2)
+        _emulation.run_until = time.monotonic() + RUN_QUANTUM_S
+    if getattr(_emulation, "on_cpu", False) and _cpu.waiting and time.monotonic() >= _emulation.slice_end:
+        _cpu.lock.release()
+        time.sleep(0)
+        _cpu.take()

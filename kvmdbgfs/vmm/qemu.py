@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from kvmdbgfs.guest.irq import NSEC_PER_SEC
-from kvmdbgfs.sched import cond_resched, emulation_thread
+from kvmdbgfs.sched import cond_resched, emulating, emulation_thread
 from kvmdbgfs.vmm.devices import VirtioDevices
 from kvmdbgfs.vmm.layout import q35_memslots
 
@@ -181,14 +181,16 @@ class QemuProcess:
                 job = self.jobs.popleft() if self.jobs else None
                 self.current = job
             if job is not None:
-                self._run_job(job)
+                with emulating():
+                    self._run_job(job)
                 continue
             behind = self.host_target_ns() - self.guest_ns
             if behind >= (1 if self.clock.manual else REALTIME_QUANTUM_NS):
-                self.idle_until(self.guest_ns + min(behind, IDLE_SLICE_NS))
-                if behind <= IDLE_SLICE_NS:
-                    self.kvm.arch.update_blocking(self.guest_ns)
-                cond_resched()
+                with emulating():
+                    self.idle_until(self.guest_ns + min(behind, IDLE_SLICE_NS))
+                    if behind <= IDLE_SLICE_NS:
+                        self.kvm.arch.update_blocking(self.guest_ns)
+                    cond_resched()
                 time.sleep(0)  # let readers in
             else:
                 self.clock.wait(MANUAL_WAIT_S if self.clock.manual else IDLE_WAIT_S)
