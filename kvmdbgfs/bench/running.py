@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S, STOP_TIMEOUT_S, LOAD_START_TIMEOUT_S = 180.0, 20.0, 90.0
 QUIET_S, QUIET_SAMPLER_S, LOADED_READS_S, SAMPLER_S, CPU_S, CPU_SETTLE_S = 10.0, 5.0, 20.0, 10.0, 10.0, 3.0
 READ_PAUSE_S, LIST_PERIOD_S, SAMPLE_PERIOD_S, SAMPLE_SLACK_S = 0.02, 0.25, 0.5, 0.1
-READ_P99_MS, READ_MAX_MS, LIST_P99_MS, CPU_MAX_PERCENT = 50.0, 200.0, 100.0, 10.0
+READ_P99_MS, READ_MAX_MS, LIST_MAX_MS, CPU_MAX_PERCENT = 50.0, 200.0, 100.0, 10.0
 CLI_RUNS = 5
 QUIET_SCENARIO = """seed = 1
 clock = "realtime"
@@ -273,9 +273,9 @@ def loaded_host_rows() -> tuple[list[Row], list[str]]:
             loaded_sampler = sampler_row("under load", SAMPLER_S, served.path, limited=True)
             cli = cli_list_seconds(served)
     rows += read_rows("under load", idle, loaded, limited=True)
-    list_p99 = spread(keeper.latencies)[1]
+    list_max = spread(keeper.latencies)[2]
     rows.append(Row("vm list", "request(vm.list) round trip", spread_text(keeper.latencies),
-                    f"p99 <= {LIST_P99_MS:.0f} ms", list_p99 <= LIST_P99_MS))
+                    f"max <= {LIST_MAX_MS:.0f} ms (absolute)", list_max <= LIST_MAX_MS))
     rows.append(Row("vm list", "CLI `vm list` (process wall)", spread_text(cli), "(context: start-up included)"))
     rows += [quiet_sampler, loaded_sampler]
     notes = [

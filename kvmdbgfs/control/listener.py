@@ -24,9 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from kvmdbgfs.control.paths import write_pointer
-from kvmdbgfs.control.server import ClientGone, ControlHandlers, answer
+from kvmdbgfs.control.server import ClientGone, ControlHandlers, answer, is_read_request
 from kvmdbgfs.control.socketfile import FileId, bind_socket, file_id, remove_if_made
 from kvmdbgfs.control.wire import LineReader, LineTooLong, peer_uid, send_message
+from kvmdbgfs.sched import serving
 
 MAX_REQUEST_BYTES = 1 << 20
 REQUEST_TIMEOUT_S = 5.0
@@ -192,8 +193,13 @@ class ControlServer:
             sock.close()
 
     def _answer(self, sock: socket.socket, line: bytes) -> None:
-        """Run the request on a thread of its own; send what it reports until its answer has gone."""
+        """Run the request on a thread of its own; send what it reports until its answer has gone. A request
+        that only reads the host is answered at once, ahead of the guests' emulation (kvmdbgfs.sched)."""
         assert self._handlers is not None
+        if is_read_request(line):
+            with serving():
+                send_message(sock, answer(self._handlers, line), SEND_TIMEOUT_S)
+            return
         outbox = _Outbox()
         threading.Thread(
             target=_run_request, args=(self._handlers, line, outbox), name="control request", daemon=True

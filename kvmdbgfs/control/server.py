@@ -156,6 +156,15 @@ class ControlHandlers:
         }
 
 
+def is_read_request(line: bytes) -> bool:
+    """Whether a request line asks for one of READ_COMMANDS (a malformed line is not)."""
+    try:
+        request = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    return isinstance(request, dict) and isinstance(request.get("cmd"), str) and request["cmd"] in READ_COMMANDS
+
+
 def answer(handlers: ControlHandlers, line: bytes, progress: Progress = no_progress) -> dict[str, Any]:
     """The reply to one request line: every line gets exactly one (after any progress lines), unless its
     client has gone (ClientGone)."""
