@@ -13,22 +13,14 @@ import sys
 import time
 
 from kvmdbgfs.bench.report import Row
-from kvmdbgfs.bench.running import REPO, Served, mounted, spread, wait_for
+from kvmdbgfs.bench.running import REPO, Served, idle_vm_scenario, mounted, spread, wait_for
 from kvmdbgfs.control.client import request
 
 TITLE = "issue 11: a suspended client during a workload (real FUSE mount)"
 TARGET_S = 1.0
 SUSPENDED_S = 10.0
 WORKLOAD = ("kbuild", "files=200")  # outlasts the suspension
-SCENARIO = """seed = 3
-clock = "realtime"
-[[vm]]
-memory = "1G"
-vcpus = 2
-mmu = "shadow"
-workload = "idle"
-settings = { uptime = 0, workers = 4, logins = 1 }
-"""
+SCENARIO = idle_vm_scenario(3, "1G", "uptime = 0, workers = 4, logins = 1")
 
 
 def timed_run(command: list[str], served: Served) -> float:

@@ -35,18 +35,18 @@ QUIET_S, QUIET_SAMPLER_S, LOADED_READS_S, SAMPLER_S, CPU_S, CPU_SETTLE_S = 10.0,
 READ_PAUSE_S, LIST_PERIOD_S, SAMPLE_PERIOD_S, SAMPLE_SLACK_S = 0.02, 0.25, 0.5, 0.1
 READ_P99_MS, READ_MAX_MS, LIST_MAX_MS, CPU_MAX_PERCENT = 50.0, 200.0, 100.0, 10.0
 CLI_RUNS = 5
-QUIET_SCENARIO = """seed = 1
-clock = "realtime"
-[[vm]]
-memory = "6G"
-vcpus = 2
-mmu = "shadow"
-workload = "idle"
-settings = { uptime = 0 }
-"""
 BOOT = {"uptime": 0, "workers": 4, "logins": 1}  # a small idle population: the loaded VMs only need to be up
 # Sized to outlast the loaded window; a keeper tops up each VM's queue anyway.
 LOADS = {"rmap_fork": {"children": 1000}, "kbuild": {"files": 200, "jobs": 4}}
+
+
+def idle_vm_scenario(seed: int, memory: str, settings: str) -> str:
+    """A realtime scenario of one booted 2-vCPU shadow VM: its TOML text."""
+    return (f'seed = {seed}\nclock = "realtime"\n[[vm]]\nmemory = "{memory}"\nvcpus = 2\nmmu = "shadow"\n'
+            f'workload = "idle"\nsettings = {{ {settings} }}\n')
+
+
+QUIET_SCENARIO = idle_vm_scenario(1, "6G", "uptime = 0")
 
 
 @dataclass

@@ -196,7 +196,6 @@ class QemuProcess:
                 self.clock.wait(MANUAL_WAIT_S if self.clock.manual else IDLE_WAIT_S)
 
     def _run_job(self, job: WorkloadJob) -> None:
-        start = self.guest_ns
         try:
             job.result = job.run(self, lambda done, total, idle_ns=0: self._checkpoint(job, done, total, idle_ns))
         except (WorkloadCancelled, ValueError, LookupError, MemoryError) as exc:
@@ -205,7 +204,7 @@ class QemuProcess:
             log.exception("workload %s on %s failed", job.name, self.name)
             job.error = f"internal error: {type(exc).__name__}: {exc}"
         try:
-            self._end_busy(start)
+            self._end_busy()
         except Exception:
             log.exception("the vCPUs of %s could not go idle after %s", self.name, job.name)
         with self._lock:
@@ -218,7 +217,8 @@ class QemuProcess:
         VM is destroyed) stops."""
         self._busy_step()
         if idle_ns:
-            self._end_busy(self.guest_ns)
+            if self.guest is not None:
+                self.guest.idle_running_cpus()
             self.idle_until(self.guest_ns + idle_ns)
         job.progress = (done, total)
         job._notify()
@@ -234,7 +234,7 @@ class QemuProcess:
         self.guest_ns = self.kvm.arch.run_guest_code(self.guest_ns, self.guest)
         self.guest.run_due_timers(self.guest_ns / NSEC_PER_SEC)
 
-    def _end_busy(self, start: int) -> None:
+    def _end_busy(self) -> None:
         """The workload is over: what it last ran is accounted, and the guest idles every vCPU it ran on."""
         if self.guest is None:
             return
