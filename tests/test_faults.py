@@ -42,6 +42,7 @@ from conftest import (
 from kvmdbgfs.control.client import request
 from kvmdbgfs.control.listener import MAX_REQUEST_BYTES, MAX_WAITING, REQUEST_TIMEOUT_S
 from kvmdbgfs.control.paths import UnsafeRuntimeDir, pointer_path, runtime_dir
+from kvmdbgfs.control import wire
 
 pytestmark = pytest.mark.skipif(os.getuid() != 0, reason="plays another user (uid 65534): needs root")
 
@@ -426,6 +427,38 @@ def test_cli_gives_up_on_a_silent_server(tmp_path: Path, argv: list[str], goes_o
         took = time.monotonic() - start
     assert_one_error_line(result, 1, f"{ERROR}the server at {path} sent nothing for 0.5 s (--timeout){goes_on}")
     assert took < 10  # Python starts, waits 0.5 s, and gives up: not the 60 s run_cli() allows
+
+
+def test_connecting_waits_while_the_backlog_is_full(tmp_path: Path) -> None:
+    """A full backlog makes connect() on a socket with a timeout fail with EAGAIN at once (CI saw it after a
+    connection flood); the client waits for the server to accept instead, and gives up with TimeoutError."""
+    path = str(tmp_path / "full.sock")
+    with contextlib.ExitStack() as stack:
+        listener = stack.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+        listener.bind(path)
+        listener.listen(0)
+        queued = []
+        while len(queued) < 64:
+            sock = stack.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+            sock.setblocking(False)
+            try:
+                sock.connect(path)
+            except BlockingIOError:
+                break
+            queued.append(sock)
+        assert len(queued) < 64, "the backlog never filled"
+        late = stack.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+        start = time.monotonic()
+        with pytest.raises(TimeoutError):
+            wire.connect(late, path, 0.3)
+        assert 0.3 <= time.monotonic() - start < 5
+        accepter = threading.Timer(0.2, lambda: stack.enter_context(listener.accept()[0]))
+        accepter.start()
+        try:
+            wire.connect(late, path, 10)
+        finally:
+            accepter.join(10)
+        assert late.getpeername() == path
 
 
 def cpu_seconds(pid: int) -> float:

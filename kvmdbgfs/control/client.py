@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from kvmdbgfs.control.wire import LineReader, LineTooLong, peer_uid, send_message
+from kvmdbgfs.control.wire import LineReader, LineTooLong, connect, peer_uid, send_message
 
 ProgressCallback = Callable[[int, int], None]
 DEFAULT_TIMEOUT_S = 30.0  # the server sends a line at least every second while it works on a request
@@ -35,8 +35,7 @@ def request(
     for a line are bounded by ``timeout`` seconds (TimeoutError).
     """
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
-        sock.connect(str(path))
+        connect(sock, str(path), timeout)
         uid = peer_uid(sock)
         if uid != os.getuid():
             raise RequestError(f"the server at {path} runs as uid {uid}, not {os.getuid()}: not talking to it")

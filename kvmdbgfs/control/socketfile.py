@@ -14,6 +14,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from kvmdbgfs.control.wire import connect
+
 LOCK_TIMEOUT_S = 5.0  # servers hold the lock for a few file operations
 PROBE_TIMEOUT_S = 1.0  # a listener that does not take a connection by then is alive but busy
 
@@ -86,9 +88,8 @@ def _remove_stale_socket(path: Path) -> None:
     if info.st_uid != os.getuid():
         raise OSError(errno.EEXIST, f"a socket of uid {info.st_uid} is there")
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        probe.settimeout(PROBE_TIMEOUT_S)
         try:
-            probe.connect(str(path))
+            connect(probe, str(path), PROBE_TIMEOUT_S)
         except ConnectionRefusedError:
             os.unlink(path)
             return

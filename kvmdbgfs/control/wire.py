@@ -10,11 +10,33 @@ import time
 from typing import Any
 
 CHUNK_BYTES = 1 << 16
+CONNECT_RETRY_S = (0.005, 0.1)  # the first and the longest pause while the listener's backlog is full
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
 class LineTooLong(Exception):
     """A line went past its bound before its newline came."""
+
+
+def connect(sock: socket.socket, path: str, timeout: float) -> None:
+    """Connect a Unix stream socket within ``timeout`` seconds (TimeoutError past it).
+
+    A socket with a timeout is non-blocking underneath, and connect() on a Unix socket whose listener's backlog
+    is full then fails with EAGAIN at once instead of waiting as a blocking connect() would; this waits, with a
+    bounded backoff, for the listener to accept what is queued."""
+    deadline = time.monotonic() + timeout
+    pause = CONNECT_RETRY_S[0]
+    while True:
+        sock.settimeout(max(deadline - time.monotonic(), 0.0))
+        try:
+            sock.connect(path)
+            return
+        except BlockingIOError:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"{path}: the server did not take the connection in time") from None
+            time.sleep(min(pause, remaining))
+            pause = min(2 * pause, CONNECT_RETRY_S[1])
 
 
 def send_message(sock: socket.socket, message: Any, timeout: float) -> None:
