@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from kvmdbgfs import mount_command
 from kvmdbgfs.control.client import DEFAULT_TIMEOUT_S, ProgressCallback, RequestError, request
 from kvmdbgfs.control.paths import UnsafeRuntimeDir, find_socket
 from kvmdbgfs.kvm.host import parse_int
@@ -47,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
         "-m",
         "--mount",
         default=os.environ.get("KVMDBGFS_MOUNT"),
-        help="the mountpoint of a running mount.py (default: $KVMDBGFS_MOUNT)",
+        help="the mountpoint of a running `kvmdbgfs mount` (default: $KVMDBGFS_MOUNT)",
     )
     parser.add_argument("--control", type=Path, help="talk to this control socket instead of finding it from -m")
     parser.add_argument(
@@ -88,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     advance = clock.add_parser("advance", help="move a manual clock forward and wait until the guests got there")
     advance.add_argument("duration", help="how far: 500ms, 10s, 2m")
     commands.add_parser("workloads", help="list workloads and their parameters")
+    commands.add_parser("mount", help="mount a tree and serve it (`kvmdbgfs mount --help`)", add_help=False)
     return parser
 
 
@@ -196,6 +198,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["mount"]:  # the server's own options, not the client's
+        return mount_command.main(argv[1:], prog="kvmdbgfs mount")
     args = build_parser().parse_args(argv)
     try:
         return run(args)

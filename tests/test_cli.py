@@ -310,3 +310,13 @@ def test_malformed_request_is_answered(mount: Mount, payload: bytes) -> None:
     assert isinstance(refusal["error"], str) and refusal["error"] and "\n" not in refusal["error"]
     assert listing == {"ok": True, "result": before[0]}
     assert server_state(mount) == before
+
+
+def test_installed_mount_command_and_python_m_are_mount_py(tmp_path: Path) -> None:
+    """`kvmdbgfs mount` and `python -m kvmdbgfs mount` are mount.py: a bad mountpoint gets their one line."""
+    for command, prog in (
+        ([str(Path(sys.executable).parent / "kvmdbgfs"), "mount"], "kvmdbgfs mount"),
+        ([sys.executable, "-m", "kvmdbgfs", "mount"], "kvmdbgfs mount"),
+    ):
+        result = subprocess.run([*command, str(tmp_path / "missing")], capture_output=True, text=True, timeout=60)
+        assert (result.returncode, result.stderr) == (2, f"{prog}: error: {tmp_path / 'missing'}: no such file or directory\n")
