@@ -46,6 +46,14 @@ def serving() -> Iterator[None]:
             _quiet_after = time.monotonic() + GRACE_S
 
 
+def reader_arriving(within_s: float) -> None:
+    """A reader has arrived whose request is not yet known (a control connection just accepted): the emulation
+    yields as if a request were in flight, for at most ``within_s``, while its thread starts and reads it."""
+    global _quiet_after
+    with _lock:
+        _quiet_after = max(_quiet_after, time.monotonic() + within_s)
+
+
 def readers_waiting() -> bool:
     """True while a request is being served or has just been."""
     return _in_flight > 0 or time.monotonic() < _quiet_after

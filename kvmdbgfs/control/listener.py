@@ -27,7 +27,7 @@ from kvmdbgfs.control.paths import write_pointer
 from kvmdbgfs.control.server import ClientGone, ControlHandlers, answer, is_read_request
 from kvmdbgfs.control.socketfile import FileId, bind_socket, file_id, remove_if_made
 from kvmdbgfs.control.wire import LineReader, LineTooLong, peer_uid, send_message
-from kvmdbgfs.sched import serving
+from kvmdbgfs.sched import reader_arriving, serving
 
 MAX_REQUEST_BYTES = 1 << 20
 REQUEST_TIMEOUT_S = 5.0
@@ -36,7 +36,10 @@ BACKLOG = 64
 HEARTBEAT_S = 0.5
 SEND_TIMEOUT_S = 10.0
 ACCEPT_POLL_S = 0.2  # how soon the accept loop sees close()
-ACCEPT_BACKOFF_S = (0.01, 1.0)  # the first and the longest pause after a failed accept()
+ACCEPT_BACKOFF_S = (0.01, 1.0)
+# How long a new connection holds the emulation back while its thread starts and reads the request line: one
+# more thread start under CPU-bound emulation threads took 30-55 ms for the interpreter lock (bench, issue 10).
+ARRIVAL_S = 0.02  # the first and the longest pause after a failed accept()
 ACCEPT_WARNING_S = 60.0  # at most one line in the log this often about failing accept() calls
 HEARTBEAT = {"heartbeat": True}
 BUSY = "busy: too many connections are waiting to send a request; try again"
@@ -142,6 +145,7 @@ class ControlServer:
                 pause = min(2 * pause, ACCEPT_BACKOFF_S[1])
                 continue
             pause = ACCEPT_BACKOFF_S[0]
+            reader_arriving(ARRIVAL_S)
             self._admit(sock)
 
     def _admit(self, sock: socket.socket) -> None:
