@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import threading
 from pathlib import Path
 
 from kvmdbgfs.control.listener import ControlServer
@@ -20,12 +21,13 @@ from kvmdbgfs.control.server import ControlHandlers
 from kvmdbgfs.fuse import DebugfsOperations, serve
 from kvmdbgfs.kvm.profiles import DEFAULT_PROFILE, get_profile
 from kvmdbgfs.mountpoint import MountpointError, prepare_mountpoint
-from kvmdbgfs.scenario import build_host, load_scenario
+from kvmdbgfs.progress import progress_bar
+from kvmdbgfs.scenario import ScenarioBoot, build_host, load_scenario
 from kvmdbgfs.vmm.clock import CLOCK_MODES
 
 EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, as the shell reports it
 GIL_SWITCH_INTERVAL_S = 0.001
+BOOT_PROGRESS_S = 0.2
 
 
 class _Parser(argparse.ArgumentParser):
@@ -67,6 +69,15 @@ def control_paths(control: Path | None, mountpoint: str, prog: str) -> tuple[Pat
         return control, None
 
 
+def show_boot(boot: ScenarioBoot, prog: str) -> None:
+    """A progress bar on the terminal while the scenario's guests boot, then a line saying how it went."""
+    if boot.jobs:
+        with progress_bar("booting the scenario's guests") as progress:
+            while not boot.wait(BOOT_PROGRESS_S):
+                progress(*boot.progress())
+        say(prog, f"guests booted{'' if boot.error is None else f' (but {boot.error})'}")
+
+
 def main(argv: list[str] | None = None, prog: str = "mount.py") -> int:
     """Mount and serve until unmounted or signalled; the exit status."""
     args = parse_args(argv, prog)
@@ -88,14 +99,10 @@ def main(argv: list[str] | None = None, prog: str = "mount.py") -> int:
     except OSError as exc:
         return fail(prog, f"control socket {socket_path}: {exc.strerror or exc}")
     try:
-        vmm = build_host(scenario, args.kernel, args.clock)
+        vmm, boot = build_host(scenario, args.kernel, args.clock)
     except ValueError as exc:
         control.close()
         return fail(prog, str(exc))
-    except KeyboardInterrupt:
-        control.close()
-        say(prog, "interrupted while the scenario's guests booted: nothing was mounted")
-        return EXIT_INTERRUPTED
     except BaseException:
         control.close()
         raise
@@ -108,6 +115,7 @@ def main(argv: list[str] | None = None, prog: str = "mount.py") -> int:
             "server_pid": os.getpid(),
             "open_files": operations.open_file_count(),
             "control": str(socket_path),
+            **boot.describe(),
         }
 
     control.start(ControlHandlers(vmm, status))
@@ -116,6 +124,7 @@ def main(argv: list[str] | None = None, prog: str = "mount.py") -> int:
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     vms = ", ".join(kvm.name for kvm in host.vm_list) or "no VMs"
     say(prog, f"serving {mountpoint} ({args.kernel}, {vmm.clock.mode} clock; {vms}); Ctrl-C to unmount")
+    threading.Thread(target=show_boot, args=(boot, prog), name="boot progress", daemon=True).start()
     try:
         serve(operations, mountpoint, allow_other=args.allow_other)
     except RuntimeError as exc:

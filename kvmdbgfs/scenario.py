@@ -20,16 +20,17 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import threading
 import tomllib
 from dataclasses import dataclass, field
 from typing import Any
 
 from kvmdbgfs.kvm.host import KvmHost
 from kvmdbgfs.kvm.vm import VmConfig
-from kvmdbgfs.progress import progress_bar
 from kvmdbgfs.vmm.clock import CLOCK_MODES
 from kvmdbgfs.vmm.vmm import Vmm
-from kvmdbgfs.workloads import get_workload, run_workload
+from kvmdbgfs.vmm.qemu import QemuProcess, WorkloadJob
+from kvmdbgfs.workloads import get_workload, start_workload
 
 MAX_SCENARIO_BYTES = 1 << 20
 CONFIG_KEYS = {"memory", "vcpus", "mmu", "kernel", "seed", "rmap_design"}
@@ -138,14 +139,57 @@ def scenario_plans(host: KvmHost, scenario: Scenario) -> list[VmPlan]:
     return plans
 
 
-def build_host(scenario: Scenario, kernel: str, clock: str | None = None) -> Vmm:
-    """A host running the scenario's VMs, each workload run to completion (with a progress bar)."""
+class ScenarioBoot:
+    """The scenario's workloads (the guests' boots first), running while the tree is served, as guests boot on
+    a real host. Once every one has ended, the host clock starts where the furthest guest got (the host has
+    been up as long as its guests ran) and ``vmm.started`` is set; ``error`` is the first failure."""
+
+    def __init__(self, vmm: Vmm, jobs: list[tuple[QemuProcess, WorkloadJob]]) -> None:
+        self.vmm = vmm
+        self.jobs = jobs
+        self.error: str | None = None
+        vmm.started.clear()
+        self._thread = threading.Thread(target=self._wait_all, name="scenario boot", daemon=True)
+        self._thread.start()
+
+    def _wait_all(self) -> None:
+        for vm, job in self.jobs:
+            job.done.wait()
+            if job.error is not None and self.error is None:
+                self.error = f"{vm.name} {job.name}: {job.error}"
+        self.vmm.clock.start_at(max((vm.created_ns + vm.guest_ns for vm, _ in self.jobs), default=0))
+        self.vmm.started.set()
+
+    def wait(self, timeout: float) -> bool:
+        """True once every guest has booted (or failed: see ``error``), False after ``timeout`` seconds."""
+        return self.vmm.started.wait(timeout)
+
+    def progress(self) -> tuple[int, int]:
+        """Steps done and steps known, over every workload of the scenario."""
+        done = total = 0
+        for _, job in self.jobs:
+            job_done, job_total = job.progress
+            if job.done.is_set():
+                job_done = job_total = max(job_total, 1)
+            done, total = done + job_done, total + max(job_total, 1)
+        return done, total
+
+    def describe(self) -> dict[str, Any]:
+        """What `status` shows: whether the guests have booted, which still run their scenario workload."""
+        return {
+            "booted": self.vmm.started.is_set(),
+            "booting": [vm.name for vm, job in self.jobs if not job.done.is_set()],
+            "boot_error": self.error,
+        }
+
+
+def build_host(scenario: Scenario, kernel: str, clock: str | None = None) -> tuple[Vmm, ScenarioBoot]:
+    """A host with the scenario's VMs created and their workloads queued: it can be served at once, and the
+    guests boot while it is (``ScenarioBoot``)."""
     vmm = Vmm(profile=kernel, seed=scenario.seed, clock=clock or scenario.clock)
+    jobs = []
     for plan in scenario_plans(vmm.host, scenario):
         vm = vmm.create_vm(plan.config)
         if plan.workload is not None:
-            with progress_bar(f"{vm.name} {plan.workload}") as progress:
-                run_workload(vm, plan.workload, plan.settings, progress)
-    # The scenario's guests were up before the tree is served: the host has been running as long as they ran.
-    vmm.clock.start_at(max((vm.created_ns + vm.guest_ns for vm in vmm.vms.values()), default=0))
-    return vmm
+            jobs.append((vm, start_workload(vm, plan.workload, plan.settings)))
+    return vmm, ScenarioBoot(vmm, jobs)

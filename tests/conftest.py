@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from kvmdbgfs.control.client import request
 from kvmdbgfs.mountpoint import MountpointError, detach, mounted_paths
 
 REPO = Path(__file__).resolve().parent.parent
@@ -129,8 +130,9 @@ def spawn_mount(tmp_path: Path, *args: str, control: Path | None = None) -> Moun
     return Mount(mountpoint, process, control, env, log)
 
 
-def wait_served(mount: Mount) -> Mount:
-    """Wait until a file inside the mount can be stat'ed and its control socket exists."""
+def wait_served(mount: Mount, booted: bool = True) -> Mount:
+    """Wait until a file inside the mount can be stat'ed and its control socket exists, and with ``booted``
+    until `status` says the scenario's guests have booted (they boot while the tree is served)."""
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
         if mount.process.poll() is not None:
@@ -138,7 +140,8 @@ def wait_served(mount: Mount) -> Mount:
         if is_mounted(mount.path) and mount.control.exists():
             try:
                 os.stat(mount.path / "exits")
-                return mount
+                if not booted or request(mount.control, "status", timeout=10)["booted"]:
+                    return mount
             except OSError:
                 pass
         time.sleep(0.05)
@@ -146,9 +149,9 @@ def wait_served(mount: Mount) -> Mount:
     raise AssertionError("mount.py did not come up in time")
 
 
-def start_mount(tmp_path: Path, *args: str, control: Path | None = None) -> Mount:
-    """Start mount.py (see spawn_mount) and wait until it serves."""
-    return wait_served(spawn_mount(tmp_path, *args, control=control))
+def start_mount(tmp_path: Path, *args: str, control: Path | None = None, booted: bool = True) -> Mount:
+    """Start mount.py (see spawn_mount) and wait until it serves (and its guests have booted)."""
+    return wait_served(spawn_mount(tmp_path, *args, control=control), booted)
 
 
 @contextlib.contextmanager

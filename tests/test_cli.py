@@ -180,6 +180,9 @@ def test_status(mount: Mount) -> None:
         "server_pid": str(mount.process.pid),
         "open_files": "0",
         "control": str(mount.control),
+        "booted": "True",
+        "booting": "[]",
+        "boot_error": "None",
     }
 
 

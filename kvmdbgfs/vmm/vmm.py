@@ -38,6 +38,9 @@ class Vmm:
         self._rng = np.random.default_rng([seed, 1])
         self._next_pid = 1000 + int(self._rng.integers(0, 3000))
         self._vms_created = 0
+        # Set once the host's startup (a scenario's boots) is over: host time then starts where they left it.
+        self.started = threading.Event()
+        self.started.set()
 
     def create_vm(self, config: VmConfig) -> QemuProcess:
         """Start a QEMU process: pid and fd, KVM_CREATE_VM, memslots, vCPUs."""
@@ -85,9 +88,12 @@ class Vmm:
         return vm
 
     def advance_clock(self, ns: int, timeout: float = CLOCK_WAIT_S) -> int:
-        """`clock advance`: move the manual clock, then wait (bounded) until every VM has run up to it."""
-        now = self.clock.advance(ns)
+        """`clock advance`: move the manual clock, then wait (bounded) until every VM has run up to it. Time
+        moves from where the host's startup left it: a scenario's boots end first."""
         deadline = time.monotonic() + timeout
+        if self.clock.manual and not self.started.wait(timeout):
+            raise TimeoutError(f"the scenario's guests did not finish booting within {timeout:.0f} s")
+        now = self.clock.advance(ns)
         with self._lock:
             vms = list(self.vms.values())
         for vm in vms:
