@@ -16,6 +16,7 @@ from kvmdbgfs.control.paths import UnsafeRuntimeDir, find_socket
 from kvmdbgfs.kvm.host import parse_int
 from kvmdbgfs.kvm.vm import MMU_MODES
 from kvmdbgfs.progress import progress_bar
+from kvmdbgfs.vmm.bootcache import BootCache, default_directory
 from kvmdbgfs.workloads.base import parse_assignments
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -90,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     advance.add_argument("duration", help="how far: 500ms, 10s, 2m")
     commands.add_parser("workloads", help="list workloads and their parameters")
     commands.add_parser("mount", help="mount a tree and serve it (`kvmdbgfs mount --help`)", add_help=False)
+    cache = commands.add_parser("cache", help="the boot cache (no server needed)").add_subparsers(
+        dest="cache_command", required=True, parser_class=_Parser
+    )
+    cache.add_parser("clear", help="remove every boot snapshot from the cache")
     return parser
 
 
@@ -153,6 +158,14 @@ def _print_workloads(workloads: list[dict[str, Any]]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.command == "cache":
+        directory = default_directory()
+        try:
+            removed = BootCache(directory).clear()
+        except OSError as exc:
+            raise RequestError(f"{directory}: {exc.strerror}") from None
+        print(f"removed {removed} boot snapshot{'s' if removed != 1 else ''} from {directory}")
+        return EXIT_OK
     if args.command == "run":
         summary = _run_workload(args)
         if args.json:

@@ -23,6 +23,7 @@ from kvmdbgfs.kvm.profiles import DEFAULT_PROFILE, get_profile
 from kvmdbgfs.mountpoint import MountpointError, prepare_mountpoint
 from kvmdbgfs.progress import progress_bar
 from kvmdbgfs.scenario import ScenarioBoot, build_host, load_scenario
+from kvmdbgfs.vmm.bootcache import BootCache, default_directory
 from kvmdbgfs.vmm.clock import CLOCK_MODES
 
 EXIT_USAGE = 2
@@ -44,6 +45,9 @@ def parse_args(argv: list[str] | None, prog: str) -> argparse.Namespace:
         "--clock", choices=CLOCK_MODES, help="realtime (the default) or manual (moves with `kvmdbgfs clock advance`)"
     )
     parser.add_argument("--control", type=Path, help="control socket path (default: in the runtime directory)")
+    parser.add_argument(
+        "--no-cache", action="store_true", help="boot every guest, neither using nor filling the boot cache"
+    )
     parser.add_argument("--allow-other", action="store_true", help="let other users read the mount")
     return parser.parse_args(argv)
 
@@ -75,7 +79,9 @@ def show_boot(boot: ScenarioBoot, prog: str) -> None:
         with progress_bar("booting the scenario's guests") as progress:
             while not boot.wait(BOOT_PROGRESS_S):
                 progress(*boot.progress())
-        say(prog, f"guests booted{'' if boot.error is None else f' (but {boot.error})'}")
+        cache = boot.vmm.boot_cache
+        restored = f"{cache.restored} of {len(boot.jobs)} restored from the boot cache" if cache else "no boot cache"
+        say(prog, f"guests booted ({restored}){'' if boot.error is None else f'; but {boot.error}'}")
 
 
 def main(argv: list[str] | None = None, prog: str = "mount.py") -> int:
@@ -99,7 +105,8 @@ def main(argv: list[str] | None = None, prog: str = "mount.py") -> int:
     except OSError as exc:
         return fail(prog, f"control socket {socket_path}: {exc.strerror or exc}")
     try:
-        vmm, boot = build_host(scenario, args.kernel, args.clock)
+        cache = None if args.no_cache else BootCache(default_directory())
+        vmm, boot = build_host(scenario, args.kernel, args.clock, cache)
     except ValueError as exc:
         control.close()
         return fail(prog, str(exc))

@@ -27,10 +27,11 @@ from typing import Any
 
 from kvmdbgfs.kvm.host import KvmHost
 from kvmdbgfs.kvm.vm import VmConfig
+from kvmdbgfs.vmm.bootcache import BootCache
 from kvmdbgfs.vmm.clock import CLOCK_MODES
 from kvmdbgfs.vmm.vmm import Vmm
 from kvmdbgfs.vmm.qemu import QemuProcess, WorkloadJob
-from kvmdbgfs.workloads import get_workload, start_workload
+from kvmdbgfs.workloads import get_workload, make_job
 
 MAX_SCENARIO_BYTES = 1 << 20
 CONFIG_KEYS = {"memory", "vcpus", "mmu", "kernel", "seed", "rmap_design"}
@@ -183,13 +184,15 @@ class ScenarioBoot:
         }
 
 
-def build_host(scenario: Scenario, kernel: str, clock: str | None = None) -> tuple[Vmm, ScenarioBoot]:
+def build_host(
+    scenario: Scenario, kernel: str, clock: str | None = None, boot_cache: BootCache | None = None
+) -> tuple[Vmm, ScenarioBoot]:
     """A host with the scenario's VMs created and their workloads queued: it can be served at once, and the
-    guests boot while it is (``ScenarioBoot``)."""
-    vmm = Vmm(profile=kernel, seed=scenario.seed, clock=clock or scenario.clock)
+    guests boot while it is (``ScenarioBoot``), from ``boot_cache`` where it has their boots."""
+    vmm = Vmm(profile=kernel, seed=scenario.seed, clock=clock or scenario.clock, boot_cache=boot_cache)
     jobs = []
     for plan in scenario_plans(vmm.host, scenario):
-        vm = vmm.create_vm(plan.config)
-        if plan.workload is not None:
-            jobs.append((vm, start_workload(vm, plan.workload, plan.settings)))
+        job = [make_job(plan.workload, plan.settings)] if plan.workload is not None else []
+        vm = vmm.create_vm(plan.config, job)
+        jobs += [(vm, first) for first in job]
     return vmm, ScenarioBoot(vmm, jobs)

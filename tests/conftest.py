@@ -178,6 +178,16 @@ def assert_one_error_line(result: subprocess.CompletedProcess, status: int, mess
         assert line == message
 
 
+@pytest.fixture(scope="session", autouse=True)
+def boot_cache_of_the_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The mounts of a test run share a boot cache of their own (never the user's): a scenario's guests are
+    emulated once per run, then restored."""
+    directory = tmp_path_factory.mktemp("boot-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("KVMDBGFS_CACHE_DIR", str(directory))
+        yield directory
+
+
 @pytest.fixture
 def mount_factory(tmp_path: Path) -> Iterator:
     """Start mounts with given mount.py arguments; every one is stopped and unmounted afterwards."""

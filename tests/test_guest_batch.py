@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 
 import numpy as np
 from hypothesis import Phase, given, settings
@@ -138,24 +137,3 @@ def test_idle_boot_shares_libraries_across_processes() -> None:
     counts = kernel.ctx.pages.refcount[libc.pages[libc.pages >= 0]] - 1  # minus the page cache's reference
     assert counts.max() >= 0.8 * stats["processes"]  # the hottest libc pages are mapped by (almost) everyone
     assert system.advance(60) > 100
-
-
-def test_fork_of_a_process_with_64_mib_touched_is_fast() -> None:
-    kernel = GuestKernel(1 * GiB, BareMetal(), np.random.default_rng(3), 2)
-    task = bare_process(kernel)
-    heap = task.mmap(64 * MiB)
-    task.touch(heap.start, heap.end, write=True)
-    start = time.perf_counter()
-    child = kernel.fork(task)
-    fork_seconds = time.perf_counter() - start
-    start = time.perf_counter()
-    kernel.exit(child)
-    exit_seconds = time.perf_counter() - start
-    assert fork_seconds < 0.5 and exit_seconds < 0.5, (fork_seconds, exit_seconds)
-
-
-def test_a_6_gib_guest_boots_to_idle_in_seconds() -> None:
-    start = time.perf_counter()
-    kernel = GuestKernel(6 * GiB, BareMetal(), np.random.default_rng(0), 2)
-    kernel.boot()
-    assert time.perf_counter() - start < 8

@@ -247,7 +247,7 @@ def test_stale_mount_is_detached_and_reused(mount_factory, monkeypatch: pytest.M
 def test_the_tree_is_served_while_the_default_scenario_boots_and_ctrl_c_stops_it(tmp_path: Path) -> None:
     """The default scenario's guests boot while the tree is served (issue 14): `ls` works and `status` says which
     guests still boot; SIGINT then unmounts and exits 0 (the boots end at their next safe point or finish)."""
-    mount = wait_served(spawn_mount(tmp_path, "--scenario", "default"), booted=False)
+    mount = wait_served(spawn_mount(tmp_path, "--scenario", "default", "--no-cache"), booted=False)
     try:
         listing = subprocess.run(["ls", str(mount.path)], capture_output=True, text=True, timeout=30, check=True)
         status = request(mount.control, "status", timeout=30)

@@ -43,21 +43,35 @@ def describe_workload(workload: Workload) -> dict[str, Any]:
     }
 
 
-def start_workload(vm: QemuProcess, name: str, overrides: Mapping[str, Any]) -> WorkloadJob:
-    """Validate the workload and its settings, then queue it on the VM (it runs on the VM's vCPU threads).
+def make_job(name: str, overrides: Mapping[str, Any]) -> WorkloadJob:
+    """Validate the workload and its settings; the job that runs it on a VM's vCPU threads.
 
     The VM's own checks (booted or not) run when the workload starts, after what was queued before it.
-    Randomness comes from the VM's seed and how many workloads it ran before, so a scenario replays."""
+    Randomness comes from the VM's seed and how many workloads it ran before, so a scenario replays. The
+    first workload of a fresh VM is restored from the VM's boot cache when it has run before (see
+    kvmdbgfs/vmm/bootcache.py), and saved there when it has not."""
     workload = get_workload(name)
     settings = workload.settings(overrides)
 
     def run(vm: QemuProcess, progress: Progress) -> dict[str, Any]:
         workload.check_vm(vm)
+        cache = vm.boot_cache
+        key = cache.key(vm, name, settings) if cache is not None else None
+        if cache is not None and key is not None and (summary := cache.restore(key, vm)) is not None:
+            return summary
         rng = np.random.default_rng([vm.seed, vm.workload_runs])
         vm.workload_runs += 1
-        return {"vm": vm.name, "workload": name, "settings": settings, **workload.run(vm, settings, rng, progress)}
+        summary = {"vm": vm.name, "workload": name, "settings": settings, **workload.run(vm, settings, rng, progress)}
+        if cache is not None and key is not None:
+            cache.save(key, vm, summary)
+        return summary
 
-    return vm.submit(WorkloadJob(name, run))
+    return WorkloadJob(name, run)
+
+
+def start_workload(vm: QemuProcess, name: str, overrides: Mapping[str, Any]) -> WorkloadJob:
+    """Queue the workload on the VM (see make_job)."""
+    return vm.submit(make_job(name, overrides))
 
 
 def wait_workload(job: WorkloadJob, progress: Progress = no_progress, timeout: float | None = None) -> dict[str, Any]:

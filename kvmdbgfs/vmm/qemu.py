@@ -20,7 +20,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +32,7 @@ from kvmdbgfs.vmm.devices import VirtioDevices
 from kvmdbgfs.vmm.layout import q35_memslots
 
 if TYPE_CHECKING:
+    from kvmdbgfs.vmm.bootcache import BootCache
     from kvmdbgfs.guest.userspace import Userspace
     from kvmdbgfs.kvm.vm import Kvm
     from kvmdbgfs.vmm.clock import HostClock
@@ -79,7 +80,18 @@ class WorkloadJob:
 class QemuProcess:
     """What QEMU owns for one VM. ``kvm`` is the kernel's VM; ``guest`` the booted guest OS (None before)."""
 
-    def __init__(self, kvm: Kvm, pid: int, fd: int, seed: int, clock: HostClock) -> None:
+    def __init__(
+        self,
+        kvm: Kvm,
+        pid: int,
+        fd: int,
+        seed: int,
+        clock: HostClock,
+        jobs: Sequence[WorkloadJob] = (),
+        boot_cache: BootCache | None = None,
+    ) -> None:
+        """QEMU starts: memslots, vCPUs, devices, and its vCPU thread, which runs ``jobs`` first (queued before
+        it starts, so that they start at guest time 0 whatever the host clock does)."""
         self.kvm = kvm
         self.pid = pid
         self.fd = fd
@@ -98,7 +110,8 @@ class QemuProcess:
         self.guest: Userspace | None = None
         self.guest_ns = 0
         self.workload_runs = 0
-        self.jobs: deque[WorkloadJob] = deque()
+        self.jobs: deque[WorkloadJob] = deque(jobs)
+        self.boot_cache = boot_cache
         self.current: WorkloadJob | None = None
         self.guest_panicked = False  # QEMU's guest-panicked state: the guest died booting, nothing runs on it
         self._lock = threading.Lock()
@@ -259,6 +272,10 @@ class QemuProcess:
             self.vcpus[vcpu_id].kvm_vcpu_ioctl_run(when, self.guest)
         self.guest_ns = max(self.guest_ns, target_ns)
 
+    def vcpu_thread_pid(self, vcpu_id: int) -> int:
+        """The thread id of the vCPU's thread: QEMU's main thread and its RCU thread come first."""
+        return self.pid + 2 + vcpu_id
+
     def boot(self, system: Userspace) -> None:
         """The guest has booted (its code ran as long as its busiest vCPU's part took): the LAN reaches its
         drivers, and every vCPU enters KVM_RUN (its thread id in ``pid``) and goes idle."""
@@ -267,7 +284,7 @@ class QemuProcess:
         self.guest = system
         self.devices.start(self.guest_ns)
         for vcpu in self.vcpus:
-            vcpu.pid = self.pid + 2 + vcpu.vcpu_id  # QEMU's main thread and its RCU thread come first
+            vcpu.pid = self.vcpu_thread_pid(vcpu.vcpu_id)
             vcpu.kvm_vcpu_ioctl_run(self.guest_ns, _NoInterrupts(system))
 
 

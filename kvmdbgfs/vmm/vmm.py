@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 
 import numpy as np
@@ -17,8 +18,9 @@ from kvmdbgfs.arch.x86.kvm_arch import X86KvmArchFactory
 from kvmdbgfs.kvm.host import KvmHost
 from kvmdbgfs.kvm.profiles import DEFAULT_PROFILE
 from kvmdbgfs.kvm.vm import VmConfig
+from kvmdbgfs.vmm.bootcache import BootCache
 from kvmdbgfs.vmm.clock import HostClock
-from kvmdbgfs.vmm.qemu import QemuProcess
+from kvmdbgfs.vmm.qemu import QemuProcess, WorkloadJob
 
 PID_MAX = 4194304  # pid_max on 64-bit
 RESERVED_PIDS = 300
@@ -29,10 +31,17 @@ CLOCK_WAIT_S = 120.0  # how long `clock advance` waits for the VMs to reach the 
 class Vmm:
     """Every QEMU process on the host, the KVM module they talk to, and the clock that drives them."""
 
-    def __init__(self, profile: str = DEFAULT_PROFILE, seed: int = 0, clock: str = "manual") -> None:
+    def __init__(
+        self,
+        profile: str = DEFAULT_PROFILE,
+        seed: int = 0,
+        clock: str = "manual",
+        boot_cache: BootCache | None = None,
+    ) -> None:
         self.clock = HostClock(clock)
         self.host = KvmHost(X86KvmArchFactory(), profile=profile, seed=seed)
         self.seed = seed
+        self.boot_cache = boot_cache
         self.vms: dict[str, QemuProcess] = {}
         self._lock = threading.Lock()
         self._rng = np.random.default_rng([seed, 1])
@@ -42,8 +51,8 @@ class Vmm:
         self.started = threading.Event()
         self.started.set()
 
-    def create_vm(self, config: VmConfig) -> QemuProcess:
-        """Start a QEMU process: pid and fd, KVM_CREATE_VM, memslots, vCPUs."""
+    def create_vm(self, config: VmConfig, jobs: Sequence[WorkloadJob] = ()) -> QemuProcess:
+        """Start a QEMU process: pid and fd, KVM_CREATE_VM, memslots, vCPUs; it runs ``jobs`` first."""
         self.host.validate_config(config)
         with self._lock:
             if config.seed is None:
@@ -53,7 +62,8 @@ class Vmm:
             fd = FIRST_VM_FD + int(self._rng.integers(0, 6))
             kvm = self.host.kvm_create_vm(config, f"{pid}-{fd}")
             assert config.seed is not None
-            vm = self.vms[kvm.name] = QemuProcess(kvm, pid, fd, config.seed, self.clock)
+            vm = QemuProcess(kvm, pid, fd, config.seed, self.clock, jobs, self.boot_cache)
+            self.vms[kvm.name] = vm
         return vm
 
     def _alloc_pid(self, threads: int) -> int:

@@ -1,0 +1,285 @@
+"""Boot snapshots: the state of a VM after the first workload it ran (the guest's boot), kept on disk and
+restored instead of emulated when a later VM would run exactly the same.
+
+What a boot produces is determined by the key: a digest of the project's own source, the versions of Python
+and numpy (the random streams and the pickle format), the VM's kernel profile, configuration and seed, and
+the workload with its settings; a VM qualifies only while it is fresh (no workload ran, guest time 0). The
+snapshot is everything the VM's objects hold (QEMU's side, struct kvm with the MMU, each vCPU) except what
+names the VM on this host (pid, fd, directory, TSC offset, references to the host) and its locks: those stay
+the live VM's, and a vCPU thread's id is this VM's thread's. Restoring therefore gives the same bytes in every file and the same behaviour afterwards.
+
+An entry is one file: a header line (format, key, payload digest and size) and the zlib-compressed pickle.
+Unpickling runs code, so an entry is read only from a directory of the user's own that no one else may
+write, only if it is the user's regular file, and only if its header names this key and its payload has the
+stated digest; anything else is a warning and a miss. The directory is kept under a size cap by evicting the
+entries used least recently.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import os
+import pickle
+import platform
+import stat
+import tempfile
+import threading
+import zlib
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from kvmdbgfs.kvm.host import KvmHost
+from kvmdbgfs.kvm.vcpu import KvmVcpu
+from kvmdbgfs.kvm.vm import Kvm
+
+if TYPE_CHECKING:
+    from kvmdbgfs.vmm.qemu import QemuProcess
+
+log = logging.getLogger(__name__)
+
+FORMAT = "kvmdbgfs-boot-snapshot 1"
+DEFAULT_MAX_BYTES = 1 << 30
+COMPRESS_LEVEL = 1  # a 6 GiB guest's 92 MiB pickle becomes 3 MiB in 0.3 s; higher levels gain little
+SOURCE_ROOT = Path(__file__).resolve().parents[1]  # the kvmdbgfs package (workloads installs inside it)
+WORKLOADS_ROOT = SOURCE_ROOT.parent / "workloads"  # in a checkout, workloads/ sits beside the package
+_LOCK_TYPES = (type(threading.Lock()), type(threading.RLock()), threading.Condition, threading.Event)
+
+# What names a VM on its host, or is shared with the host: never saved, never overwritten.
+KEEP: dict[str, frozenset[str]] = {
+    "vm": frozenset(
+        {"kvm", "pid", "fd", "name", "seed", "memory", "nr_vcpus", "clock", "created_ns", "vcpus", "jobs",
+         "current", "boot_cache", "_lock", "_stopping", "_thread"}
+    ),
+    "kvm": frozenset(
+        {"host", "config", "profile", "name", "users_count", "creator_ref_dropped", "debugfs_dentry", "vcpus",
+         "_refcount_lock", "mmu_lock", "slots_lock"}
+    ),
+    "vcpu": frozenset({"kvm", "vcpu_id", "tsc_offset"}),
+}
+
+
+class SnapshotError(Exception):
+    """The VM's state cannot be saved (something in it is not plain data)."""
+
+
+def default_directory() -> Path:
+    """$KVMDBGFS_CACHE_DIR, else $XDG_CACHE_HOME/kvmdbgfs, else ~/.cache/kvmdbgfs."""
+    if explicit := os.environ.get("KVMDBGFS_CACHE_DIR"):
+        return Path(explicit)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "kvmdbgfs"
+
+
+def _source_digest() -> str:
+    """SHA-256 over the path and bytes of every Python file of the project (the package and workloads)."""
+    digest = hashlib.sha256()
+    roots = [SOURCE_ROOT] + ([WORKLOADS_ROOT] if WORKLOADS_ROOT.is_dir() else [])
+    for root in roots:
+        for path in sorted(root.rglob("*.py")):
+            digest.update(str(path.relative_to(root.parent)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+_SOURCE_DIGEST = _source_digest()
+
+
+def _roots(vm: QemuProcess) -> dict[tuple[str, int], Any]:
+    """The VM's objects whose identity the rest of the host holds: QEMU's process, struct kvm, each vCPU."""
+    return {("vm", 0): vm, ("kvm", 0): vm.kvm, **{("vcpu", v.vcpu_id): v for v in vm.kvm.vcpus}}
+
+
+def _state(kind: str, root: Any) -> dict[str, Any]:
+    return {name: value for name, value in vars(root).items() if name not in KEEP[kind]}
+
+
+class _Saver(pickle.Pickler):
+    """Pickles a VM's state; the host, the VM's own objects and locks go by reference."""
+
+    def __init__(self, file: io.BytesIO, vm: QemuProcess) -> None:
+        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
+        self._ids = {id(obj): key for key, obj in _roots(vm).items()}
+        self._host, self._clock = vm.kvm.host, vm.clock
+
+    def persistent_id(self, obj: Any) -> Any:
+        if id(obj) in self._ids:
+            return ("root", *self._ids[id(obj)])
+        if obj is self._host:
+            return ("host",)
+        if obj is self._clock:
+            return ("clock",)
+        if isinstance(obj, _LOCK_TYPES):
+            return ("lock", type(obj).__name__)
+        if isinstance(obj, (KvmHost, threading.Thread)):
+            raise SnapshotError(f"the VM's state holds a {type(obj).__name__}")
+        return None
+
+
+class _Loader(pickle.Unpickler):
+    """Unpickles a VM's state onto a live VM: references resolve to its objects, locks are made anew."""
+
+    _LOCKS = {"lock": threading.Lock, "RLock": threading.RLock, "Condition": threading.Condition,
+              "Event": threading.Event}
+
+    def __init__(self, file: io.BytesIO, vm: QemuProcess) -> None:
+        super().__init__(file)
+        self._roots = _roots(vm)
+        self._host, self._clock = vm.kvm.host, vm.clock
+
+    def persistent_load(self, pid: Any) -> Any:
+        match pid:
+            case ("root", kind, index) if (kind, index) in self._roots:
+                return self._roots[(kind, index)]
+            case ("host",):
+                return self._host
+            case ("clock",):
+                return self._clock
+            case ("lock", name) if name in self._LOCKS:
+                return self._LOCKS[name]()
+        raise pickle.UnpicklingError(f"unknown reference {pid!r}")
+
+
+class BootCache:
+    """Boot snapshots in ``directory`` (made 0700 when missing), at most ``max_bytes`` of them."""
+
+    def __init__(self, directory: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+        self.directory = directory
+        self.max_bytes = max_bytes
+        self.restored = 0  # boots restored so far
+
+    def key(self, vm: QemuProcess, workload: str, settings: dict[str, Any]) -> str | None:
+        """The key of this workload's run on ``vm``, or None when the VM is no longer fresh."""
+        if vm.workload_runs or vm.guest is not None or vm.guest_ns:
+            return None
+        config = vm.kvm.config
+        described = {
+            "format": FORMAT,
+            "source": _SOURCE_DIGEST,
+            "python": platform.python_version(),
+            "numpy": metadata.version("numpy"),
+            "profile": repr(vm.kvm.profile),
+            "config": [config.memory, config.vcpus, config.mmu, config.rmap_design, vm.seed],
+            "rmap_design": vm.kvm.arch.rmaps.pte_list.name,
+            "workload": workload,
+            "settings": settings,
+        }
+        return hashlib.sha256(json.dumps(described, sort_keys=True, default=repr).encode()).hexdigest()
+
+    # -- restore --------------------------------------------------------------------------------------------
+
+    def restore(self, key: str, vm: QemuProcess) -> dict[str, Any] | None:
+        """Put the snapshot's state onto ``vm`` and return the workload's summary, or None on a miss (a bad
+        entry is a warning)."""
+        path = self.directory / key
+        try:
+            payload = self._read_trusted(path, key)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, zlib.error) as exc:
+            log.warning("boot cache: ignoring %s: %s", path, exc)
+            return None
+        try:
+            summary, states = _Loader(io.BytesIO(payload), vm).load()
+            self._apply(vm, states)
+        except Exception as exc:  # an entry that cannot be applied is not trusted any further
+            log.warning("boot cache: ignoring %s: %s", path, exc)
+            return None
+        with contextlib.suppress(OSError):
+            os.utime(path)  # recently used: evicted last
+        self.restored += 1
+        return summary
+
+    def _read_trusted(self, path: Path, key: str) -> bytes:
+        """The entry's payload, if the directory and file are the user's own and the header and digest agree."""
+        self._check_directory(os.lstat(self.directory))
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as handle:
+            info = os.fstat(handle.fileno())
+            if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid():
+                raise ValueError("not a regular file of the user's own")
+            header = json.loads(handle.readline(4096))
+            if not isinstance(header, dict) or header.get("format") != FORMAT or header.get("key") != key:
+                raise ValueError("written for another key or format")
+            compressed = handle.read()
+        payload = zlib.decompress(compressed)
+        if len(payload) != header.get("size") or hashlib.sha256(payload).hexdigest() != header.get("sha256"):
+            raise ValueError("its payload does not match its digest (corrupt)")
+        return payload
+
+    @staticmethod
+    def _check_directory(info: os.stat_result) -> None:
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o022:
+            raise ValueError("the cache directory is not a directory only the user can write")
+
+    @staticmethod
+    def _apply(vm: QemuProcess, states: dict[tuple[str, int], dict[str, Any]]) -> None:
+        roots = _roots(vm)
+        if set(states) != set(roots) or any(set(states[k]) != set(_state(k[0], roots[k])) for k in roots):
+            raise ValueError("its VM has other objects than this one")
+        with vm.kvm.mmu_lock:
+            for key, root in roots.items():
+                for name, value in states[key].items():
+                    setattr(root, name, value)
+            for vcpu in vm.kvm.vcpus:
+                vcpu.pid = vm.vcpu_thread_pid(vcpu.vcpu_id) if vcpu.pid else 0
+
+    # -- save -----------------------------------------------------------------------------------------------
+
+    def save(self, key: str, vm: QemuProcess, summary: dict[str, Any]) -> None:
+        """Write the VM's state and the workload's summary under ``key``; a failure is a warning."""
+        try:
+            buffer = io.BytesIO()
+            states = {key_: _state(key_[0], root) for key_, root in _roots(vm).items()}
+            _Saver(buffer, vm).dump((summary, states))
+            payload = buffer.getvalue()
+            header = {"format": FORMAT, "key": key, "size": len(payload),
+                      "sha256": hashlib.sha256(payload).hexdigest()}
+            self._write(key, json.dumps(header).encode() + b"\n" + zlib.compress(payload, COMPRESS_LEVEL))
+            self.evict()
+        except (OSError, SnapshotError, pickle.PicklingError, TypeError, AttributeError) as exc:
+            log.warning("boot cache: not saving %s: %s", vm.name, exc)
+
+    def _write(self, key: str, data: bytes) -> None:
+        with contextlib.suppress(FileExistsError):
+            os.makedirs(self.directory, 0o700)
+        self._check_directory(os.lstat(self.directory))
+        fd, temporary = tempfile.mkstemp(dir=self.directory, prefix=".partial-")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+            os.replace(temporary, self.directory / key)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+            raise
+
+    def entries(self) -> list[os.DirEntry[str]]:
+        """The cache's entry files (partial writes excluded)."""
+        try:
+            with os.scandir(self.directory) as scan:
+                return [e for e in scan if e.is_file(follow_symlinks=False) and not e.name.startswith(".")]
+        except FileNotFoundError:
+            return []
+
+    def evict(self) -> None:
+        """Remove the least recently used entries until the rest fit in ``max_bytes``."""
+        entries = sorted(self.entries(), key=lambda e: e.stat().st_mtime_ns, reverse=True)
+        total = 0
+        for entry in entries:
+            total += entry.stat().st_size
+            if total > self.max_bytes:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+
+    def clear(self) -> int:
+        """`kvmdbgfs cache clear`: remove every entry; how many there were."""
+        entries = self.entries()
+        for entry in entries:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(entry.path)
+        return len(entries)
+
