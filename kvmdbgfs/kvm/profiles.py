@@ -2,7 +2,7 @@
 
 A profile names the stat set (names, order, types) the kernel's tables hold,
 the rmap list design, whether `mmu_rmaps_stat` and the vCPU `pid` file exist,
-how `mmu_rmaps_stat` buckets counts, and the shadow-MMU rules that changed. ``NAME+ffs`` selects the kernel's
+and how `mmu_rmaps_stat` buckets counts. ``NAME+ffs`` selects the kernel's
 actual ffs() bucketing instead of the fls() the header promises.
 """
 
