@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import numpy as np
 from inprocess import cat
-from mmu_testlib import BASE, DATA, USER_RW, faulted_process, guest_with_process, gvas
+from mmu_testlib import BASE, DATA, USER_RW, USER_TABLE, faulted_process, guest_with_process, gvas
 from mmu_testlib import check_invariants, leaf_spte, rmap_count
 
 from kvmdbgfs.arch.x86.mmu.spte import PT_ACCESSED_MASK, PT_WRITABLE_MASK
@@ -80,6 +80,34 @@ def test_sync_zaps_a_page_it_leaves_empty_up_to_5_15() -> None:
         # protection; 5.16+: write protection, then one flush for the dropped sptes.
         "remote_tlb_flush_requests": (4, 2),
         "tlb_flush": (3, 2),  # the vCPU serviced one more KVM_REQ_TLB_FLUSH on its way back in
+    }
+
+
+def test_a_lookup_that_syncs_an_empty_page_misses_up_to_5_15() -> None:
+    """Process B's PD links process A's PT, which is unsync with all its sptes stale. B's first fault finds
+    the page in the hash and syncs it: up to 5.15 the sync leaves nothing present, so the page is zapped and
+    the lookup is a miss (a new page, write-protecting the gfn again); 5.16+ reuses it, still unsync."""
+
+    def scenario(kernel: str) -> Kvm:
+        kvm, guest, _pgd, _pd, pt = faulted_process(kernel)
+        mmu = kvm.arch.mmu
+        mmu.store_ptes(0, pt, np.arange(10), np.array([0] * 9 + [make_pte(DATA + 9, USER_RW)], np.uint64))
+        pgd_b = guest.new_pgd()
+        guest.pt_of(pgd_b, BASE)
+        guest.memory.store_pte(pgd_b + 2, 2, make_pte(pt, USER_TABLE))  # B's PD entry 2 -> A's PT
+        mmu.load_cr3(0, pgd_b)
+        mmu.access(0, gvas(BASE + 9 * 4096, 1), write=False, user=True)
+        assert rmap_count(kvm, DATA + 9) == 1
+        check_invariants(kvm)
+        return kvm
+
+    assert run_on_both(scenario) == {
+        "mmu_shadow_zapped": (1, 0),
+        "mmu_cache_miss": (11, 10),
+        "mmu_unsync": (0, 1),
+        # Both flush for the dropped sptes (5.15 in FNAME(sync_page), 5.16+ after kvm_sync_page); 5.15 also
+        # commits the zap and write-protects the gfn for the new page.
+        "remote_tlb_flush_requests": (6, 4),
     }
 
 
