@@ -9,7 +9,6 @@ from mmu_testlib import (
     USER_RW,
     check_invariants,
     faulted_process,
-    guest_with_process,
     gvas,
     leaf_spte,
     rmap_count,
