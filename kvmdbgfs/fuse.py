@@ -18,7 +18,7 @@ import mfusepy
 
 from kvmdbgfs.debugfs.dentry import Dentry, lookup, tree_lock
 from kvmdbgfs.debugfs.errors import kernel_error
-from kvmdbgfs.debugfs.file import File, vfs_open
+from kvmdbgfs.debugfs.file import File, vfs_open, vfs_read, vfs_write
 from kvmdbgfs.sched import serving
 
 DEBUGFS_MAGIC = 0x64626720
@@ -86,8 +86,10 @@ class DebugfsOperations(mfusepy.Operations):
         return 0
 
     def getattr(self, path: str, fh: int | None = None) -> dict[str, Any]:
-        dentry = self._file(fh).dentry if fh else self._lookup(path)
+        dentry = self._file(fh).dentry if fh else self._stat_target(path)
         nlink = 2 + sum(child.is_dir for child in list(dentry.children.values())) if dentry.is_dir else 1
+        if dentry.removed:
+            nlink = 0  # simple_unlink() dropped it; the inode lives on while a file holds it open
         ns = int(dentry.ctime * 1e9)
         return {
             "st_mode": dentry.mode,
@@ -100,6 +102,21 @@ class DebugfsOperations(mfusepy.Operations):
             "st_mtime": ns,
             "st_ctime": ns,
         }
+
+    def _stat_target(self, path: str) -> Dentry:
+        """The dentry a stat of ``path`` describes: the one in the tree, else one debugfs removed while a file
+        was open on it (the kernel sends fstat(2) on that file here by path, and the inode still exists)."""
+        try:
+            return self._lookup(path)
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
+            with self._open_files_lock:
+                held = [file.dentry for file in self._open_files.values() if file.dentry.removed]
+            for dentry in held:
+                if dentry.path() == path:
+                    return dentry
+            raise
 
     def readdir(self, path: str, fh: int) -> list[str]:
         dentry = self._lookup(path, os.R_OK)
@@ -122,12 +139,10 @@ class DebugfsOperations(mfusepy.Operations):
         return fh
 
     def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
-        file = self._file(fh)
-        return file.dentry.fops.read(file, size, offset)
+        return vfs_read(self._file(fh), size, offset)
 
     def write(self, path: str, data: bytes, offset: int, fh: int) -> int:
-        file = self._file(fh)
-        return file.dentry.fops.write(file, data, offset)
+        return vfs_write(self._file(fh), data, offset)
 
     def truncate(self, path: str, length: int, fh: int | None = None) -> int:
         dentry = self._file(fh).dentry if fh else self._lookup(path, os.W_OK)

@@ -5,14 +5,14 @@ from __future__ import annotations
 import os
 
 from kvmdbgfs.debugfs.dentry import Dentry, lookup
-from kvmdbgfs.debugfs.file import File, vfs_open
+from kvmdbgfs.debugfs.file import File, vfs_open, vfs_read, vfs_write
 
 
 def read_all(file: File, chunk: int = 4096) -> bytes:
     """read() until end of file, as cat does."""
     parts, offset = [], 0
     while True:
-        data = file.dentry.fops.read(file, chunk, offset)
+        data = vfs_read(file, chunk, offset)
         if not data:
             return b"".join(parts)
         parts.append(data)
@@ -32,7 +32,7 @@ def write(root: Dentry, path: str, data: bytes) -> int:
     """Open for writing, write once, close."""
     file = vfs_open(lookup(root, path), os.O_WRONLY | os.O_TRUNC)
     try:
-        return file.dentry.fops.write(file, data, 0)
+        return vfs_write(file, data, 0)
     finally:
         file.dentry.fops.release(file)
 

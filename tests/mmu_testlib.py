@@ -98,15 +98,25 @@ class ToyGuest:
         return pt
 
 
-def guest_with_process(npages: int = 16, flags: int = USER_RW) -> tuple[Kvm, ToyGuest, int, int]:
+def guest_with_process(
+    npages: int = 16, flags: int = USER_RW, kernel: str = "latest"
+) -> tuple[Kvm, ToyGuest, int, int]:
     """A shadow VM with one process mapping ``npages`` pages at BASE to DATA..., its CR3 loaded on vCPU 0;
     returns (kvm, guest, pgd, PT gfn)."""
-    kvm = new_vm()
+    kvm = new_vm(kernel=kernel)
     guest = ToyGuest(kvm)
     pgd = guest.new_pgd()
     pt = guest.map(pgd, BASE, range(DATA, DATA + npages), flags)
     kvm.arch.mmu.load_cr3(0, pgd)
     return kvm, guest, pgd, pt
+
+
+def faulted_process(kernel: str = "latest") -> tuple[Kvm, ToyGuest, int, int, int]:
+    """A process whose first page was touched (pages 1..7 prefetched with it): its four tables are shadowed
+    (PML4, PDPT, PD write-tracked); returns (kvm, guest, pgd, PD gfn, PT gfn)."""
+    kvm, guest, pgd, pt = guest_with_process(kernel=kernel)
+    kvm.arch.mmu.access(0, gvas(BASE, 1), write=False, user=True)
+    return kvm, guest, pgd, pgd + 2, pt
 
 
 def gvas(base: int, npages: int) -> np.ndarray:

@@ -238,11 +238,33 @@ def test_open_pins_the_vm_and_the_last_close_removes_it(make_vmm) -> None:
     assert kvm.name in root.children and kvm in host.vm_list
     assert read_all(file) == b"42\n"
     # A new open of the destroyed-but-pinned VM succeeds and pins it too.
-    assert cat(root, f"{kvm.name}/vcpu0/guest_mode") == "0\n"
+    assert cat(root, f"{kvm.name}/mmu_cache_miss") == "42\n"
     file.dentry.fops.release(file)
     assert kvm.users_count == 0
     assert kvm.name not in root.children and host.vm_list == []
     assert errno_of(lambda: vfs_open(file.dentry, os.O_RDONLY)) == errno.ENOENT
+
+
+def test_an_open_vcpu_file_keeps_nothing_and_reads_eio(make_vmm) -> None:
+    """kvm_arch_create_vcpu_debugfs() files take no VM reference: the destroy removes the VM, its directory
+    and its share of the top-level sums at once; the open file reads EIO and can still be released."""
+    vmm = make_vmm()
+    host = vmm.host
+    gone, kept = small_vm(vmm), small_vm(vmm, vcpus=1)
+    root = host.debugfs_dir
+    gone.stat.mmu_cache_miss, kept.stat.mmu_cache_miss = 40, 2
+    gone.vcpus[1].stat.exits, kept.vcpus[0].stat.exits = 7, 3
+    paths = [f"{gone.name}/vcpu0/tsc-offset", f"{gone.name}/vcpu1/pid"]
+    files = [vfs_open(lookup(root, path), os.O_RDONLY) for path in paths]
+    assert gone.users_count == 1 and read_all(files[0]) == cat(root, f"{gone.name}/vcpu0/tsc-offset").encode()
+    assert (cat(root, "mmu_cache_miss"), cat(root, "exits")) == ("42\n", "10\n")
+    vmm.destroy_vm(gone.name)
+    assert gone.users_count == 0 and host.vm_list == [kept] and gone.name not in root.children
+    assert (cat(root, "mmu_cache_miss"), cat(root, "exits")) == ("2\n", "3\n")
+    for file in files:
+        assert errno_of(lambda: read_all(file)) == errno.EIO
+        file.dentry.fops.release(file)
+    assert errno_of(lambda: vfs_open(files[0].dentry, os.O_RDONLY)) == errno.ENOENT
 
 
 def test_open_fails_with_enoent_once_the_count_is_zero(make_vmm) -> None:

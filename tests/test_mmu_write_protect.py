@@ -8,7 +8,7 @@ from mmu_testlib import (
     DATA,
     USER_RW,
     check_invariants,
-    guest_with_process,
+    faulted_process,
     gvas,
     leaf_spte,
     rmap_count,
@@ -21,13 +21,6 @@ from kvmdbgfs.arch.x86.mmu.spte import PT_WRITABLE_MASK
 from kvmdbgfs.guest.pte import make_pte
 
 PT_INDEX_OF_PD = 2  # BASE is 4 MiB: PD entry 2
-
-
-def faulted_process() -> tuple:
-    """A process whose first page was touched: its four tables are shadowed (PML4, PDPT, PD write-tracked)."""
-    kvm, guest, pgd, pt = guest_with_process()
-    kvm.arch.mmu.access(0, gvas(BASE, 1), write=False, user=True)
-    return kvm, guest, pgd, pgd + 2, pt
 
 
 def page(kvm, gfn: int):

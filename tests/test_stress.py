@@ -10,7 +10,7 @@ The mount runs the realtime clock (idle guests keep running in the background). 
 - a booted VM runs ``rmap_fork`` (200 children) over and over, each run submitted when the previous one ends.
 
 Checked after each round: no errno but ENOENT, except EIO from a ``vcpu<N>/`` file read after its VM's destroy
-began; every read is a whole file that parses, and once a VM is created its ``mmu_rmaps_stat`` counts the same
+began (vCPU files take no VM reference: their directory goes with the VM unless a stat file still pins it); every read is a whole file that parses, and once a VM is created its ``mmu_rmaps_stat`` counts the same
 number of rmap heads on every level at every read (a line torn between two snapshots would not); every boot
 destroyed midway ends as a destroyed VM's workload does, every ``rmap_fork`` run without error; every thread,
 shell and control request ends (all are bounded: a hung mount fails the test, it does not hang it); then only

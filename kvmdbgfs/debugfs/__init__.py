@@ -6,7 +6,7 @@ here knows about FUSE: the tree is usable and tested in-process.
 """
 
 from kvmdbgfs.debugfs.dentry import Dentry, create_dir, create_file, lookup, remove_recursive
-from kvmdbgfs.debugfs.file import File, FileOperations, vfs_open
+from kvmdbgfs.debugfs.file import File, FileOperations, vfs_open, vfs_read, vfs_write
 from kvmdbgfs.debugfs.seq_file import single_open_fops
 from kvmdbgfs.debugfs.simple_attr import simple_attribute_fops
 
@@ -21,4 +21,6 @@ __all__ = [
     "simple_attribute_fops",
     "single_open_fops",
     "vfs_open",
+    "vfs_read",
+    "vfs_write",
 ]

@@ -83,7 +83,8 @@ def create_file(name: str, mode: int, parent: Dentry, data: Any, fops: FileOpera
 
 
 def remove_recursive(dentry: Dentry) -> None:
-    """debugfs_remove_recursive(): unlink the subtree; files already open keep working."""
+    """debugfs_remove_recursive(): unlink the subtree. Files already open can still be released, but
+    their reads and writes now fail with EIO (debugfs_file_get in the full proxy)."""
     with tree_lock:
         stack = [dentry]
         while stack:

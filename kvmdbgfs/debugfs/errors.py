@@ -18,3 +18,4 @@ EISDIR = errno.EISDIR
 ENOTDIR = errno.ENOTDIR
 EEXIST = errno.EEXIST
 EBADF = errno.EBADF
+EIO = errno.EIO

@@ -6,7 +6,7 @@ import threading
 from typing import Any
 
 from kvmdbgfs.debugfs.dentry import Dentry
-from kvmdbgfs.debugfs.errors import EINVAL, EISDIR, ENOENT, kernel_error
+from kvmdbgfs.debugfs.errors import EINVAL, EIO, EISDIR, ENOENT, kernel_error
 
 
 class File:
@@ -50,6 +50,26 @@ def vfs_open(dentry: Dentry, flags: int) -> File:
     file = File(dentry, flags)
     dentry.fops.open(file)
     return file
+
+
+def debugfs_file_get(file: File) -> None:
+    """debugfs_file_get(): every read and write of a debugfs file goes through the full proxy, which
+    fails with EIO once the file's dentry has been removed (debugfs_remove). Files whose open pins
+    what they show are never removed while open; the others (the vCPU files) fail here."""
+    if file.dentry.removed:
+        raise kernel_error(EIO)
+
+
+def vfs_read(file: File, size: int, offset: int) -> bytes:
+    """vfs_read() on an open debugfs file: full_proxy_read()."""
+    debugfs_file_get(file)
+    return file.dentry.fops.read(file, size, offset)
+
+
+def vfs_write(file: File, data: bytes, offset: int) -> int:
+    """vfs_write() on an open debugfs file: full_proxy_write()."""
+    debugfs_file_get(file)
+    return file.dentry.fops.write(file, data, offset)
 
 
 def read_from_buffer(buf: bytes, size: int, offset: int) -> bytes:

@@ -211,6 +211,7 @@ def kvm_create_vcpu_debugfs(vcpu: KvmVcpu) -> None:
 
 
 def create_vcpu_file(name: str, vcpu: KvmVcpu, parent: Dentry, get: Callable[[Any], int], fmt: str) -> None:
-    """A read-only (0444) vCPU attribute file; its open pins the VM like every per-VM file."""
-    fops = VmPinnedFops(simple_attribute_fops(get, None, fmt), lambda data: data.kvm)
-    create_file(name, 0o444, parent, vcpu, fops)
+    """A read-only (0444) vCPU attribute file, as kvm_create_vcpu_debugfs() and kvm_arch_create_vcpu_debugfs()
+    make them (DEFINE_SIMPLE_ATTRIBUTE): its open takes no VM reference, so the file goes with the VM's
+    directory and a read on it after that fails with EIO (debugfs_file_get)."""
+    create_file(name, 0o444, parent, vcpu, simple_attribute_fops(get, None, fmt))

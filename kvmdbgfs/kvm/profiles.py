@@ -106,6 +106,39 @@ HALT_POLL_LATEST = HaltPollParams(shrink=2)
 
 
 @dataclass(frozen=True)
+class ShadowMmuRules:
+    """Shadow-MMU rules that changed between kernels (arch/x86/kvm/mmu/), each named by the commit that
+    changed it; the model runs the rules of the VM's kernel."""
+
+    # Before c3e5e415bc1e "KVM: X86: Change kvm_sync_page() to return true when remote flush is needed"
+    # (v5.16), FNAME(sync_page) flushed remote TLBs itself and returned how many sptes it left present;
+    # kvm_sync_page() zapped a page left with none. Since, it returns whether a flush is due and only a role
+    # mismatch (never in the model) zaps.
+    sync_page_zaps_empty: bool
+    # Before f1c4a88c41ea "KVM: X86: Don't unsync pagetables when speculative" (v5.16), a prefetched
+    # writable spte unsynced the gfn's shadow pages like a fault; since, it stays read-only.
+    prefetch_unsyncs: bool
+    # Before 9fd4a4e3a3d9 "KVM: x86/mmu: Remove FNAME(invlpg) and use FNAME(sync_spte) to update vTLB
+    # instead." (v6.4), INVLPG zapped the leaf of an unsync page and prefetched it again from the new gPTE
+    # (present or not before); since, it syncs only a present spte.
+    invlpg_prefetches: bool
+    # 4293ddb788c1 "KVM: x86/mmu: Remove redundant spte present check in mmu_set_spte" (v5.15) lost the
+    # max_mmu_rmap_size update; 604f533262ae restored it in 6.0-rc7. Queued for 5.15.y and dropped
+    # again (linux-stable-rc queue/5.15 of 2022-09-25 keeps only its prerequisite "Fold rmap_recycle into
+    # rmap_add"), so no 5.15.y has it and the file reads 0 on every 5.15 kernel.
+    updates_max_mmu_rmap_size: bool
+
+
+# v5.14 had the same three rules, and no max_mmu_rmap_size stat.
+MMU_RULES_V5_15 = ShadowMmuRules(
+    sync_page_zaps_empty=True, prefetch_unsyncs=True, invlpg_prefetches=True, updates_max_mmu_rmap_size=False
+)
+MMU_RULES_V6_4 = ShadowMmuRules(
+    sync_page_zaps_empty=False, prefetch_unsyncs=False, invlpg_prefetches=False, updates_max_mmu_rmap_size=True
+)
+
+
+@dataclass(frozen=True)
 class KernelProfile:
     """One kernel version's debugfs-visible behaviour."""
 
@@ -119,6 +152,7 @@ class KernelProfile:
     # Exits handled in the fastpath and re-entered at once count in ``exits`` (commit 8b703a49c9df).
     counts_fastpath_exits: bool = False
     rmap_bucket: str = "fls"
+    mmu_rules: ShadowMmuRules = MMU_RULES_V6_4
 
     @property
     def all_stats(self) -> tuple[StatDesc, ...]:
@@ -128,8 +162,12 @@ class KernelProfile:
 PROFILES: dict[str, KernelProfile] = {
     profile.name: profile
     for profile in (
-        KernelProfile("v5.14", VM_STATS_V5_14, VCPU_STATS_V5_14, "A", False, False, HALT_POLL_V5_14),
-        KernelProfile("v5.15", VM_STATS_V5_15, VCPU_STATS_V5_15, "B", True, False, HALT_POLL_V5_15),
+        KernelProfile(
+            "v5.14", VM_STATS_V5_14, VCPU_STATS_V5_14, "A", False, False, HALT_POLL_V5_14, mmu_rules=MMU_RULES_V5_15
+        ),
+        KernelProfile(
+            "v5.15", VM_STATS_V5_15, VCPU_STATS_V5_15, "B", True, False, HALT_POLL_V5_15, mmu_rules=MMU_RULES_V5_15
+        ),
         KernelProfile("v6.4", VM_STATS_V5_15, VCPU_STATS_LATEST, "C", True, True, HALT_POLL_V6_4),
         KernelProfile(
             "latest", VM_STATS_V5_15, VCPU_STATS_LATEST, "C", True, True, HALT_POLL_LATEST, counts_fastpath_exits=True

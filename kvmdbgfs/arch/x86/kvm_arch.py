@@ -32,7 +32,7 @@ class KvmArch:
     def __init__(self, kvm: Kvm, rmap_design: str, host_cpu: HostCpu) -> None:
         self.kvm = kvm
         self.mmu_mode = kvm.config.mmu
-        self.rmaps = KvmRmaps(rmap_design, kvm.stat)
+        self.rmaps = KvmRmaps(rmap_design, kvm.stat, kvm.profile.mmu_rules.updates_max_mmu_rmap_size)
         self.memslots: list[KvmMemorySlot] = []
         self._shadow_root_allocated = self.mmu_mode != "tdp"
         self.mmu = KvmMmu(kvm, self)

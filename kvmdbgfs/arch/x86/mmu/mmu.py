@@ -43,7 +43,7 @@ from kvmdbgfs.arch.x86.mmu.spte import (
     SPTE_MMU_PRESENT_MASK,
     U64,
 )
-from kvmdbgfs.arch.x86.mmu.sync import kvm_mmu_invalidate_addr
+from kvmdbgfs.arch.x86.mmu.invlpg import kvm_mmu_invalidate_addr
 from kvmdbgfs.arch.x86.mmu.tdp import TdpMmu
 from kvmdbgfs.arch.x86.mmu.vcpu_mmu import KVM_REQ_TLB_FLUSH, MmuVcpu
 from kvmdbgfs.arch.x86.mmu.zap import (
@@ -94,6 +94,7 @@ class KvmMmu:
         self.kvm = kvm
         self.arch = arch
         self.stat = kvm.stat
+        self.rules = kvm.profile.mmu_rules  # the shadow-MMU rules of the VM's kernel
         self.shadow_paging = arch.mmu_mode == "shadow"
         self.direct_map_base = direct_map_base
         self.memory = GuestMemory()

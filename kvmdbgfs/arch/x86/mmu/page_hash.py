@@ -16,7 +16,7 @@ from kvmdbgfs.arch.x86.mmu.spte import (
     spte_to_pfn,
     sptep,
 )
-from kvmdbgfs.arch.x86.mmu.sync import kvm_sync_page
+from kvmdbgfs.arch.x86.mmu.sync import SYNC_ZAPPED, kvm_sync_page
 from kvmdbgfs.arch.x86.mmu.unsync import mark_unsync
 from kvmdbgfs.arch.x86.mmu.zap import drop_parent_pte, kvm_mmu_commit_zap_page, kvm_mmu_prepare_zap_page
 
@@ -44,12 +44,16 @@ def kvm_mmu_find_shadow_page(mmu: KvmMmu, gfn: int, role: int) -> KvmMmuPage | N
                 kvm_mmu_prepare_zap_page(mmu, sp, invalid_list)
             continue
         if not sp.direct:
-            if sp.unsync and kvm_sync_page(mmu, sp):
-                mmu.flush_remote_tlbs()
+            if sp.unsync:
+                synced = kvm_sync_page(mmu, sp, invalid_list)
+                if synced == SYNC_ZAPPED:
+                    break  # a miss: the caller makes a new page
+                if synced:
+                    mmu.flush_remote_tlbs()
             sp.write_flooding_count = 0
         found = sp
         break
-    else:
+    if found is None:
         mmu.stat.mmu_cache_miss += 1
     kvm_mmu_commit_zap_page(mmu, invalid_list)
     mmu.stat.max_mmu_page_hash_collisions = max(mmu.stat.max_mmu_page_hash_collisions, collisions)

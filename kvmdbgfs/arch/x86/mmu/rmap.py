@@ -34,14 +34,15 @@ class KvmRmaps:
     """The rmap half of one VM's shadow MMU.
 
     ``vm_stat`` is any object with an int attribute ``max_mmu_rmap_size``, which __rmap_add
-    raises. Zaps (a recycle inside __rmap_add, kvm_zap_rmap of one head or of a gfn range)
+    raises unless ``updates_max_rmap_size`` is false (the 5.15 kernels never update it). Zaps (a recycle inside __rmap_add, kvm_zap_rmap of one head or of a gfn range)
     return the removed sptes; the caller clears them as mmu_spte_clear_track_bits would and
     flushes (kvm_flush_remote_tlbs_gfn after a recycle). Scalar calls are one-element batches.
     """
 
-    def __init__(self, design: str, vm_stat: Any) -> None:
+    def __init__(self, design: str, vm_stat: Any, updates_max_rmap_size: bool = True) -> None:
         self.pte_list = make_pte_list(design)
         self.vm_stat = vm_stat
+        self.updates_max_rmap_size = updates_max_rmap_size
 
     def rmap_add(self, slot: KvmMemorySlot, gfn: int, level: int, spte: int) -> RmapAdds:
         """__rmap_add of one spte (its rmap part: no flush)."""
@@ -98,7 +99,8 @@ class KvmRmaps:
         if not len(counts):
             return {}
         longest = int(np.maximum.reduce(counts))
-        self.vm_stat.max_mmu_rmap_size = max(self.vm_stat.max_mmu_rmap_size, longest)
+        if self.updates_max_rmap_size:
+            self.vm_stat.max_mmu_rmap_size = max(self.vm_stat.max_mmu_rmap_size, longest)
         if longest <= RMAP_RECYCLE_THRESHOLD:
             return {}
         over = pos[counts > RMAP_RECYCLE_THRESHOLD].tolist()

@@ -1,9 +1,11 @@
 """Syncing unsync shadow pages with the guest tables they shadow (FNAME(sync_spte), kvm_sync_page,
-mmu_sync_children, kvm_mmu_sync_roots, and INVLPG's kvm_mmu_invalidate_addr).
+mmu_sync_children, kvm_mmu_sync_roots).
 
 Syncing re-reads each guest PTE behind a present spte: a PTE that is gone, not accessed
 or points elsewhere drops the spte (rmap_remove); one whose permissions changed updates
 it. mmu_sync_children() also write-protects each page's gfn again and marks it sync.
+Kernels before v5.16 flush inside the sync of each page and zap a page it left empty
+(the profile's ``sync_page_zaps_empty``).
 """
 
 from __future__ import annotations
@@ -29,14 +31,11 @@ from kvmdbgfs.arch.x86.mmu.spte import (
     SPTE_MMU_PRESENT_MASK,
     SPTE_MMU_WRITEABLE,
     U64,
-    is_last_spte,
-    is_shadow_present_pte,
-    spte_index,
     spte_to_pfn,
     sptes_to_pfn,
 )
 from kvmdbgfs.arch.x86.mmu.unsync import kvm_unlink_unsync_page, mmu_pages_clear_parents, mmu_unsync_batches
-from kvmdbgfs.arch.x86.mmu.zap import kvm_mmu_remote_flush_or_zap
+from kvmdbgfs.arch.x86.mmu.zap import kvm_mmu_prepare_zap_page, kvm_mmu_remote_flush_or_zap
 
 if TYPE_CHECKING:
     from kvmdbgfs.arch.x86.mmu.mmu import KvmMmu, MmuVcpu
@@ -109,13 +108,28 @@ def _update_sptes(
     return bool((((old & U64(SPTE_MMU_WRITEABLE)) != 0) & ((new & U64(PT_WRITABLE_MASK)) == 0)).any())
 
 
-def kvm_sync_page(mmu: KvmMmu, sp: KvmMmuPage) -> bool:
-    """kvm_sync_page(): sync all 512 entries (the sync never fails here, so nothing is zapped)."""
-    return sync_sptes(mmu, sp, np.arange(512))
+SYNC_ZAPPED = -1
+
+
+def kvm_sync_page(mmu: KvmMmu, sp: KvmMmuPage, invalid_list: list[KvmMmuPage]) -> int:
+    """kvm_sync_page(): sync all 512 entries; 1 when a remote flush is due, 0 when not, SYNC_ZAPPED when the
+    page went to ``invalid_list`` instead. From v5.16 the sync never fails here (only a role mismatch would
+    zap). Before, FNAME(sync_page) flushed by itself and returned the number of sptes it left present:
+    none zaps the page."""
+    flush = sync_sptes(mmu, sp, np.arange(512))
+    if not mmu.rules.sync_page_zaps_empty:
+        return int(flush)
+    if flush:
+        mmu.flush_remote_tlbs()
+    if not (mmu.pool.spt[sp.id] & U64(SPTE_MMU_PRESENT_MASK)).any():
+        kvm_mmu_prepare_zap_page(mmu, sp, invalid_list)
+        return SYNC_ZAPPED
+    return 0
 
 
 def mmu_sync_children(mmu: KvmMmu, parent: KvmMmuPage) -> None:
-    """mmu_sync_children(): write-protect and sync every unsync page below ``parent``, 16 entries at a time."""
+    """mmu_sync_children(): write-protect and sync every unsync page below ``parent``, 16 entries at a time.
+    Before v5.16 a write protection flushed without committing the zaps, which wait for the end."""
     invalid_list: list[KvmMmuPage] = []
     flush = False
     for batch in mmu_unsync_batches(mmu, parent):
@@ -123,11 +137,14 @@ def mmu_sync_children(mmu: KvmMmu, parent: KvmMmuPage) -> None:
         for sp, _ in batch:
             protected |= kvm_vcpu_write_protect_gfn(mmu, sp.gfn)
         if protected:
-            kvm_mmu_remote_flush_or_zap(mmu, invalid_list, True)
+            if mmu.rules.sync_page_zaps_empty:
+                mmu.flush_remote_tlbs()
+            else:
+                kvm_mmu_remote_flush_or_zap(mmu, invalid_list, True)
             flush = False
         for sp, path in batch:
             kvm_unlink_unsync_page(mmu, sp)
-            flush |= kvm_sync_page(mmu, sp)
+            flush |= kvm_sync_page(mmu, sp, invalid_list) > 0
             mmu_pages_clear_parents(mmu, sp, path)
     kvm_mmu_remote_flush_or_zap(mmu, invalid_list, flush)
 
@@ -138,21 +155,3 @@ def kvm_mmu_sync_roots(mmu: KvmMmu, vcpu: MmuVcpu) -> None:
     if root is None or root.direct or not (root.unsync or root.unsync_children):
         return
     mmu_sync_children(mmu, root)
-
-
-def kvm_mmu_invalidate_addr(mmu: KvmMmu, vcpu: MmuVcpu, gva: int) -> None:
-    """kvm_mmu_invalidate_addr() for every cached root: sync the unsync sptes on ``gva``'s walk."""
-    for root in [vcpu.root, *vcpu.prev_roots]:
-        if root is None:
-            continue
-        sp = root
-        while True:
-            index = spte_index(gva, sp.level)
-            if sp.unsync and sync_sptes(mmu, sp, np.array([index])):
-                mmu.flush_remote_tlbs()
-            if not sp.unsync_children:
-                break
-            spte = mmu.pool.get(sp.id, index)
-            if not is_shadow_present_pte(spte) or is_last_spte(spte, sp.level):
-                break
-            sp = mmu.sps.by_id[spte_to_pfn(spte)]

@@ -83,7 +83,8 @@ def clear_unsync_child_bit(sp: KvmMmuPage, index: int) -> None:
 
 
 def mmu_try_to_unsync_pages(mmu: KvmMmu, ms: MmuSlot, gfn: int, synchronizing: bool, prefetch: bool) -> bool:
-    """mmu_try_to_unsync_pages(): mark the gfn's shadow pages unsync; True when the spte must stay read-only."""
+    """mmu_try_to_unsync_pages(): mark the gfn's shadow pages unsync; True when the spte must stay read-only.
+    A prefetched spte unsyncs them only on kernels before v5.16 (``prefetch_unsyncs``)."""
     if kvm_gfn_is_write_tracked(ms, gfn):
         return True
     for sp in mmu.sps.valid_with_gptes(gfn):
@@ -91,7 +92,7 @@ def mmu_try_to_unsync_pages(mmu: KvmMmu, ms: MmuSlot, gfn: int, synchronizing: b
             return True
         if sp.unsync:
             continue
-        if prefetch:
+        if prefetch and not mmu.rules.prefetch_unsyncs:
             return True
         kvm_unsync_page(mmu, sp)
     return False
