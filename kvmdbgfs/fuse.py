@@ -207,6 +207,9 @@ def mount_options(allow_other: bool) -> dict[str, Any]:
     }
     if (mfusepy.fuse_version_major, mfusepy.fuse_version_minor) >= (3, 12):
         options["max_threads"] = MAX_THREADS
+        # Idle threads kept: as many as may run. Left unset, libfuse 3.14 logs "Ignoring invalid max threads
+        # value 4294967295" at every mount (its "unlimited" default goes through the range check).
+        options["max_idle_threads"] = MAX_THREADS
     if allow_other:
         options["allow_other"] = True
     return options
