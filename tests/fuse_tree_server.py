@@ -5,10 +5,12 @@
 ``barrier/file<N>`` (N < READERS): a single_open file whose generation waits for all READERS generations to
 be under way (a READERS-party barrier, 30 s bound), so they are all served only if the loop serves READERS
 requests at once. ``broken``: a file whose generation fails with a bug (RuntimeError). ``ready``: "ready\\n".
+``counter``: how many times it has been generated ("1\\n", "2\\n", ...).
 """
 
 from __future__ import annotations
 
+import itertools
 import sys
 import threading
 
@@ -37,6 +39,8 @@ def main(mountpoint: str, readers: int) -> None:
         create_file(f"file{index}", 0o444, directory, index, single_open_fops(show))
     create_file("broken", 0o444, root, None, single_open_fops(_broken))
     create_file("ready", 0o444, root, None, single_open_fops(lambda _data: "ready\n"))
+    generations = itertools.count(1)
+    create_file("counter", 0o444, root, None, single_open_fops(lambda _data: f"{next(generations)}\n"))
     serve(DebugfsOperations(root), mountpoint)
 
 

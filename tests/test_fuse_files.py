@@ -257,3 +257,36 @@ def test_a_bug_answers_eio_with_its_traceback_logged(tree: tuple[Path, Path]) ->
         assert caught.value.errno == errno.EINVAL
     finally:
         os.close(fd)
+
+
+def _sendfile_once(fd: int) -> bytes:
+    """What one os.sendfile from offset 0 of ``fd`` carries."""
+    read_end, write_end = os.pipe()
+    try:
+        os.sendfile(write_end, fd, 0, GENERATED_FILE_SIZE)
+        os.close(write_end)
+        write_end = -1
+        return os.read(read_end, GENERATED_FILE_SIZE)
+    finally:
+        os.close(read_end)
+        if write_end >= 0:
+            os.close(write_end)
+
+
+def test_reads_from_0_regenerate_and_sendfile_repeats_its_first_text(tree: tuple[Path, Path]) -> None:
+    """``counter`` counts its generations. A read from offset 0 regenerates, on one open as on many (a
+    kvm_stat-style reader sees every change); a splice is served from the page cache, so sendfile on one open
+    repeats the text it first carried, and a new open carries fresh text (README, "Tools and copying")."""
+    counter = tree[0] / "counter"
+    fd = os.open(counter, os.O_RDONLY)
+    try:
+        assert [_sendfile_once(fd), _sendfile_once(fd)] == [b"1\n", b"1\n"]
+        assert [os.pread(fd, 100, 0), os.pread(fd, 100, 0)] == [b"2\n", b"3\n"]
+        assert _sendfile_once(fd) == b"1\n"
+    finally:
+        os.close(fd)
+    fd = os.open(counter, os.O_RDONLY)
+    try:
+        assert _sendfile_once(fd) == b"4\n"
+    finally:
+        os.close(fd)
