@@ -3,12 +3,15 @@ README's table), 32 readers blocked at once all served, a bug answered EIO with 
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import mmap
 import os
 import re
+import select
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -47,6 +50,32 @@ def test_readdir_gives_each_entry_its_type(vm_mount: tuple[Mount, str]) -> None:
 def test_root_is_0755_like_the_kvm_directory(vm_mount: tuple[Mount, str]) -> None:
     mount, name = vm_mount
     assert [oct(os.stat(path).st_mode & 0o7777) for path in (mount.path, mount.path / name)] == ["0o755"] * 2
+
+
+IN_CREATE, IN_DELETE, IN_ALL_EVENTS = 0x100, 0x200, 0xFFF
+
+
+def test_no_inotify_events_for_vm_directories(vm_mount: tuple[Mount, str]) -> None:
+    """README: debugfs raises IN_CREATE/IN_DELETE in kvm/ as VMs come and go; FUSE cannot. A watcher sees
+    only its own opens and reads of the directory."""
+    mount, first = vm_mount
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+    assert fd >= 0 and libc.inotify_add_watch(fd, str(mount.path).encode(), IN_ALL_EVENTS) >= 0
+    try:
+        second = request(mount.control, "vm.create", memory="64M", vcpus=1)["name"]
+        request(mount.control, "vm.destroy", name=first)
+        assert second in os.listdir(mount.path) and first not in os.listdir(mount.path)
+        masks = []
+        while select.select([fd], [], [], 0.5)[0]:
+            events = os.read(fd, 4096)
+            while events:
+                _wd, mask, _cookie, length = struct.unpack_from("iIII", events)
+                masks.append(mask)
+                events = events[16 + length :]
+        assert masks and not [mask for mask in masks if mask & (IN_CREATE | IN_DELETE)]
+    finally:
+        os.close(fd)
 
 
 # What the README says each tool gets, checked here: the table under "Tools and copying".
