@@ -10,13 +10,13 @@ SCENARIO ?= default
 KERNEL ?= latest
 PYTEST_ARGS ?=
 
-.PHONY: run test bench clean setup fuse
+.PHONY: run test bench clean setup fuse test-tools
 
 run: setup
 	@mkdir -p $(MNT)
 	$(PY) mount.py $(MNT) --scenario $(SCENARIO) --kernel $(KERNEL)
 
-test: setup
+test: setup test-tools
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: setup
@@ -37,6 +37,10 @@ fuse:
 		$(MAKE) --no-print-directory apt-fuse3; \
 	fi
 	@[ -e /dev/fuse ] || { echo "make: /dev/fuse is missing: load the fuse kernel module (modprobe fuse)" >&2; exit 1; }
+
+# rsync, which tests/test_fuse_files.py copies with (tar and cp come with the system).
+test-tools:
+	@command -v rsync >/dev/null 2>&1 || $(MAKE) --no-print-directory apt-rsync
 
 apt-%:
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \

@@ -2,13 +2,17 @@
 
 It adds no semantics of its own. Tree-changing operations answer EPERM, as
 debugfs answers root, and touch nothing; truncating to size 0 succeeds so
-that ``echo 0 > file`` (open with O_TRUNC) works.
+that ``echo 0 > file`` (open with O_TRUNC) works. An exception that is not an
+errno (a bug) answers EIO and logs its traceback.
 """
 
 from __future__ import annotations
 
 import errno
+import functools
 import itertools
+import logging
+import mmap
 import os
 import posixpath
 import threading
@@ -23,6 +27,15 @@ from kvmdbgfs.sched import serving
 
 DEBUGFS_MAGIC = 0x64626720
 ENOATTR = getattr(errno, "ENOATTR", errno.ENODATA)
+# The size a generated file reports: one page, as sysfs attribute files do. Reads use direct I/O and end where
+# the text ends whatever the size; the size only matters to splice/sendfile, which FUSE serves from the page
+# cache and which read nothing from a size-0 file (README, "Tools and copying"). Every file here is shorter.
+GENERATED_FILE_SIZE = mmap.PAGESIZE
+# Requests served at once (libfuse 3.12+ defaults to 10): a reader blocked in a file's generation must not
+# hold up the others.
+MAX_THREADS = 64
+
+log = logging.getLogger(__name__)
 
 
 def _open_mask(flags: int) -> int:
@@ -97,7 +110,7 @@ class DebugfsOperations(mfusepy.Operations):
             "st_nlink": nlink,
             "st_uid": self.uid,
             "st_gid": self.gid,
-            "st_size": 0,
+            "st_size": 0 if dentry.is_dir else GENERATED_FILE_SIZE,
             "st_atime": ns,
             "st_mtime": ns,
             "st_ctime": ns,
@@ -118,13 +131,15 @@ class DebugfsOperations(mfusepy.Operations):
                     return dentry
             raise
 
-    def readdir(self, path: str, fh: int) -> list[str]:
+    def readdir(self, path: str, fh: int) -> list[tuple[str, dict[str, int], int]]:
+        """dcache_readdir(): every entry with its type (d_type), so that a walker needs no stat to tell a
+        directory from a file, and a VM directory removed meanwhile is never taken for a file."""
         dentry = self._lookup(path, os.R_OK)
         if not dentry.is_dir:
             raise kernel_error(errno.ENOTDIR)
         with tree_lock:
-            names = list(dentry.children)
-        return [".", "..", *names]
+            entries = [(".", dentry), ("..", dentry.parent or dentry), *dentry.children.items()]
+        return [(name, {"st_mode": child.mode, "st_ino": child.ino}, 0) for name, child in entries]
 
     def statfs(self, path: str) -> dict[str, int]:
         return {"f_bsize": 4096, "f_frsize": 4096, "f_namemax": 255}
@@ -193,8 +208,9 @@ class DebugfsOperations(mfusepy.Operations):
 
 
 def mount_options(allow_other: bool) -> dict[str, Any]:
-    """Options for FUSE(): direct I/O for size-0 generated files, no caching of entries or attributes, and
-    permissions checked by the server (see DebugfsOperations._lookup)."""
+    """Options for FUSE(): direct I/O for generated files, no caching of entries or attributes, permissions
+    checked by the server (see DebugfsOperations._lookup), and MAX_THREADS requests at once where libfuse
+    limits them (3.12 and later; older loops start a thread per waiting request)."""
     options: dict[str, Any] = {
         "foreground": True,
         "direct_io": True,
@@ -204,17 +220,46 @@ def mount_options(allow_other: bool) -> dict[str, Any]:
         "fsname": "kvmdbgfs",
         "subtype": "kvmdbgfs",
     }
+    if (mfusepy.fuse_version_major, mfusepy.fuse_version_minor) >= (3, 12):
+        options["max_threads"] = MAX_THREADS
+        # Idle threads kept: as many as may run. Left unset, libfuse 3.14 logs "Ignoring invalid max threads
+        # value 4294967295" at every mount (its "unlimited" default goes through the range check).
+        options["max_idle_threads"] = MAX_THREADS
     if allow_other:
         options["allow_other"] = True
     return options
 
 
+def _eio_for_bugs(operation: Any) -> Any:
+    """``operation``, with any exception other than an OSError (an errno the kernel would give) logged with
+    its traceback and turned into EIO, the errno of an I/O that failed. mfusepy would answer EINVAL, which
+    reads as bad input (the answer to a bad write) and hides the bug."""
+
+    @functools.wraps(operation)
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return operation(*args, **kwargs)
+        except OSError:
+            raise
+        except Exception as exc:
+            log.exception("FUSE operation %s failed; answering EIO", operation.__name__)
+            raise OSError(errno.EIO, os.strerror(errno.EIO)) from exc
+
+    return guarded
+
+
 class _Fuse(mfusepy.FUSE):
-    """mfusepy's FUSE loop, each request announced to the host scheduler (kvmdbgfs.sched) while it runs."""
+    """mfusepy's FUSE loop, each request announced to the host scheduler (kvmdbgfs.sched) while it runs and
+    answered EIO if it fails with a bug (_eio_for_bugs)."""
+
+    def __init__(self, operations: DebugfsOperations, mountpoint: str, **options: Any) -> None:
+        self._guarded: dict[Any, Any] = {}  # set before the loop starts: FUSE() serves until unmounted
+        super().__init__(operations, mountpoint, **options)
 
     def _wrapper(self, func: Any, *args: Any, **kwargs: Any) -> Any:
+        guarded = self._guarded.get(func) or self._guarded.setdefault(func, _eio_for_bugs(func))
         with serving():
-            return super()._wrapper(func, *args, **kwargs)
+            return super()._wrapper(guarded, *args, **kwargs)
 
 
 def serve(operations: DebugfsOperations, mountpoint: str, allow_other: bool = False) -> None:

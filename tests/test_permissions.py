@@ -1,11 +1,14 @@
-"""Permissions as generic_permission() gives them, checked by the server, and a removed VM directory that
-is someone's cwd: `cd ..` works there while the VM's name is gone at once (as on tmpfs)."""
+"""Permissions as generic_permission() gives them, checked by the server (another user reads with
+--allow-other, gets EACCES without it), and a removed VM directory that is someone's cwd: `cd ..` works
+there while the VM's name is gone at once (as on tmpfs)."""
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import Mount
@@ -40,21 +43,34 @@ def test_cd_dotdot_from_a_removed_vm_directory(mount: Mount) -> None:
     assert "still-there" not in result.stdout
 
 
-def _as_nobody(*argv: str) -> subprocess.CompletedProcess:
+def _as_nobody(*argv: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run ``argv`` as nobody, in ``cwd`` (entered before dropping root: pytest's temporary directories are
+    0700, so nobody reaches the mount only from inside it)."""
+
     def drop() -> None:
         os.setgid(NOBODY)
         os.setuid(NOBODY)
 
-    return subprocess.run(argv, capture_output=True, text=True, timeout=30, preexec_fn=drop, check=False)
+    return subprocess.run(argv, capture_output=True, text=True, timeout=30, cwd=cwd, preexec_fn=drop, check=False)
 
 
 @pytest.mark.skipif(os.getuid() != 0, reason="needs root to act as another user")
-def test_another_user_may_not_walk_the_0700_root(shared_mount: Mount) -> None:
-    """debugfs's root is 0700: with --allow-other another user reaches the mount, but not past its root."""
-    assert oct(os.stat(shared_mount.path).st_mode & 0o777) == "0o700"
-    result = _as_nobody("cat", str(shared_mount.path / "exits"))
-    assert result.returncode == 1 and "Permission denied" in result.stderr, result
-    assert _as_nobody("ls", str(shared_mount.path)).returncode != 0
+def test_another_user_reads_with_allow_other(shared_mount: Mount) -> None:
+    """The root is 0755 like the kernel's kvm directory: with --allow-other another user lists it and reads a
+    0644 stat, and may not write it."""
+    assert oct(os.stat(shared_mount.path).st_mode & 0o777) == "0o755"
+    expected = (shared_mount.path / "exits").read_text()
+    assert _as_nobody("cat", "exits", cwd=shared_mount.path).stdout == expected
+    assert "exits" in _as_nobody("ls", ".", cwd=shared_mount.path).stdout.split()
+    result = _as_nobody("sh", "-c", "echo 0 > exits", cwd=shared_mount.path)
+    assert result.returncode != 0 and "Permission denied" in result.stderr, result
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to act as another user")
+def test_another_user_gets_eacces_without_allow_other(mount: Mount) -> None:
+    """Without --allow-other FUSE refuses every other user at the mountpoint, whatever the modes say."""
+    result = _as_nobody("cat", "exits", cwd=mount.path)
+    assert result.returncode == 1 and result.stderr == f"cat: exits: {os.strerror(errno.EACCES)}\n", result
 
 
 def test_owner_modes_hold_for_writes(mount: Mount) -> None:

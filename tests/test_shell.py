@@ -103,14 +103,15 @@ def test_python_open_reads_whole_files_in_small_chunks(shell_mount: Mount) -> No
     assert tsc.startswith("-") and tsc.endswith("\n") and int(tsc) < 0
 
 
-def test_files_report_size_zero_and_kernel_modes(shell_mount: Mount) -> None:
+def test_files_report_a_page_as_size_and_kernel_modes(shell_mount: Mount) -> None:
+    """Files report one page, as sysfs files do (README, "Tools and copying"); directories 0."""
     shadow = vm_names(shell_mount)[0]
     out = shell_mount.sh(f"stat -c '%s %a %n' exits pages_4k {shadow}/mmu_rmaps_stat {shadow}/vcpu0/pid {shadow}")
     assert out.splitlines() == [
-        "0 644 exits",
-        "0 444 pages_4k",
-        f"0 644 {shadow}/mmu_rmaps_stat",
-        f"0 444 {shadow}/vcpu0/pid",
+        "4096 644 exits",
+        "4096 444 pages_4k",
+        f"4096 644 {shadow}/mmu_rmaps_stat",
+        f"4096 444 {shadow}/vcpu0/pid",
         f"0 755 {shadow}",
     ]
 

@@ -56,8 +56,8 @@ class Dentry:
 
 
 def new_root() -> Dentry:
-    """The root of a debugfs mount."""
-    return Dentry(name="", mode=stat.S_IFDIR | 0o700, parent=None)
+    """The root of the tree: the `kvm` directory KVM makes with debugfs_create_dir(), 0755."""
+    return Dentry(name="", mode=stat.S_IFDIR | 0o755, parent=None)
 
 
 def _attach(dentry: Dentry) -> Dentry:
