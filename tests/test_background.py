@@ -1,0 +1,39 @@
+"""`kvmdbgfs mount --background` and `kvmdbgfs umount` refusing what they cannot do: one line, a non-zero status,
+nothing left running or mounted."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import assert_one_error_line, is_mounted, mount_env
+
+
+def kvmdbgfs(*args: str | Path, runtime: Path) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "kvmdbgfs", *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, env=mount_env(runtime), timeout=60)
+
+
+def test_a_server_that_fails_gives_its_one_line(tmp_path: Path) -> None:
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    result = kvmdbgfs("mount", mnt, "--scenario", "nope", "--background", runtime=tmp_path)
+    message = "kvmdbgfs mount: error: scenario 'nope': no such file (built-in: default, empty)"
+    assert_one_error_line(result, 2, message)
+    log = tmp_path / "kvmdbgfs" / next(p.name for p in (tmp_path / "kvmdbgfs").glob("*.log"))
+    assert log.read_text().strip() == message  # the line comes from the server's log
+    assert not is_mounted(mnt)
+
+
+def test_a_missing_mountpoint_is_refused(tmp_path: Path) -> None:
+    result = kvmdbgfs("mount", tmp_path / "missing", "--background", runtime=tmp_path)
+    assert_one_error_line(result, 2, f"kvmdbgfs mount: error: {tmp_path / 'missing'}: no such file or directory")
+
+
+def test_umount_refuses_what_is_not_a_kvmdbgfs_mount(tmp_path: Path) -> None:
+    assert_one_error_line(
+        kvmdbgfs("umount", tmp_path, runtime=tmp_path), 1, f"kvmdbgfs: error: {tmp_path}: nothing is mounted there"
+    )
+    proc = kvmdbgfs("umount", "/proc", runtime=tmp_path)
+    assert_one_error_line(proc, 1, "kvmdbgfs: error: /proc: not a kvmdbgfs mount (proc)")
