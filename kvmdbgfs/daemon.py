@@ -134,7 +134,10 @@ def unmount(mountpoint: str, timeout: float = STOP_TIMEOUT_S) -> str:
     helper = fusermount_command()
     if helper is None:
         raise ServerFailed(f"{mountpoint}: no fusermount3 (or fusermount) to unmount it with")
-    result = subprocess.run([helper, "-u", real], capture_output=True, text=True, timeout=timeout, check=False)
+    try:
+        result = subprocess.run([helper, "-u", real], capture_output=True, text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        raise ServerFailed(f"{mountpoint}: {helper} -u did not return within {timeout:g} s") from None
     if result.returncode != 0:
         reason = result.stderr.strip().splitlines()[-1:] or ["failed"]
         raise ServerFailed(f"{mountpoint}: {reason[0]}")

@@ -18,10 +18,11 @@ import sys
 import threading
 from pathlib import Path
 
+from kvmdbgfs.cli import seconds
 from kvmdbgfs.control.listener import ControlServer
 from kvmdbgfs.control.paths import UnsafeRuntimeDir, default_log_path, default_socket_path, pointer_path
 from kvmdbgfs.control.server import ControlHandlers
-from kvmdbgfs.daemon import EXIT_NO_FUSE, READY_TIMEOUT_S, ServerFailed, start_server, wait_ready
+from kvmdbgfs.daemon import EXIT_NO_FUSE, READY_TIMEOUT_S, ServerFailed, kill, start_server, wait_ready
 from kvmdbgfs.fuse import DebugfsOperations, serve
 from kvmdbgfs.kvm.profiles import DEFAULT_PROFILE, get_profile
 from kvmdbgfs.mountpoint import MountpointError, fuse_unavailable, prepare_mountpoint
@@ -53,7 +54,7 @@ def parse_args(argv: list[str] | None, prog: str) -> argparse.Namespace:
         "--no-cache", action="store_true", help="boot every guest, neither using nor filling the boot cache"
     )
     parser.add_argument("--allow-other", action="store_true", help="let other users read the mount")
-    parser.add_argument("--log", type=Path, help="write the server's output to FILE (`status` names it)")
+    parser.add_argument("--log", type=Path, metavar="FILE", help="write the output to FILE (`status` names it)")
     parser.add_argument(
         "--background", action="store_true", help="serve from a process of its own; return once served and booted"
     )
@@ -62,7 +63,7 @@ def parse_args(argv: list[str] | None, prog: str) -> argparse.Namespace:
     )
     parser.add_argument(
         "--ready-timeout",
-        type=float,
+        type=seconds,
         default=READY_TIMEOUT_S,
         metavar="SECONDS",
         help=f"with --background: give up (and stop the server) after this long (default {READY_TIMEOUT_S:g})",
@@ -101,6 +102,10 @@ def run_background(args: argparse.Namespace, argv: list[str], prog: str) -> int:
         return fail(prog, f"log {log}: {exc.strerror or exc}")
     try:
         status = wait_ready(process, socket_path, log, not args.no_wait_booted, args.ready_timeout)
+    except KeyboardInterrupt:
+        kill(process)
+        say(prog, f"interrupted: the server (pid {process.pid}) was stopped before it served")
+        return EXIT_INTERRUPTED
     except ServerFailed as exc:
         line = str(exc)  # the server's own error line names the command already
         print(line if line.startswith(prog) else f"{prog}: error: {line}", file=sys.stderr, flush=True)

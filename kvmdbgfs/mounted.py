@@ -143,4 +143,3 @@ def snapshot_tree(
         yield KvmDebugfs(target, send, is_snapshot=True)
     finally:
         vmm.shutdown()
-

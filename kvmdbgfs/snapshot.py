@@ -133,13 +133,18 @@ def _versions() -> str:
     return f"kvmdbgfs {own}; numpy {np.__version__}; python {platform.python_version()}"
 
 
+def _busy(vm: dict[str, Any]) -> bool:
+    """A VM running or queueing a workload: it will not wait for host time (the snapshot catches it mid-way)."""
+    return bool(vm["workload"] or vm["queued"])
+
+
 def _settle(vmm: Vmm, timeout: float) -> None:
     """Under a manual clock, wait (bounded) until every VM with no workload has run up to host time."""
     if not vmm.clock.manual:
         return
     deadline = time.monotonic() + timeout
     for vm in list(vmm.vms.values()):
-        while not vm.caught_up(vm.host_target_ns()) and not (vm.describe()["workload"] or vm.describe()["queued"]):
+        while not vm.caught_up(vm.host_target_ns()) and not _busy(vm.describe()):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"VM {vm.name} did not reach host time within {timeout:g} s")
             vmm.clock.wake()

@@ -20,7 +20,7 @@ ENV_KEYS_DROPPED = ("PYTHONPATH", "VIRTUAL_ENV")
 
 def run(*command: str | Path, cwd: Path, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
     argv = [str(part) for part in command]
-    return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
 
 
 def exists(pid: int) -> bool:
