@@ -34,6 +34,7 @@ from kvmdbgfs.kvm.profiles import DEFAULT_PROFILE
 from kvmdbgfs.mountpoint import MountpointError, detach, fuse_unavailable, mount_type
 from kvmdbgfs.snapshot import replace_directory, scenario_host, take_snapshot
 
+SERVER_PROG = "kvmdbgfs mount"  # how the server's lines begin (kvmdbgfs/cli.py)
 CHANGING_COMMANDS = frozenset({"vm.create", "vm.destroy", "workload.run", "workload.cancel", "clock.advance"})
 
 
@@ -104,7 +105,7 @@ def mounted(
             wait_ready(process, socket_path, log_path, timeout=timeout)
         except ServerFailed as exc:
             if process.returncode == EXIT_NO_FUSE:
-                raise FuseUnavailable(str(exc)) from None
+                raise FuseUnavailable(str(exc).removeprefix(f"{SERVER_PROG}: error: ")) from None
             raise
         yield KvmDebugfs(mountpoint, lambda cmd, **a: request(socket_path, cmd, **a))
     finally:

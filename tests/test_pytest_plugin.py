@@ -1,11 +1,13 @@
 """The pytest plugin, as another project uses it: a tiny project's tests run by pytest in a process of their own
 (pytester), the plugin active through its entry point. They pass with FUSE, under xdist too (each worker
 its own mounts); they skip with the one-line reason when FUSE is hidden from them (no fusermount3 on PATH;
-as root also no /dev/fuse, in a private mount namespace), fail instead under KVMDBGFS_REQUIRE_FUSE=1, and
-get a snapshot directory when they ask for the fallback."""
+no /dev/fuse, in a private mount namespace; mounting refused, in a user namespace as in an unprivileged
+container), fail instead under KVMDBGFS_REQUIRE_FUSE=1, and get a snapshot directory when they ask for the
+fallback."""
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import shutil
 import subprocess
@@ -136,7 +138,26 @@ def test_without_fusermount_it_skips_with_the_reason(
     assert "During handling" not in required.stdout.str()
 
 
-@pytest.mark.skipif(os.getuid() != 0 or shutil.which("unshare") is None, reason="needs root for a mount namespace")
+def unshare_works(*flags: str) -> bool:
+    """Whether this machine lets us make the namespaces ``flags`` ask for."""
+    if shutil.which("unshare") is None:
+        return False
+    return subprocess.run(["unshare", *flags, "true"], capture_output=True, timeout=10, check=False).returncode == 0
+
+
+@pytest.mark.skipif(not unshare_works("--user", "--map-root-user"), reason="user namespaces are not allowed here")
+def test_in_an_unprivileged_user_namespace_it_skips_with_the_reason(project: pytest.Pytester) -> None:
+    """As in a container without CAP_SYS_ADMIN: /dev/fuse and fusermount3 are there, mounting is refused."""
+    command = ["unshare", "--user", "--map-root-user", sys.executable, "-m", "pytest", "-rs", "-p", "no:cacheprovider"]
+    result = subprocess.run(
+        command + ["-k", "not fallback"], cwd=project.path, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert "3 skipped" in result.stdout, result.stdout + result.stderr
+    reason = "kvmdbgfs: FUSE is unavailable: could not mount * (FUSE refused it: mounting not permitted here?)"
+    assert len(fnmatch.filter(result.stdout.splitlines(), f"SKIPPED *: {reason}")) == 3, result.stdout
+
+
+@pytest.mark.skipif(os.getuid() != 0 or not unshare_works("--mount"), reason="needs root for a mount namespace")
 def test_without_dev_fuse_it_skips_with_the_reason(project: pytest.Pytester) -> None:
     """/dev/fuse really missing: a tmpfs over /dev (with null, zero, random, urandom) in a private mount namespace."""
     hide = (
