@@ -1,5 +1,5 @@
 """`kvmdbgfs mount --background` and `kvmdbgfs umount` refusing what they cannot do: one line, a non-zero status,
-nothing left running or mounted."""
+nothing left running or mounted; `kvmdbgfs.mounted` taking its tree down however its block ends."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import assert_one_error_line, is_mounted, mount_env
 
 
@@ -37,3 +38,16 @@ def test_umount_refuses_what_is_not_a_kvmdbgfs_mount(tmp_path: Path) -> None:
     )
     proc = kvmdbgfs("umount", "/proc", runtime=tmp_path)
     assert_one_error_line(proc, 1, "kvmdbgfs: error: /proc: not a kvmdbgfs mount (proc)")
+
+
+def test_the_context_manager_takes_the_tree_down_even_when_the_block_fails(tmp_path: Path) -> None:
+    import kvmdbgfs
+
+    mnt = tmp_path / "mnt"
+    with pytest.raises(RuntimeError, match="the block failed"), kvmdbgfs.mounted(mnt, scenario="empty") as tree:
+        assert (tree.path / "exits").read_text() == "0\n" and is_mounted(mnt)
+        assert tree.status()["clock"] == "manual"
+        server = tree.status()["server_pid"]
+        raise RuntimeError("the block failed")
+    assert not is_mounted(mnt)
+    assert not Path(f"/proc/{server}").exists()  # the server was our child, and was waited for

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from conftest import Mount, mount_with_scenario
 
-from kvmdbgfs.snapshot import FORMAT, parse_archive
+from kvmdbgfs.control.client import request
+from kvmdbgfs.snapshot import FORMAT, Snapshot, parse_archive
 
 SCENARIO = """\
 seed = 9
@@ -123,6 +125,31 @@ def test_top_level_sums_hold_while_a_workload_runs(mount: Mount) -> None:
             sums_hold({entry.path: entry.content for entry in snapshot.entries if entry.kind == "file"})
     finally:
         mount.cli("cancel", "--vm", vm, check=False)
+
+
+def test_a_snapshot_never_catches_a_vm_half_made_or_half_gone(mount: Mount) -> None:
+    """VMs created and destroyed through the control socket while snapshots are taken: each snapshot has every
+    VM whole (its vCPU directories there) and its sums right."""
+    stop = threading.Event()
+
+    def churn() -> None:
+        while not stop.is_set():
+            name = request(mount.control, "vm.create", memory="256M", vcpus=2)["name"]
+            request(mount.control, "vm.destroy", name=name)
+
+    churner = threading.Thread(target=churn)
+    churner.start()
+    try:
+        for _ in range(10):
+            snapshot = Snapshot.from_wire(request(mount.control, "snapshot"))
+            files = {entry.path: entry.content for entry in snapshot.entries if entry.kind == "file"}
+            for vm in {path.split("/")[0] for path in files if "/" in path}:
+                assert {f"{vm}/vcpu0/pid", f"{vm}/exits"} <= files.keys(), vm
+            sums_hold(files)
+    finally:
+        stop.set()
+        churner.join(timeout=60)
+    assert not churner.is_alive()
 
 
 @pytest.mark.parametrize(
