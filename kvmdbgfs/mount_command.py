@@ -32,6 +32,7 @@ from kvmdbgfs.vmm.bootcache import BootCache, default_directory
 from kvmdbgfs.vmm.clock import CLOCK_MODES
 
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as the shell reports it
 GIL_SWITCH_INTERVAL_S = 0.001
 BOOT_PROGRESS_S = 0.2
 

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import assert_one_error_line, is_mounted, mount_env
+from conftest import assert_one_error_line, is_mounted, mount_env, wait_until
 
 
 def kvmdbgfs(*args: str | Path, runtime: Path) -> subprocess.CompletedProcess:
@@ -51,3 +51,25 @@ def test_the_context_manager_takes_the_tree_down_even_when_the_block_fails(tmp_p
         raise RuntimeError("the block failed")
     assert not is_mounted(mnt)
     assert not Path(f"/proc/{server}").exists()  # the server was our child, and was waited for
+
+
+def test_no_wait_booted_returns_while_the_guests_boot(tmp_path: Path) -> None:
+    scenario = tmp_path / "booting.toml"
+    scenario.write_text(
+        '[[vm]]\nmemory = "256M"\nvcpus = 1\nworkload = "idle"\nsettings = { uptime = 0, workers = 0, logins = 1 }\n'
+    )
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    started = kvmdbgfs("mount", mnt, "--scenario", scenario, "--background", "--no-wait-booted", runtime=tmp_path)
+    try:
+        assert started.returncode == 0, started.stderr
+        assert "guests booting" in started.stderr and is_mounted(mnt)
+        assert (mnt / "exits").exists()
+
+        def booted() -> bool:
+            return "booted: True" in kvmdbgfs("-m", mnt, "status", runtime=tmp_path).stdout
+
+        assert wait_until(booted, timeout=120)
+    finally:
+        stopped = kvmdbgfs("umount", mnt, runtime=tmp_path)
+    assert stopped.returncode == 0, stopped.stderr
