@@ -116,6 +116,10 @@ class ControlHandlers:
 
     def vm_destroy(self, name: str) -> dict[str, Any]:
         require_type("name", name, str)
+        # QEMU's threads stop first, outside the gate: a boot or a workload may take seconds to reach its next
+        # safe point, and neither a snapshot nor a vm.create should wait for that. Then the VM goes (its stop
+        # is then immediate) under the gate.
+        self.vmm.find_vm(name).stop()
         with self._changing_tree():
             vm = self.vmm.destroy_vm(name)
         return describe_vm(vm.kvm, None)
