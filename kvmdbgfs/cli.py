@@ -10,9 +10,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from kvmdbgfs import mount_command
+from kvmdbgfs import snapshot_command
 from kvmdbgfs.control.client import DEFAULT_TIMEOUT_S, ProgressCallback, RequestError, request
 from kvmdbgfs.control.paths import UnsafeRuntimeDir, find_socket
+from kvmdbgfs.daemon import STOP_TIMEOUT_S, ServerFailed, unmount
 from kvmdbgfs.kvm.host import parse_int
 from kvmdbgfs.kvm.vm import MMU_MODES
 from kvmdbgfs.progress import progress_bar
@@ -95,6 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
         dest="cache_command", required=True, parser_class=_Parser
     )
     cache.add_parser("clear", help="remove every boot snapshot from the cache")
+    umount = commands.add_parser("umount", help="unmount a tree and wait until its server has exited")
+    umount.add_argument("mountpoint", help="where the tree is mounted")
+    umount.add_argument(
+        "--wait", type=seconds, default=STOP_TIMEOUT_S, metavar="SECONDS", help="how long to wait for the server"
+    )
+    snapshot_command.add_parser(commands)
     return parser
 
 
@@ -166,6 +173,17 @@ def run(args: argparse.Namespace) -> int:
             raise RequestError(f"{directory}: {exc.strerror}") from None
         print(f"removed {removed} boot snapshot{'s' if removed != 1 else ''} from {directory}")
         return EXIT_OK
+    if args.command == "umount":
+        try:
+            print(unmount(args.mountpoint, args.wait))
+        except ServerFailed as exc:
+            raise RequestError(str(exc)) from None
+        return EXIT_OK
+    if args.command == "snapshot":
+        snapshot = snapshot_command.run_snapshot(args, _call)
+        header = snapshot.header
+        print(f"{header['entries']} entries at host time {header['host_time_ns']} ns", file=sys.stderr)
+        return EXIT_OK
     if args.command == "run":
         summary = _run_workload(args)
         if args.json:
@@ -213,6 +231,8 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["mount"]:  # the server's own options, not the client's
+        from kvmdbgfs import mount_command  # loads libfuse: only where a tree is mounted (snapshots need none)
+
         return mount_command.main(argv[1:], prog="kvmdbgfs mount")
     args = build_parser().parse_args(argv)
     try:

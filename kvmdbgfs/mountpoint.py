@@ -62,3 +62,31 @@ def prepare_mountpoint(path: str) -> str | None:
     if os.listdir(real):
         raise MountpointError(f"{path}: not empty")
     return note
+
+
+def mount_type(path: str) -> str | None:
+    """The filesystem type /proc/self/mountinfo gives for the mount at ``path`` (``fuse.kvmdbgfs`` for ours), None
+    when nothing is mounted there."""
+    real = os.path.realpath(path)
+    found = None
+    with open("/proc/self/mountinfo", "rb") as handle:
+        for line in handle:
+            fields = line.split()
+            if unescape_mountinfo(fields[4]) == real:
+                found = os.fsdecode(fields[fields.index(b"-") + 1])  # the last mount on top wins
+    return found
+
+
+def fuse_unavailable(need_helper: bool) -> str | None:
+    """Why FUSE cannot be mounted here, in one line, or None: no /dev/fuse (no module, or a container without the
+    device), one that cannot be opened, or (``need_helper``: a user other than root mounts and unmounts
+    through it) no fusermount helper."""
+    try:
+        os.close(os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC))
+    except FileNotFoundError:
+        return "no /dev/fuse (load the fuse module; a container needs the device passed in)"
+    except OSError as exc:
+        return f"cannot open /dev/fuse: {exc.strerror}"
+    if need_helper and fusermount_command() is None:
+        return "no fusermount3 (or fusermount) on PATH (install the fuse3 package)"
+    return None

@@ -113,3 +113,22 @@ def cond_resched() -> None:
         _cpu.lock.release()
         time.sleep(0)
         _cpu.take()
+
+
+@contextlib.contextmanager
+def emulation_held(timeout: float) -> Iterator[None]:
+    """No guest runs while the block does: the emulation CPU is taken from the VMs' threads, which stop at their
+    next cond_resched(). Waited for at most ``timeout`` seconds (TimeoutError)."""
+    with _lock:
+        _cpu.waiting += 1
+    try:
+        taken = _cpu.lock.acquire(timeout=timeout)
+    finally:
+        with _lock:
+            _cpu.waiting -= 1
+    if not taken:
+        raise TimeoutError(f"the guests' emulation did not pause within {timeout:g} s")
+    try:
+        yield
+    finally:
+        _cpu.lock.release()

@@ -180,6 +180,8 @@ def test_status(mount: Mount) -> None:
         "server_pid": str(mount.process.pid),
         "open_files": "0",
         "control": str(mount.control),
+        "log": "None",  # a foreground server without --log writes to its stderr
+        "served": "True",
         "booted": "True",
         "booting": "[]",
         "boot_error": "None",

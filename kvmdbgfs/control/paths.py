@@ -87,3 +87,8 @@ def find_socket(mountpoint: str) -> Path:
         return default_socket_path(mountpoint)
     with os.fdopen(fd, "rb") as handle:
         return Path(os.fsdecode(handle.read(MAX_POINTER_BYTES).strip()))
+
+
+def default_log_path(mountpoint: str) -> Path:
+    """Where a background server (`kvmdbgfs mount --background`) logs unless --log names a file."""
+    return runtime_dir() / f"{_mount_key(mountpoint)}.log"

@@ -11,13 +11,15 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from kvmdbgfs.control.client import RequestError
 from kvmdbgfs.kvm.host import require_type
 from kvmdbgfs.kvm.vm import Kvm
 from kvmdbgfs.sched import serving
+from kvmdbgfs.snapshot import HOLD_TIMEOUT_S, take_snapshot
 from kvmdbgfs.vmm.clock import parse_duration
 from kvmdbgfs.vmm.qemu import QemuProcess
 from kvmdbgfs.vmm.vmm import Vmm
@@ -27,6 +29,8 @@ from kvmdbgfs.workloads.base import Progress, no_progress
 # Requests that only read the host: served ahead of the guests' emulation (kvmdbgfs.sched). The others
 # wait for the VMs' threads, which must not be held back meanwhile.
 READ_COMMANDS = frozenset({"vm.list", "status", "workload.list"})
+
+GATE_TIMEOUT_S = 60.0  # how long a request that changes the tree waits for a snapshot (and the other way round)
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +65,9 @@ class ControlHandlers:
         self.vmm = vmm
         self.host = vmm.host
         self.status_extra = status
+        # Held by the requests that add or remove VMs, and by a snapshot: one is never taken in the middle of the
+        # other. (A snapshot holds the guests' emulation too, so no counter moves while it reads.)
+        self._tree_changes = threading.Lock()
         self.commands: dict[str, Callable[..., Any]] = {
             "vm.create": self.vm_create,
             "vm.destroy": self.vm_destroy,
@@ -69,6 +76,7 @@ class ControlHandlers:
             "workload.list": self.workload_list,
             "clock.advance": self.clock_advance,
             "workload.cancel": self.workload_cancel,
+            "snapshot": self.snapshot,
         }
         # Commands that report progress while they run.
         self.long_commands: dict[str, Callable[..., Any]] = {"workload.run": self.workload_run}
@@ -102,12 +110,18 @@ class ControlHandlers:
         rmap_design: str | None = None,
     ) -> dict[str, Any]:
         config = self.host.make_config(memory, vcpus, mmu, kernel, seed, rmap_design)
-        vm = self.vmm.create_vm(config)
+        with self._changing_tree():
+            vm = self.vmm.create_vm(config)
         return describe_vm(vm.kvm, vm)
 
     def vm_destroy(self, name: str) -> dict[str, Any]:
         require_type("name", name, str)
-        vm = self.vmm.destroy_vm(name)
+        # QEMU's threads stop first, outside the gate: a boot or a workload may take seconds to reach its next
+        # safe point, and neither a snapshot nor a vm.create should wait for that. Then the VM goes (its stop
+        # is then immediate) under the gate.
+        self.vmm.find_vm(name).stop()
+        with self._changing_tree():
+            vm = self.vmm.destroy_vm(name)
         return describe_vm(vm.kvm, None)
 
     def vm_list(self) -> list[dict[str, Any]]:
@@ -118,6 +132,21 @@ class ControlHandlers:
     def clock_advance(self, duration: str) -> dict[str, Any]:
         require_type("duration", duration, str)
         return {"host_time_ns": self.vmm.advance_clock(parse_duration(duration))}
+
+    def snapshot(self) -> dict[str, Any]:
+        """The whole tree at one instant of host time (kvmdbgfs.snapshot), with no VM created or destroyed
+        meanwhile."""
+        with self._changing_tree():
+            return take_snapshot(self.vmm, HOLD_TIMEOUT_S).to_wire()
+
+    @contextlib.contextmanager
+    def _changing_tree(self) -> Iterator[None]:
+        if not self._tree_changes.acquire(timeout=GATE_TIMEOUT_S):
+            raise TimeoutError(f"busy: another request held the tree for {GATE_TIMEOUT_S:g} s (a snapshot?)")
+        try:
+            yield
+        finally:
+            self._tree_changes.release()
 
     def workload_list(self) -> list[dict[str, Any]]:
         return [describe_workload(workload) for workload in WORKLOADS.values()]
