@@ -87,12 +87,11 @@ class DebugfsOperations(mfusepy.Operations):
 
     def getattr(self, path: str, fh: int | None = None) -> dict[str, Any]:
         dentry = self._file(fh).dentry if fh else self._lookup(path)
-        nlink = 2 + sum(child.is_dir for child in list(dentry.children.values())) if dentry.is_dir else 1
         ns = int(dentry.ctime * 1e9)
         return {
             "st_mode": dentry.mode,
             "st_ino": dentry.ino,
-            "st_nlink": nlink,
+            "st_nlink": dentry.nlink,
             "st_uid": self.uid,
             "st_gid": self.gid,
             "st_size": 0,
