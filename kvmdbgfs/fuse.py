@@ -20,6 +20,7 @@ from kvmdbgfs.debugfs.dentry import Dentry, lookup, tree_lock
 from kvmdbgfs.debugfs.errors import kernel_error
 from kvmdbgfs.debugfs.file import File, vfs_open
 from kvmdbgfs.sched import serving
+from kvmdbgfs.thread_state import keep_thread_state
 
 DEBUGFS_MAGIC = 0x64626720
 ENOATTR = getattr(errno, "ENOATTR", errno.ENODATA)
@@ -194,9 +195,11 @@ def mount_options(allow_other: bool) -> dict[str, Any]:
 
 
 class _Fuse(mfusepy.FUSE):
-    """mfusepy's FUSE loop, each request announced to the host scheduler (kvmdbgfs.sched) while it runs."""
+    """mfusepy's FUSE loop, each request announced to the host scheduler (kvmdbgfs.sched) while it runs, on a
+    worker thread that keeps its Python thread state (kvmdbgfs.thread_state)."""
 
     def _wrapper(self, func: Any, *args: Any, **kwargs: Any) -> Any:
+        keep_thread_state()
         with serving():
             return super()._wrapper(func, *args, **kwargs)
 
