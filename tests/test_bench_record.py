@@ -9,6 +9,7 @@ import sys
 from types import SimpleNamespace
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from kvmdbgfs.bench import __main__ as bench_main
@@ -78,6 +79,14 @@ def test_record_round_trips_through_json(tmp_path):
     assert figure["method"] == "median of 5"
     assert figure["target"] == {"op": ">=", "bound": 0.8, "absolute": False, "tolerance": 0.0}
     assert read_record(path).figures() == record.figures()
+
+
+def test_numpy_figures_are_written_as_json_numbers(tmp_path):
+    record = run_record(reads_figure(np.float64(900), np.float64(1000)),
+                        Figure("x", "y", np.float64(1), "ms", target=at_most(2, absolute=True)))
+    write_record(record, tmp_path / "run.json")
+    figures = json.loads((tmp_path / "run.json").read_text())["benches"][0]["figures"]
+    assert [(f["value"], f["passed"]) for f in figures] == [(900.0, True), (1.0, True)]
 
 
 def test_compare_prints_each_change_new_and_gone():

@@ -51,16 +51,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench: {exc}", file=sys.stderr)
         return 2
     record, start = new_record(), time.monotonic()
+    path = args.json or default_path(record, RESULTS_DIR)
     print(machine_line(record), end="\n\n", flush=True)
     for name in args.benches or BENCHES:
         bench = BENCHES[name]
         figures, notes = bench.run()
         record.benches.append(BenchResult(name, bench.TITLE, figures, notes))
         print(format_table(bench.TITLE, figures, notes), end="\n\n", flush=True)
-    record.seconds = round(time.monotonic() - start, 1)
-    record.machine["load_average_end"] = list(os.getloadavg())
-    path = args.json or default_path(record, RESULTS_DIR)
-    write_record(record, path)
+        record.seconds = round(time.monotonic() - start, 1)
+        record.machine["load_average_end"] = list(os.getloadavg())
+        write_record(record, path)  # after each bench: a later failure keeps what was measured
     if baseline is not None:
         commit = (baseline.commit or {}).get("hash", "?")[:10]
         print(f"Changes since {args.baseline} ({baseline.started}, commit {commit})")

@@ -35,10 +35,10 @@ class Target:
 
     def met(self, judged: float) -> bool:
         if self.op == "<=":
-            return judged <= self.bound
+            return bool(judged <= self.bound)
         if self.op == ">=":
-            return judged >= self.bound
-        return abs(judged - self.bound) <= self.bound * self.tolerance
+            return bool(judged >= self.bound)
+        return bool(abs(judged - self.bound) <= self.bound * self.tolerance)
 
     def text(self, unit: str) -> str:
         bound = f"{self.bound:g} {unit}" if self.absolute else f"{self.bound:g}x"
@@ -111,8 +111,11 @@ class Figure:
         return f"{self.section} / {self.item}"
 
     def as_json(self) -> dict[str, Any]:
+        """The figure as JSON types (numpy scalars become Python floats)."""
         record = asdict(self)
-        record["ratio"] = self.ratio
+        for name in ("value", "peer"):
+            record[name] = None if record[name] is None else float(record[name])
+        record["ratio"] = None if self.ratio is None else float(self.ratio)
         record["passed"] = self.passed
         return record
 
