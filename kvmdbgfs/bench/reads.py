@@ -62,8 +62,8 @@ def read_rate_figures() -> tuple[list[Figure], list[str]]:
             wait_booted(served)
         paths = {"bare": bare.path / BARE_FILE, "manual": stat_file(manual), "realtime": stat_file(realtime)}
         for path in paths.values():
-            int(read_file(path))  # each serves a number; also starts the pool's processes
-        reads_per_second(pool, paths["bare"], max(READERS))
+            int(read_file(path))  # each serves a number
+        reads_per_second(pool, paths["bare"], max(READERS))  # starts the pool's processes
         rates = {
             readers: interleaved_medians({name: lambda p=path, n=readers: reads_per_second(pool, p, n)
                                           for name, path in paths.items()}, ROUNDS)
