@@ -54,10 +54,10 @@ def wait_for(condition: Callable[[], object], timeout: float, what: str, period:
 
 
 def wait_booted(served: Served) -> None:
-    """Every VM's workload (the scenario's boot) finished: nothing running, nothing queued. Polled every 50 ms:
-    each control request makes the guests' emulation yield for a moment (kvmdbgfs.sched)."""
-    wait_for(lambda: all(vm["workload"] is None and not vm["queued"] for vm in served.vms()), START_TIMEOUT_S,
-             "the scenario's guests to boot", period=0.05)
+    """The scenario's guests have booted (`status`). Polled every 50 ms: each control request makes the guests'
+    emulation yield for a moment (kvmdbgfs.sched)."""
+    wait_for(lambda: request(served.control, "status")["booted"], START_TIMEOUT_S, "the scenario's guests to boot",
+             period=0.05)
 
 
 def read_file(path: Path | str) -> bytes:

@@ -30,6 +30,7 @@ STAT_ROUNDS = 15
 READS_RATIO, STAT_RATIO = 0.8, 3.0
 BIG_GUEST = idle_vm_scenario(5, "16G", "")
 BARE_FILE = "vm/value"
+BOOT_TIMEOUT_S = 600.0
 
 
 def count_reads(path: str, start_at: float, seconds: float) -> int:
@@ -93,7 +94,9 @@ def rmaps_stat_figure() -> tuple[Figure, str]:
     with tempfile.TemporaryDirectory(prefix="kvmdbgfs-bench-") as tmp:
         scenario_path = Path(tmp) / "scenario.toml"
         scenario_path.write_text(BIG_GUEST)
-        vmm = build_host(load_scenario(str(scenario_path)), DEFAULT_PROFILE, "manual")
+        vmm, boot = build_host(load_scenario(str(scenario_path)), DEFAULT_PROFILE, "manual")
+        if not boot.wait(BOOT_TIMEOUT_S) or boot.error:
+            raise RuntimeError(f"the 16 GiB guest did not boot: {boot.error or 'timed out'}")
     try:
         (kvm,) = vmm.host.vm_list
         arrays = [heads for slot in kvm.arch.memslots if slot.rmap is not None for heads in slot.rmap]

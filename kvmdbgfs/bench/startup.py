@@ -2,8 +2,8 @@
 
 1. Time to serve: from starting mount.py until a file inside the mount can be stat'ed, against the bare
    mfusepy filesystem's start (kvmdbgfs.bench.bare_fs: the interpreter, mfusepy and the mount alone).
-2. Cold boot: from starting mount.py until every guest of the scenario has booted (vm.list), with an empty
-   cache directory (XDG_CACHE_HOME).
+2. Cold boot: from starting mount.py until every guest of the scenario has booted (`status`), with an empty
+   boot cache (KVMDBGFS_CACHE_DIR).
 3. Cached boot: the same with the cache directory a cold start filled, against the cold boot.
 """
 
@@ -25,9 +25,9 @@ CACHED_RATIO = 0.2  # issue 14: cached at most 1 s against a cold 5 s
 
 
 def start(cache: str) -> tuple[float, float]:
-    """Start mount.py with the default scenario and ``cache`` as XDG_CACHE_HOME: seconds until served, and
+    """Start mount.py with the default scenario and the boot cache in ``cache``: seconds until served, and
     until every guest booted."""
-    with mounted("default", "manual", env={"XDG_CACHE_HOME": cache}) as served:
+    with mounted("default", "manual", env={"KVMDBGFS_CACHE_DIR": cache}) as served:
         wait_booted(served)
         return served.start_seconds, time.monotonic() - served.started
 
@@ -57,8 +57,8 @@ def run() -> tuple[list[Figure], list[str]]:
     ]
     notes = [
         "start-up: mount.py --scenario default --clock manual, timed from the process start until a file inside can "
-        "be stat'ed (served) and until vm.list shows every guest booted (boot); each round a cold start with an "
-        "empty XDG_CACHE_HOME, then a start with the cache it left (cached)",
+        "be stat'ed (served) and until `status` says the guests booted (boot); each round a cold start with an "
+        "empty boot cache (KVMDBGFS_CACHE_DIR), then a start with the cache it left (cached)",
         f"served: issue 14's 1 s is about {SERVE_RATIO:.0f}x the bare filesystem's start on a quiet 2-core machine "
         "(0.16-0.2 s), so the target is that ratio; cold boot stays absolute (issue 14's 5 s): nothing in the run "
         "boots the scenario another way",
