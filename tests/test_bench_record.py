@@ -99,6 +99,14 @@ def test_compare_prints_each_change_new_and_gone():
     ]
 
 
+def test_compare_leaves_out_the_benches_not_run():
+    old = run_record(reads_figure(1000, 1000))
+    old.benches.append(BenchResult("startup", "start-up", [Figure("s", "served", 1.0, "s")], []))
+    assert compare(old, run_record(reads_figure(1000, 1000))) == [
+        "reads: reads/s / exits: 1000 -> 1000 (+0%) reads/s; ratio 1.00 -> 1.00 (+0%)"
+    ]
+
+
 def test_compare_refuses_a_changed_unit():
     old = run_record(Figure("x", "y", 1.0, "ms"))
     lines = compare(old, run_record(Figure("x", "y", 1.0, "s")))

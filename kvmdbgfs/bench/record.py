@@ -145,7 +145,7 @@ def change_text(old: float | None, new: float | None) -> str:
 
 def compare(baseline: RunRecord, current: RunRecord) -> list[str]:
     """One line per figure of ``current``: its value's (and ratio's) change since ``baseline``, and a verdict
-    that changed; then the baseline's figures this run no longer has."""
+    that changed; then the baseline's figures this run no longer has (of the benches it ran)."""
     old_figures, lines = baseline.figures(), []
     for key, figure in current.figures().items():
         name = f"{key[0]}: {key[1]}"
@@ -162,7 +162,7 @@ def compare(baseline: RunRecord, current: RunRecord) -> list[str]:
         if old.passed != figure.passed:
             text += f"; {old.verdict or 'no target'} -> {figure.verdict or 'no target'}"
         lines.append(text)
-    current_keys = current.figures()
+    current_keys, ran = current.figures(), {bench.name for bench in current.benches}
     lines += [f"{key[0]}: {key[1]}: gone (was {old.measured_text()})"
-              for key, old in old_figures.items() if key not in current_keys]
+              for key, old in old_figures.items() if key not in current_keys and key[0] in ran]
     return lines
