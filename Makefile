@@ -9,6 +9,9 @@ MNT ?= mnt
 SCENARIO ?= default
 KERNEL ?= latest
 PYTEST_ARGS ?=
+# make bench [BENCHES="reads startup"] [BASELINE=bench-results/earlier.json]
+BENCHES ?=
+BASELINE ?=
 
 .PHONY: run test bench clean setup fuse test-tools
 
@@ -20,7 +23,7 @@ test: setup test-tools
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: setup
-	$(PY) -m kvmdbgfs.bench
+	$(PY) -m kvmdbgfs.bench $(BENCHES) $(if $(BASELINE),--baseline $(BASELINE))
 
 setup: fuse $(STAMP)
 

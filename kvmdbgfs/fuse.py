@@ -24,6 +24,7 @@ from kvmdbgfs.debugfs.dentry import Dentry, lookup, tree_lock
 from kvmdbgfs.debugfs.errors import kernel_error
 from kvmdbgfs.debugfs.file import File, vfs_open, vfs_read, vfs_write
 from kvmdbgfs.sched import serving
+from kvmdbgfs.thread_state import keep_thread_state
 
 DEBUGFS_MAGIC = 0x64626720
 ENOATTR = getattr(errno, "ENOATTR", errno.ENODATA)
@@ -100,14 +101,11 @@ class DebugfsOperations(mfusepy.Operations):
 
     def getattr(self, path: str, fh: int | None = None) -> dict[str, Any]:
         dentry = self._file(fh).dentry if fh else self._stat_target(path)
-        nlink = 2 + sum(child.is_dir for child in list(dentry.children.values())) if dentry.is_dir else 1
-        if dentry.removed:
-            nlink = 0  # simple_unlink() dropped it; the inode lives on while a file holds it open
         ns = int(dentry.ctime * 1e9)
         return {
             "st_mode": dentry.mode,
             "st_ino": dentry.ino,
-            "st_nlink": nlink,
+            "st_nlink": 0 if dentry.removed else dentry.nlink,  # simple_unlink() dropped it; an open file holds it
             "st_uid": self.uid,
             "st_gid": self.gid,
             "st_size": 0 if dentry.is_dir else GENERATED_FILE_SIZE,
@@ -249,14 +247,16 @@ def _eio_for_bugs(operation: Any) -> Any:
 
 
 class _Fuse(mfusepy.FUSE):
-    """mfusepy's FUSE loop, each request announced to the host scheduler (kvmdbgfs.sched) while it runs and
-    answered EIO if it fails with a bug (_eio_for_bugs)."""
+    """mfusepy's FUSE loop, each request announced to the host scheduler (kvmdbgfs.sched) while it runs,
+    answered EIO if it fails with a bug (_eio_for_bugs), on a worker thread that keeps its Python thread state
+    (kvmdbgfs.thread_state)."""
 
     def __init__(self, operations: DebugfsOperations, mountpoint: str, **options: Any) -> None:
         self._guarded: dict[Any, Any] = {}  # set before the loop starts: FUSE() serves until unmounted
         super().__init__(operations, mountpoint, **options)
 
     def _wrapper(self, func: Any, *args: Any, **kwargs: Any) -> Any:
+        keep_thread_state()
         guarded = self._guarded.get(func) or self._guarded.setdefault(func, _eio_for_bugs(func))
         with serving():
             return super()._wrapper(guarded, *args, **kwargs)

@@ -53,6 +53,19 @@ def test_create_lookup_and_remove_recursive() -> None:
     assert errno_of(lambda: vfs_open(pid, 0)) == errno.ENOENT
 
 
+def test_link_counts_follow_subdirectories_as_debugfs_keeps_them() -> None:
+    """A directory has 2 links plus one per subdirectory (created or removed); a file has 1."""
+    root = new_root()
+    vm = create_dir("1-2", root)
+    stat_file = create_file("exits", 0o444, vm, Counter(), counter_fops(False))
+    vcpus = [create_dir(f"vcpu{i}", vm) for i in range(3)]
+    assert (root.nlink, vm.nlink, vcpus[0].nlink, stat_file.nlink) == (3, 5, 2, 1)
+    remove_recursive(vcpus[1])
+    assert vm.nlink == 4
+    remove_recursive(vm)
+    assert root.nlink == 2
+
+
 def test_simple_attr_generates_at_offset_zero_and_keeps_the_text() -> None:
     root = new_root()
     data = Counter()

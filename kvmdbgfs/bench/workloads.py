@@ -1,18 +1,20 @@
-"""Issue 4 benchmark: the emulated guest under the shadow MMU.
+"""Issues 4 and 14 benchmark: the emulated guest under the shadow MMU.
 
 1. rmap_fork with 500 children in an idle guest under designs A, B, C and D:
-   emulation wall time and rmap descriptor visits, ratios next to the seed's.
-2. rmap_fork 500 against its target (the real kernel took 0.27-0.37 s).
+   emulation CPU time and rmap descriptor visits, ratios next to the seed's.
+2. rmap_fork 500 against issue 14's target (the real kernel took 0.27-0.37 s for the whole guest run).
 3. Booting the idle 6 GiB guest.
 4. Batch against one-by-one for a fork of a process with 64 MiB touched.
 """
 
 from __future__ import annotations
 
+import statistics
+
 import numpy as np
 
 from kvmdbgfs.arch.x86.kvm_arch import X86KvmArchFactory
-from kvmdbgfs.bench.report import Row, timed
+from kvmdbgfs.bench.report import CPU_TIME, Figure, at_most, timed
 from kvmdbgfs.guest.distro import Program
 from kvmdbgfs.guest.kernel import GuestKernel
 from kvmdbgfs.kvm.host import KvmHost
@@ -22,9 +24,12 @@ from kvmdbgfs.vmm.qemu import QemuProcess
 from kvmdbgfs.vmm.vmm import Vmm
 from kvmdbgfs.workloads import run_workload
 
-TITLE = "issue 4: the emulated guest under the shadow MMU"
+TITLE = "issues 4 and 14: the emulated guest under the shadow MMU"
 SEED_MS = {"A": 367.2, "B": 265.2}  # v5.14 and v5.15 (design B) in the seed's cover letter
-FORK_TARGET_S, BOOT_TARGET_S = 2.0, 10.0
+# Issue 14's targets: nothing in the run does the same work, so they stay absolute.
+FORK_TARGET_S, BOOT_TARGET_S = 1.0, 3.0
+FORK_RUNS = 3
+FORK_METHOD = f"median of {FORK_RUNS}, CPU"
 GUEST = {"memory": "6G", "vcpus": 2, "mmu": "shadow"}
 HOG = Program("hog", "memhog", ("libc.so.6",), heap_kib=64, text_frac=0.1)
 HOG_BYTES = 64 << 20
@@ -33,33 +38,38 @@ HOG_BYTES = 64 << 20
 def booted_vm(vmm: Vmm, design: str) -> tuple[QemuProcess, float]:
     """A 6 GiB shadow guest running idle on ``vmm`` (manual clock); also how long the boot took."""
     vm = vmm.create_vm(vmm.host.make_config(**GUEST, rmap_design=design, seed=1))
-    seconds, _ = timed(lambda: run_workload(vm, "idle", {"uptime": 10}))
+    seconds, _ = timed(lambda: run_workload(vm, "idle", {"uptime": 10}), CPU_TIME)
     return vm, seconds
 
 
-def fork_rows() -> list[Row]:
-    rows, wall = [], {}
+def fork_rows() -> list[Figure]:
+    rows, cpu = [], {}
     for design in ("A", "B", "C", "D"):
         vmm = Vmm(seed=1)
         try:
             vm, boot = booted_vm(vmm, design)
             costs = vm.kvm.arch.rmaps.pte_list.costs
             visits_before = costs.desc_visits
-            seconds, summary = timed(lambda: run_workload(vm, "rmap_fork", {"children": 500}))
+            seconds, summary = timed(lambda: run_workload(vm, "rmap_fork", {"children": 500}), CPU_TIME)
+            visits = costs.desc_visits - visits_before
+            runs = [seconds] + [timed(lambda: run_workload(vm, "rmap_fork", {"children": 500}), CPU_TIME)[0]
+                                for _ in range(FORK_RUNS - 1)]
         finally:
             vmm.shutdown()
-        wall[design] = seconds
-        visits = costs.desc_visits - visits_before
-        rows.append(Row("rmap_fork x500", f"design {design}",
-                        f"{seconds * 1e3:7.0f} ms  {visits / 1e6:5.2f}M desc visits  max rmap {summary['max_mmu_rmap_size']}",
-                        f"<= {FORK_TARGET_S:.0f} s", seconds <= FORK_TARGET_S))
+        seconds = cpu[design] = statistics.median(runs)
+        seed = f"seed (real kernel, whole guest run) {SEED_MS[design]:.0f} ms" if design in SEED_MS else ""
+        rows.append(Figure("rmap_fork x500", f"design {design}", seconds, "s", FORK_METHOD,
+                           target=at_most(FORK_TARGET_S, True), reference=seed,
+                           detail=f"first run: {visits / 1e6:.2f}M desc visits, "
+                                  f"max rmap {summary['max_mmu_rmap_size']}"))
         if design == "C":
-            rows.append(Row("idle boot 6 GiB", "shadow, design C", f"{boot:7.2f} s", f"<= {BOOT_TARGET_S:.0f} s",
-                            boot <= BOOT_TARGET_S))
+            rows.append(Figure("idle boot 6 GiB", "shadow, design C", boot, "s", "one run, CPU",
+                               target=at_most(BOOT_TARGET_S, True)))
     for pair in ("A/B", "B/C", "A/C", "C/D"):
         first, second = pair.split("/")
         seed = f"seed {SEED_MS[first] / SEED_MS[second]:.3f}" if first in SEED_MS and second in SEED_MS else ""
-        rows.append(Row("rmap_fork x500", pair, f"wall {wall[first] / wall[second]:5.2f}x", seed))
+        rows.append(Figure("rmap_fork x500", f"{pair} time", cpu[first], "s", FORK_METHOD, cpu[second],
+                           f"design {second}", reference=seed))
     return rows
 
 
@@ -83,19 +93,22 @@ def fork_64m(batch: bool) -> float:
     hog = kernel.spawn(HOG, system.session[-1])
     region = hog.mmap(HOG_BYTES, name="hog")
     hog.touch(region.start, region.end, write=True)
-    seconds, _ = timed(lambda: kernel.fork(hog))
+    seconds, _ = timed(lambda: kernel.fork(hog), CPU_TIME)
     return seconds
 
 
-def run() -> tuple[list[Row], list[str]]:
+def run() -> tuple[list[Figure], list[str]]:
     rows = fork_rows()
     one_by_one, batched = fork_64m(batch=False), fork_64m(batch=True)
-    rows.append(Row("fork of 64 MiB", "one-by-one vs batch",
-                    f"{one_by_one * 1e3:6.0f} ms vs {batched * 1e3:5.0f} ms = {one_by_one / batched:4.1f}x"))
+    rows.append(Figure("fork of 64 MiB", "one-by-one", one_by_one * 1e3, "ms", "one run, CPU", batched * 1e3, "batch"))
     notes = [
         (
             "the seed measured whole-kernel wall time of rmap_fork on hardware (A: v5.14 367.2 ms, B: v5.15"
-            " 265.2 ms); here the rows are emulation time, so compare the ratios, not the milliseconds"
+            " 265.2 ms); here the rows are emulation time, so compare the ratios, not the milliseconds; the"
+            " absolute targets are issue 14's (at most 1 s per design, 3 s for the idle boot); the rmap_fork runs"
+            " follow each other on one booted guest (the visits are the first run's); times are the CPU time of"
+            " this process (the guest's vCPU thread does the work while this thread waits; the manual clock leaves"
+            " nothing else running), which leaves out other processes' turns on a shared machine"
         )
     ]
     return rows, notes

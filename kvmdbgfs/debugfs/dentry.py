@@ -30,7 +30,11 @@ def _alloc_ino() -> int:
 
 @dataclass(eq=False)
 class Dentry:
-    """A debugfs file or directory: name, mode, parent, and for files the ``i_private`` data and fops."""
+    """A debugfs file or directory: name, mode, parent, and for files the ``i_private`` data and fops.
+
+    ``nlink`` is the inode's link count as debugfs keeps it: 1 for a file; 2 for a directory, plus one per
+    subdirectory (debugfs_create_dir() increments the parent's, removing a directory drops it).
+    """
 
     name: str
     mode: int
@@ -41,6 +45,10 @@ class Dentry:
     ino: int = field(default_factory=_alloc_ino)
     ctime: float = field(default_factory=time.time)
     removed: bool = False
+    nlink: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.nlink = 2 if self.is_dir else 1
 
     @property
     def is_dir(self) -> bool:
@@ -69,6 +77,8 @@ def _attach(dentry: Dentry) -> Dentry:
         if dentry.name in parent.children:
             raise kernel_error(EEXIST)
         parent.children[dentry.name] = dentry
+        if dentry.is_dir:
+            parent.nlink += 1
     return dentry
 
 
@@ -93,6 +103,8 @@ def remove_recursive(dentry: Dentry) -> None:
             stack.extend(node.children.values())
         if dentry.parent is not None and dentry.parent.children.get(dentry.name) is dentry:
             del dentry.parent.children[dentry.name]
+            if dentry.is_dir:
+                dentry.parent.nlink -= 1
 
 
 def lookup(root: Dentry, path: str) -> Dentry:

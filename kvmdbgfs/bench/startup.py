@@ -1,0 +1,66 @@
+"""Issue 14 benchmark, start-up: mount.py with the default scenario (manual clock), as a new user starts it.
+
+1. Time to serve: from starting mount.py until a file inside the mount can be stat'ed, against the bare
+   mfusepy filesystem's start (kvmdbgfs.bench.bare_fs: the interpreter, mfusepy and the mount alone).
+2. Cold boot: from starting mount.py until every guest of the scenario has booted (`status`), with an empty
+   boot cache (KVMDBGFS_CACHE_DIR).
+3. Cached boot: the same with the cache directory a cold start filled, against the cold boot.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+
+from kvmdbgfs.bench.mounts import bare_mounted, mounted, wait_booted
+from kvmdbgfs.bench.report import Figure, at_most
+
+TITLE = "issue 14: start-up of the default scenario (mount.py, manual clock)"
+ROUNDS, BARE_RUNS_PER_ROUND = 2, 3
+# Issue 14: served within 1 s, where the bare filesystem starts in 0.16-0.2 s on a quiet 2-core machine.
+SERVE_RATIO = 5.0
+COLD_BOOT_S = 5.0  # nothing in the run boots the scenario some other way: absolute
+CACHED_RATIO = 0.2  # issue 14: cached at most 1 s against a cold 5 s
+
+
+def start(cache: str) -> tuple[float, float]:
+    """Start mount.py with the default scenario and the boot cache in ``cache``: seconds until served, and
+    until every guest booted."""
+    with mounted("default", "manual", env={"KVMDBGFS_CACHE_DIR": cache}) as served:
+        wait_booted(served)
+        return served.start_seconds, time.monotonic() - served.started
+
+
+def bare_start() -> float:
+    with bare_mounted() as bare:
+        return bare.start_seconds
+
+
+def run() -> tuple[list[Figure], list[str]]:
+    serve, cold, cached, bare = [], [], [], []
+    for _ in range(ROUNDS):  # interleaved: cold (an empty cache), cached (the cache that start filled), bare
+        with tempfile.TemporaryDirectory(prefix="kvmdbgfs-bench-cache-") as cache:
+            served_s, booted_s = start(cache)
+            serve.append(served_s)
+            cold.append(booted_s)
+            cached.append(start(cache)[1])
+        bare += [bare_start() for _ in range(BARE_RUNS_PER_ROUND)]
+    median = statistics.median
+    runs = f"median of {ROUNDS}"
+    figures = [
+        Figure("start-up", "mount.py default: served", median(serve), "s", runs, median(bare), "bare mfusepy start",
+               at_most(SERVE_RATIO), detail=f"bare: median of {len(bare)}"),
+        Figure("start-up", "mount.py default: cold boot", median(cold), "s", runs, target=at_most(COLD_BOOT_S, True)),
+        Figure("start-up", "mount.py default: cached boot", median(cached), "s", runs, median(cold), "cold boot",
+               at_most(CACHED_RATIO)),
+    ]
+    notes = [
+        "start-up: mount.py --scenario default --clock manual, timed from the process start until a file inside can "
+        "be stat'ed (served) and until `status` says the guests booted (boot); each round a cold start with an "
+        "empty boot cache (KVMDBGFS_CACHE_DIR), then a start with the cache it left (cached)",
+        f"served: issue 14's 1 s is about {SERVE_RATIO:.0f}x the bare filesystem's start on a quiet 2-core machine "
+        "(0.16-0.2 s), so the target is that ratio; cold boot stays absolute (issue 14's 5 s): nothing in the run "
+        "boots the scenario another way",
+    ]
+    return figures, notes
