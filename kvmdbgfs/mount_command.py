@@ -2,6 +2,7 @@
 
     kvmdbgfs mount MOUNTPOINT [--scenario default|empty|FILE] [--kernel PROFILE]
                               [--clock realtime|manual] [--control SOCKET] [--allow-other]
+                              [--qemu-processes]
 
 (also `python -m kvmdbgfs mount` and the checkout's `mount.py`). Runs in the foreground; Ctrl-C (SIGINT) or
 SIGTERM unmounts and exits 0.
@@ -25,6 +26,7 @@ from kvmdbgfs.progress import progress_bar
 from kvmdbgfs.scenario import ScenarioBoot, build_host, load_scenario
 from kvmdbgfs.vmm.bootcache import BootCache, default_directory
 from kvmdbgfs.vmm.clock import CLOCK_MODES
+from kvmdbgfs.vmm.standin import StandinError
 
 EXIT_USAGE = 2
 GIL_SWITCH_INTERVAL_S = 0.001
@@ -49,6 +51,11 @@ def parse_args(argv: list[str] | None, prog: str) -> argparse.Namespace:
         "--no-cache", action="store_true", help="boot every guest, neither using nor filling the boot cache"
     )
     parser.add_argument("--allow-other", action="store_true", help="let other users read the mount")
+    parser.add_argument(
+        "--qemu-processes",
+        action="store_true",
+        help="give each VM a real process that looks like QEMU (its pid names the VM directory)",
+    )
     return parser.parse_args(argv)
 
 
@@ -106,8 +113,8 @@ def main(argv: list[str] | None = None, prog: str = "mount.py") -> int:
         return fail(prog, f"control socket {socket_path}: {exc.strerror or exc}")
     try:
         cache = None if args.no_cache else BootCache(default_directory())
-        vmm, boot = build_host(scenario, args.kernel, args.clock, cache)
-    except ValueError as exc:
+        vmm, boot = build_host(scenario, args.kernel, args.clock, cache, args.qemu_processes)
+    except (ValueError, StandinError) as exc:
         control.close()
         return fail(prog, str(exc))
     except BaseException:
