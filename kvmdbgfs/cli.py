@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from kvmdbgfs import mount_command
+from kvmdbgfs import mount_command, nsexec
 from kvmdbgfs.control.client import DEFAULT_TIMEOUT_S, ProgressCallback, RequestError, request
 from kvmdbgfs.control.paths import UnsafeRuntimeDir, find_socket
 from kvmdbgfs.kvm.host import parse_int
@@ -95,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
         dest="cache_command", required=True, parser_class=_Parser
     )
     cache.add_parser("clear", help="remove every boot snapshot from the cache")
+    commands.add_parser(
+        "exec", help="run a command with the tree at /sys/kernel/debug/kvm (`kvmdbgfs exec --help`)", add_help=False
+    )
     return parser
 
 
@@ -214,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["mount"]:  # the server's own options, not the client's
         return mount_command.main(argv[1:], prog="kvmdbgfs mount")
+    if argv[:1] == ["exec"]:
+        return nsexec.exec_fresh(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return run(args)
