@@ -6,8 +6,12 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import signal
-from collections.abc import Iterator
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -101,3 +105,58 @@ def test_emulated_pids_stay_below_the_hosts_pid_max() -> None:
     pids = [vmm._alloc_pid(8) for _ in range(3 * vmm.pid_max // 40)]  # enough to wrap around at least once
     assert max(pids) + 2 + 8 < vmm.pid_max and min(pids) > 300
     assert any(later < earlier for earlier, later in zip(pids, pids[1:])), "never wrapped"
+
+
+READER = Path(__file__).parent / "examples" / "kvm_stat_reader.py"
+READER_TIMEOUT = 30.0
+
+
+def test_a_kvm_stat_style_reader_under_exec_selects_a_guest_by_name(mount: Mount) -> None:
+    """tests/examples/kvm_stat_reader.py, unmodified paths and all, under `kvmdbgfs exec --mount`: ``-g vm0``
+    finds vm0's stand-in by its command line and reads only its directory; after the clock moves, each
+    field's total and delta are what the files moved by."""
+    guests = {vm["guest_name"]: vm["name"] for vm in json.loads(mount.cli("vm", "list", "--json").stdout)}
+    booted = guests["vm0"]
+    command = [sys.executable, "-m", "kvmdbgfs", "exec", "--mount", str(mount.path), "--", sys.executable, str(READER)]
+    reader = subprocess.Popen(
+        [*command, "-g", "vm0"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=mount.env
+    )
+    try:
+        read_line = line_reader(reader)
+        header = read_line()
+        assert header.split("VMs: ")[1].split() == [booted], header
+        assert header.startswith(f"# {len([p for p in mount.path.iterdir() if p.is_file()])} fields")
+        before = {field: int((mount.path / booted / field).read_text()) for field in ("exits", "halt_exits")}
+        mount.cli("clock", "advance", "1s")
+        after = {field: int((mount.path / booted / field).read_text()) for field in before}
+        assert after["exits"] > before["exits"]
+        assert reader.stdin is not None
+        reader.stdin.write("\n")
+        reader.stdin.flush()
+        rows = {}
+        while (line := read_line()) != "--":
+            field, total, delta = line.split()
+            rows[field] = (int(total), int(delta))
+        for field in before:
+            assert rows[field] == (after[field] - before[field],) * 2, field
+        reader.stdin.close()
+        assert reader.wait(READER_TIMEOUT) == 0
+    finally:
+        if reader.poll() is None:
+            reader.kill()
+            reader.wait()
+
+
+def line_reader(process: subprocess.Popen) -> Callable[[], str]:
+    """A function giving the next line the process prints, waited for READER_TIMEOUT seconds at most."""
+    lines: queue.Queue[str] = queue.Queue()
+    assert process.stdout is not None
+    threading.Thread(target=lambda: [lines.put(line.rstrip("\n")) for line in process.stdout], daemon=True).start()
+
+    def next_line() -> str:
+        try:
+            return lines.get(timeout=READER_TIMEOUT)
+        except queue.Empty:
+            raise AssertionError(f"nothing printed within {READER_TIMEOUT:.0f} s") from None
+
+    return next_line
