@@ -78,9 +78,14 @@ def _check(result: int, what: str) -> int:
     return result
 
 
+def _c_string(text: str | None) -> bytes | None:
+    return None if text is None else os.fsencode(text)
+
+
 def _mount(source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
-    encode = lambda text: None if text is None else os.fsencode(text)  # noqa: E731
-    _check(_libc.mount(encode(source), encode(target), encode(fstype), flags, encode(data)), f"mount {target}")
+    """mount(2); OSError on failure."""
+    result = _libc.mount(_c_string(source), _c_string(target), _c_string(fstype), flags, _c_string(data))
+    _check(result, f"mount {target}")
 
 
 def _move_file_over_link(source: str, link: str) -> None:
@@ -159,19 +164,15 @@ class Namespace:
         except OSError as exc:
             raise ExecError(f"cannot mount in the new namespace: {exc.strerror}") from None
 
-    def bind(self, mountpoint: str) -> None:
-        """The running mount at ``mountpoint`` as the tree; its server's pointer file for KVM_DIR."""
-        try:
-            socket = find_socket(mountpoint)
-        except (OSError, UnsafeRuntimeDir) as exc:
-            raise ExecError(f"{mountpoint}: no control socket found ({exc})") from None
+    def bind(self, mountpoint: str, socket: Path) -> None:
+        """The running mount at ``mountpoint`` as the tree; a pointer file naming its server's ``socket`` for
+        KVM_DIR, in the namespace's runtime directory."""
         try:
             _mount(mountpoint, KVM_DIR, None, MS_BIND)
         except OSError as exc:
             raise ExecError(f"cannot bind {mountpoint}: {exc.strerror}") from None
-        os.environ["XDG_RUNTIME_DIR"] = str(self.private)
-        pointer = pointer_path(KVM_DIR)
-        write_pointer(pointer, socket)
+        os.environ["XDG_RUNTIME_DIR"] = self.env["XDG_RUNTIME_DIR"]  # where pointer_path() looks, as CMD will
+        write_pointer(pointer_path(KVM_DIR), socket)
 
     def serve(self, server_args: list[str]) -> None:
         """Start `kvmdbgfs mount KVM_DIR ...` here; wait (SERVE_TIMEOUT_S at most) until the tree is served."""
@@ -291,14 +292,18 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"{args.mount}: not a served kvmdbgfs tree (no exits file)", EXIT_USAGE)
     if mountpoint is None and not os.path.exists("/dev/fuse"):
         return _fail("/dev/fuse is missing: load the fuse module (modprobe fuse) or pass --mount MNT")
+    try:
+        socket = find_socket(mountpoint) if mountpoint is not None else None
+    except (OSError, UnsafeRuntimeDir) as exc:
+        return _fail(f"{args.mount}: its control socket cannot be found ({exc})")
     signal.signal(signal.SIGTERM, _terminated)  # the server is stopped on the way out
     private = Path(tempfile.mkdtemp(prefix="kvmdbgfs-exec-"))
     namespace = Namespace(private)
     try:
         enter_private_namespace()
         namespace.prepare()
-        if mountpoint is not None:
-            namespace.bind(mountpoint)
+        if mountpoint is not None and socket is not None:
+            namespace.bind(mountpoint, socket)
         else:
             namespace.serve(server_arguments(args))
         namespace.show_as_kvm_host()
@@ -318,11 +323,18 @@ def _fail(message: str, status: int = EXIT_FAILED) -> int:
 
 
 def exec_fresh(argv: list[str]) -> int:
-    """`kvmdbgfs exec ARGS`: this module in a fresh interpreter (the `kvmdbgfs` command has threads)."""
+    """`kvmdbgfs exec ARGS`: this module in a fresh interpreter (the `kvmdbgfs` command has threads), which
+    imports this very package (and so does the server it starts)."""
     sys.stdout.flush()
     sys.stderr.flush()
+    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    pythonpath = os.pathsep.join(filter(None, [package_parent, os.environ.get("PYTHONPATH")]))
     try:
-        os.execv(sys.executable, [sys.executable, "-m", "kvmdbgfs.nsexec", *argv])
+        os.execve(
+            sys.executable,
+            [sys.executable, "-m", "kvmdbgfs.nsexec", *argv],
+            dict(os.environ, PYTHONPATH=pythonpath),
+        )
     except OSError as exc:
         return _fail(f"cannot run {sys.executable}: {exc.strerror}")
 

@@ -10,10 +10,11 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Mount, assert_one_error_line, mount_env
+from conftest import Mount, assert_one_error_line, mount_env, mount_with_scenario
 
 from kvmdbgfs.nsexec import cpuinfo_with_flag, mounts_with_debugfs
 
@@ -45,6 +46,13 @@ print(json.dumps({
     "env": os.environ["KVMDBGFS_MOUNT"],
 }))
 """
+
+
+@pytest.fixture(scope="module")
+def empty_mount(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mount]:
+    """A running mount with no VMs, for `exec --mount`."""
+    with mount_with_scenario(tmp_path_factory, "") as running:
+        yield running
 
 
 def run_exec(*args: str, env: dict[str, str], prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
@@ -91,7 +99,8 @@ def test_a_running_mount_is_bound_and_its_server_reached(empty_mount: Mount, tmp
         f"head -c0 /sys/kernel/debug/kvm/exits && awk '$3 == \"debugfs\" {{ print $2; exit }}' /proc/mounts && "
         f"{sys.executable} -m kvmdbgfs vm create --memory 64M --vcpus 1"
     )
-    result = run_exec("--mount", str(empty_mount.path), "--", "sh", "-c", script, env=dict(empty_mount.env, TMPDIR=str(tmp_path)))
+    env = dict(empty_mount.env, TMPDIR=str(tmp_path))
+    result = run_exec("--mount", str(empty_mount.path), "--", "sh", "-c", script, env=env)
     assert result.returncode == 0, result.stderr
     debugfs, created = result.stdout.split()
     assert debugfs == "/sys/kernel/debug"
@@ -118,6 +127,14 @@ def test_bad_usage_is_one_line(tmp_path: Path, args: tuple[str, ...], message: s
     assert_one_error_line(run_exec(*args, env=mount_env(tmp_path)), 2, message)
 
 
+def test_a_server_that_cannot_start_is_one_line(tmp_path: Path) -> None:
+    before = mountinfo(tmp_path)
+    result = run_exec("--scenario", str(tmp_path / "missing.toml"), "--", "true", env=exec_env(tmp_path))
+    server_error = f"kvmdbgfs mount: error: scenario '{tmp_path}/missing.toml'…"
+    assert_one_error_line(result, 1, f"kvmdbgfs exec: error: the server did not start: {server_error}")
+    assert mountinfo(tmp_path) == before and not list(tmp_path.glob("kvmdbgfs-exec-*"))
+
+
 needs_unshare = pytest.mark.skipif(
     os.getuid() != 0 or shutil.which("unshare") is None, reason="needs root and unshare(1) to act as another user"
 )
@@ -141,7 +158,7 @@ def test_as_a_normal_user_it_works_through_a_user_namespace_or_says_why(tmp_path
 @needs_unshare
 def test_without_user_namespaces_a_normal_user_gets_one_line(tmp_path: Path) -> None:
     """A user namespace whose limit leaves none to make: the kernel refuses, as where they are disabled."""
-    limit = f"echo 1 > /proc/sys/user/max_user_namespaces && exec unshare --user --map-user=1000 --map-group=1000 -- \"$@\""
+    limit = 'echo 1 > /proc/sys/user/max_user_namespaces && exec unshare --user --map-user=1000 --map-group=1000 "$@"'
     prefix = ("unshare", "--user", "--map-root-user", "--", "sh", "-c", limit, "sh")
     result = run_exec("--scenario", "empty", "--", "true", env=mount_env(tmp_path), prefix=prefix)
     assert_one_error_line(
