@@ -37,7 +37,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
+from kvmdbgfs.control.client import RequestError, request
 from kvmdbgfs.control.paths import UnsafeRuntimeDir, find_socket, pointer_path, write_pointer
 
 PROG = "kvmdbgfs exec"
@@ -46,6 +48,7 @@ KVM_DIR = f"{DEBUGFS}/kvm"
 EXIT_FAILED, EXIT_USAGE = 1, 2
 EXIT_NOT_FOUND = 127  # the shell's status for a command it cannot find
 SERVE_TIMEOUT_S = 120.0  # how long the scenario's server may take to boot its guests and serve
+STATUS_TIMEOUT_S = 10.0
 STOP_TIMEOUT_S = 20.0
 HOST_CPU_FLAG = "vmx"  # the emulated host is Intel (VMX); an AMD model would show svm
 
@@ -116,10 +119,16 @@ def enter_private_namespace() -> None:
                 "settings (user.max_user_namespaces, kernel.unprivileged_userns_clone, AppArmor) allow none to "
                 "this user; run as root"
             )
-        Path("/proc/self/setgroups").write_text("deny")
-        Path("/proc/self/uid_map").write_text(f"0 {uid} 1")
-        Path("/proc/self/gid_map").write_text(f"0 {gid} 1")
-    _mount(None, "/", None, MS_REC | MS_PRIVATE)
+        try:
+            Path("/proc/self/setgroups").write_text("deny")
+            Path("/proc/self/uid_map").write_text(f"0 {uid} 1")
+            Path("/proc/self/gid_map").write_text(f"0 {gid} 1")
+        except OSError as exc:
+            raise ExecError(f"cannot map uid {uid} to root in a user namespace: {exc.strerror}") from None
+    try:
+        _mount(None, "/", None, MS_REC | MS_PRIVATE)
+    except OSError as exc:
+        raise ExecError(f"cannot make the mounts private to the new namespace: {exc.strerror}") from None
 
 
 def cpuinfo_with_flag(text: str, flag: str = HOST_CPU_FLAG) -> str:
@@ -175,7 +184,8 @@ class Namespace:
         write_pointer(pointer_path(KVM_DIR), socket)
 
     def serve(self, server_args: list[str]) -> None:
-        """Start `kvmdbgfs mount KVM_DIR ...` here; wait (SERVE_TIMEOUT_S at most) until the tree is served."""
+        """Start `kvmdbgfs mount KVM_DIR ...` here; wait (SERVE_TIMEOUT_S at most) until the tree is served and
+        the scenario's guests have booted (they boot while it is served)."""
         log = self.private / "server.log"
         control = self.private / "server.sock"
         command = [sys.executable, "-m", "kvmdbgfs", "mount", KVM_DIR, "--control", str(control), *server_args]
@@ -190,12 +200,21 @@ class Namespace:
             )
         deadline = time.monotonic() + SERVE_TIMEOUT_S
         while not (control.exists() and _is_mountpoint(KVM_DIR) and os.path.exists(f"{KVM_DIR}/exits")):
-            if self.server.poll() is not None:
-                lines = log.read_text(errors="replace").strip().splitlines()
-                raise ExecError(f"the server did not start: {lines[-1] if lines else self.server.returncode}")
-            if time.monotonic() > deadline:
-                raise ExecError(f"the server did not serve {KVM_DIR} within {SERVE_TIMEOUT_S:.0f} s")
-            time.sleep(0.02)
+            self._check_server(log, deadline, f"serve {KVM_DIR}")
+        while not (status := _server_status(control))["booted"]:
+            self._check_server(log, deadline, "boot the scenario's guests")
+        if status["boot_error"]:
+            raise ExecError(f"a guest did not boot: {status['boot_error']}")
+
+    def _check_server(self, log: Path, deadline: float, what: str) -> None:
+        """Wait a little; ExecError if the server has exited or ``deadline`` has passed."""
+        assert self.server is not None
+        if self.server.poll() is not None:
+            lines = log.read_text(errors="replace").strip().splitlines()
+            raise ExecError(f"the server did not start: {lines[-1] if lines else self.server.returncode}")
+        if time.monotonic() > deadline:
+            raise ExecError(f"the server did not {what} within {SERVE_TIMEOUT_S:.0f} s")
+        time.sleep(0.02)
 
     def show_as_kvm_host(self) -> None:
         """/proc/cpuinfo with vmx, and /proc/mounts with debugfs at /sys/kernel/debug."""
@@ -230,6 +249,14 @@ class Namespace:
             except subprocess.TimeoutExpired:
                 self.server.kill()
                 self.server.wait()
+
+
+def _server_status(control: Path) -> dict[str, Any]:
+    """`kvmdbgfs status` of the namespace's server; ExecError if it does not answer."""
+    try:
+        return request(control, "status", timeout=STATUS_TIMEOUT_S)
+    except (RequestError, OSError) as exc:
+        raise ExecError(f"the server does not answer: {exc}") from None
 
 
 def _end_with_parent() -> None:
