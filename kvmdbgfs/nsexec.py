@@ -111,7 +111,10 @@ def enter_private_namespace() -> None:
     uid, gid = os.getuid(), os.getgid()
     if uid == 0:
         if _libc.unshare(CLONE_NEWNS) != 0:
-            raise ExecError(f"cannot make a mount namespace: {os.strerror(ctypes.get_errno())}")
+            raise ExecError(
+                f"cannot make a mount namespace: {os.strerror(ctypes.get_errno())} (root needs CAP_SYS_ADMIN, "
+                "which an unprivileged container does not give)"
+            )
     else:
         if _libc.unshare(CLONE_NEWUSER | CLONE_NEWNS) != 0:
             raise ExecError(

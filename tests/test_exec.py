@@ -184,3 +184,12 @@ def test_the_mount_table_shows_debugfs_first() -> None:
 def test_cpu_flags_get_vmx_only() -> None:
     text = "processor\t: 0\nflags\t\t: fpu svm lm\nbugs\t\t: none\n"
     assert cpuinfo_with_flag(text) == "processor\t: 0\nflags\t\t: fpu lm vmx\nbugs\t\t: none\n"
+
+
+@pytest.mark.skipif(os.getuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv(1)")
+def test_root_without_cap_sys_admin_gets_one_line(tmp_path: Path) -> None:
+    """Root in an unprivileged container: no capabilities, so no mount namespace."""
+    no_caps = ("setpriv", "--bounding-set=-all", "--inh-caps=-all", "--")
+    result = run_exec("--scenario", "empty", "--", "true", env=exec_env(tmp_path), prefix=no_caps)
+    assert_one_error_line(result, 1, "kvmdbgfs exec: error: cannot make a mount namespace: Operation not permitted …")
+    assert not list(tmp_path.glob("kvmdbgfs-exec-*"))
