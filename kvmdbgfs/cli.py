@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from kvmdbgfs import snapshot_command
+from kvmdbgfs import nsexec, snapshot_command
 from kvmdbgfs.control.client import DEFAULT_TIMEOUT_S, ProgressCallback, RequestError, request
 from kvmdbgfs.control.paths import UnsafeRuntimeDir, find_socket
 from kvmdbgfs.daemon import STOP_TIMEOUT_S, ServerFailed, unmount
@@ -102,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--wait", type=seconds, default=STOP_TIMEOUT_S, metavar="SECONDS", help="how long to wait for the server"
     )
     snapshot_command.add_parser(commands)
+    commands.add_parser(
+        "exec", help="run a command with the tree at /sys/kernel/debug/kvm (`kvmdbgfs exec --help`)", add_help=False
+    )
     return parser
 
 
@@ -234,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
         from kvmdbgfs import mount_command  # loads libfuse: only where a tree is mounted (snapshots need none)
 
         return mount_command.main(argv[1:], prog="kvmdbgfs mount")
+    if argv[:1] == ["exec"]:
+        return nsexec.exec_fresh(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return run(args)

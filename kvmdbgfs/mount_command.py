@@ -2,7 +2,8 @@
 
     kvmdbgfs mount MOUNTPOINT [--scenario default|empty|FILE] [--kernel PROFILE]
                               [--clock realtime|manual] [--control SOCKET] [--allow-other] [--log FILE]
-                              [--background [--no-wait-booted] [--ready-timeout SECONDS]]
+                              [--qemu-processes]
+                              [--background [--wait-booted | --no-wait-booted] [--ready-timeout SECONDS]]
 
 (also `python -m kvmdbgfs mount` and the checkout's `mount.py`). Runs in the foreground; Ctrl-C (SIGINT),
 SIGTERM or `kvmdbgfs umount MOUNTPOINT` unmounts and exits 0. With --background the same server runs as a
@@ -30,6 +31,7 @@ from kvmdbgfs.progress import progress_bar
 from kvmdbgfs.scenario import ScenarioBoot, build_host, load_scenario
 from kvmdbgfs.vmm.bootcache import BootCache, default_directory
 from kvmdbgfs.vmm.clock import CLOCK_MODES
+from kvmdbgfs.vmm.standin import StandinError
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as the shell reports it
@@ -59,7 +61,13 @@ def parse_args(argv: list[str] | None, prog: str) -> argparse.Namespace:
     parser.add_argument(
         "--background", action="store_true", help="serve from a process of its own; return once served and booted"
     )
-    parser.add_argument(
+    waiting = parser.add_mutually_exclusive_group()
+    waiting.add_argument(
+        "--wait-booted",
+        action="store_true",
+        help="with --background (its default): return once every guest has booted",
+    )
+    waiting.add_argument(
         "--no-wait-booted", action="store_true", help="with --background: return as soon as the tree is served"
     )
     parser.add_argument(
@@ -69,10 +77,15 @@ def parse_args(argv: list[str] | None, prog: str) -> argparse.Namespace:
         metavar="SECONDS",
         help=f"with --background: give up (and stop the server) after this long (default {READY_TIMEOUT_S:g})",
     )
+    parser.add_argument(
+        "--qemu-processes",
+        action="store_true",
+        help="give each VM a real process that looks like QEMU (its pid names the VM directory)",
+    )
     return parser.parse_args(argv)
 
 
-BACKGROUND_FLAGS = {"--background", "--no-wait-booted"}
+BACKGROUND_FLAGS = {"--background", "--wait-booted", "--no-wait-booted"}
 
 
 def server_args(argv: list[str]) -> list[str]:
@@ -190,8 +203,8 @@ def main(argv: list[str] | None = None, prog: str = "mount.py") -> int:
         return fail(prog, f"control socket {socket_path}: {exc.strerror or exc}")
     try:
         cache = None if args.no_cache else BootCache(default_directory())
-        vmm, boot = build_host(scenario, args.kernel, args.clock, cache)
-    except ValueError as exc:
+        vmm, boot = build_host(scenario, args.kernel, args.clock, cache, args.qemu_processes)
+    except (ValueError, StandinError) as exc:
         control.close()
         return fail(prog, str(exc))
     except BaseException:

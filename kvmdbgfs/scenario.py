@@ -185,11 +185,22 @@ class ScenarioBoot:
 
 
 def build_host(
-    scenario: Scenario, kernel: str, clock: str | None = None, boot_cache: BootCache | None = None
+    scenario: Scenario,
+    kernel: str,
+    clock: str | None = None,
+    boot_cache: BootCache | None = None,
+    qemu_processes: bool = False,
 ) -> tuple[Vmm, ScenarioBoot]:
     """A host with the scenario's VMs created and their workloads queued: it can be served at once, and the
-    guests boot while it is (``ScenarioBoot``), from ``boot_cache`` where it has their boots."""
-    vmm = Vmm(profile=kernel, seed=scenario.seed, clock=clock or scenario.clock, boot_cache=boot_cache)
+    guests boot while it is (``ScenarioBoot``), from ``boot_cache`` where it has their boots; with
+    ``qemu_processes`` each VM has a real stand-in QEMU process."""
+    vmm = Vmm(
+        profile=kernel,
+        seed=scenario.seed,
+        clock=clock or scenario.clock,
+        boot_cache=boot_cache,
+        qemu_processes=qemu_processes,
+    )
     jobs = []
     for plan in scenario_plans(vmm.host, scenario):
         job = [make_job(plan.workload, plan.settings)] if plan.workload is not None else []

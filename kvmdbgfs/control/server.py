@@ -22,6 +22,7 @@ from kvmdbgfs.sched import serving
 from kvmdbgfs.snapshot import HOLD_TIMEOUT_S, take_snapshot
 from kvmdbgfs.vmm.clock import parse_duration
 from kvmdbgfs.vmm.qemu import QemuProcess
+from kvmdbgfs.vmm.standin import StandinError
 from kvmdbgfs.vmm.vmm import Vmm
 from kvmdbgfs.workloads import WORKLOADS, describe_workload, start_workload, wait_workload
 from kvmdbgfs.workloads.base import Progress, no_progress
@@ -97,7 +98,7 @@ class ControlHandlers:
                 return handler(**args)
         except TypeError as exc:
             raise RequestError(f"bad arguments for {request['cmd']}: {exc}") from None
-        except (ValueError, LookupError, TimeoutError) as exc:
+        except (ValueError, LookupError, TimeoutError, StandinError) as exc:
             raise RequestError(exc.args[0] if exc.args else type(exc).__name__) from None
 
     def vm_create(

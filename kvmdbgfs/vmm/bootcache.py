@@ -53,7 +53,7 @@ _LOCK_TYPES = (type(threading.Lock()), type(threading.RLock()), threading.Condit
 KEEP: dict[str, frozenset[str]] = {
     "vm": frozenset(
         {"kvm", "pid", "fd", "name", "seed", "memory", "nr_vcpus", "clock", "created_ns", "vcpus", "jobs",
-         "current", "boot_cache", "_lock", "_stopping", "_thread"}
+         "current", "boot_cache", "_lock", "_stopping", "_thread", "guest_name", "vcpu_tids", "standin"}
     ),
     "kvm": frozenset(
         {"host", "config", "profile", "name", "users_count", "creator_ref_dropped", "debugfs_dentry", "vcpus",

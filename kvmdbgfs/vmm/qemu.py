@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from kvmdbgfs.guest.userspace import Userspace
     from kvmdbgfs.kvm.vm import Kvm
     from kvmdbgfs.vmm.clock import HostClock
+    from kvmdbgfs.vmm.standin import StandinProcess
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,9 @@ class WorkloadJob:
 
 
 class QemuProcess:
-    """What QEMU owns for one VM. ``kvm`` is the kernel's VM; ``guest`` the booted guest OS (None before)."""
+    """What QEMU owns for one VM. ``kvm`` is the kernel's VM; ``guest`` the booted guest OS (None before);
+    ``guest_name`` QEMU's ``-name guest=``; ``vcpu_tids`` its vCPU threads' ids; ``standin`` the real process
+    that stands in for it, if any (it exits with the VM)."""
 
     def __init__(
         self,
@@ -87,14 +90,20 @@ class QemuProcess:
         fd: int,
         seed: int,
         clock: HostClock,
+        guest_name: str,
+        vcpu_tids: list[int],
         jobs: Sequence[WorkloadJob] = (),
         boot_cache: BootCache | None = None,
+        standin: StandinProcess | None = None,
     ) -> None:
         """QEMU starts: memslots, vCPUs, devices, and its vCPU thread, which runs ``jobs`` first (queued before
         it starts, so that they start at guest time 0 whatever the host clock does)."""
         self.kvm = kvm
         self.pid = pid
         self.fd = fd
+        self.guest_name = guest_name
+        self.vcpu_tids = vcpu_tids
+        self.standin = standin
         self.name = kvm.name
         self.seed = seed
         self.memory = kvm.config.memory
@@ -168,6 +177,8 @@ class QemuProcess:
         self.clock.wake()
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout)
+        if self.standin is not None:
+            self.standin.stop()
 
     def describe(self) -> dict[str, Any]:
         """What `vm list` shows of the QEMU side: uptime, guest time, what runs."""
@@ -176,6 +187,7 @@ class QemuProcess:
             queued = [job.name for job in self.jobs]
         return {
             "pid": self.pid,
+            "guest_name": self.guest_name,
             "guest_time_ns": self.guest_ns,
             "uptime_s": round(self.guest_ns / NSEC_PER_SEC, 3),
             "booted": self.guest is not None,
@@ -273,12 +285,12 @@ class QemuProcess:
         self.guest_ns = max(self.guest_ns, target_ns)
 
     def vcpu_thread_pid(self, vcpu_id: int) -> int:
-        """The thread id of the vCPU's thread: QEMU's main thread and its RCU thread come first."""
-        return self.pid + 2 + vcpu_id
+        """The thread id of the vCPU's thread (emulated, or the stand-in process's thread)."""
+        return self.vcpu_tids[vcpu_id]
 
     def boot(self, system: Userspace) -> None:
         """The guest has booted (its code ran as long as its busiest vCPU's part took): the LAN reaches its
-        drivers, and every vCPU enters KVM_RUN (its thread id in ``pid``) and goes idle."""
+        drivers, and every vCPU enters KVM_RUN (its thread's id in ``pid``) and goes idle."""
         self.guest_ns += self.kvm.arch.guest_code_pending_ns()
         system.now = self.guest_ns / NSEC_PER_SEC
         self.guest = system

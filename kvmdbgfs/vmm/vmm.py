@@ -3,10 +3,14 @@
 ``Vmm`` boots the host kernel's KVM (x86) and starts a QEMU process for each VM asked for: QEMU picks
 its pid and VM fd (the debugfs directory is ``<pid>-<fd>``), registers the memslots and creates the
 vCPUs. Destroying a VM is QEMU exiting: its threads stop, then its VM fd is closed.
+
+QEMU's pid and its vCPU threads' ids are emulated (below the host's pid_max, belonging to no process), or,
+with ``qemu_processes``, those of a real stand-in process per VM (kvmdbgfs/vmm/standin.py).
 """
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections.abc import Sequence
@@ -21,8 +25,9 @@ from kvmdbgfs.kvm.vm import VmConfig
 from kvmdbgfs.vmm.bootcache import BootCache
 from kvmdbgfs.vmm.clock import HostClock
 from kvmdbgfs.vmm.qemu import QemuProcess, WorkloadJob
+from kvmdbgfs.vmm.standin import StandinProcess
 
-PID_MAX = 4194304  # pid_max on 64-bit
+PID_MAX_DEFAULT = 4194304  # pid_max on 64-bit hosts with many CPUs; the host's own is read when it can be
 RESERVED_PIDS = 300
 FIRST_VM_FD = 10
 CLOCK_WAIT_S = 120.0  # how long `clock advance` waits for the VMs to reach the new time
@@ -37,8 +42,11 @@ class Vmm:
         seed: int = 0,
         clock: str = "manual",
         boot_cache: BootCache | None = None,
+        qemu_processes: bool = False,
     ) -> None:
         self.clock = HostClock(clock)
+        self.qemu_processes = qemu_processes
+        self.pid_max = host_pid_max()
         self.host = KvmHost(X86KvmArchFactory(), profile=profile, seed=seed)
         self.seed = seed
         self.boot_cache = boot_cache
@@ -50,20 +58,34 @@ class Vmm:
         # Set once the host's startup (a scenario's boots) is over: host time then starts where they left it.
         self.started = threading.Event()
         self.started.set()
+        self._guest_numbers = itertools.count()
 
     def create_vm(self, config: VmConfig, jobs: Sequence[WorkloadJob] = ()) -> QemuProcess:
-        """Start a QEMU process: pid and fd, KVM_CREATE_VM, memslots, vCPUs; it runs ``jobs`` first."""
+        """Start a QEMU process: pid and fd, KVM_CREATE_VM, memslots, vCPUs; it runs ``jobs`` first. With
+        ``qemu_processes`` its pid and vCPU thread ids are a stand-in process's (StandinError when it cannot
+        start)."""
         self.host.validate_config(config)
-        with self._lock:
-            if config.seed is None:
-                config = replace(config, seed=self.seed * 1_000_003 + self._vms_created)
-            self._vms_created += 1
-            pid = self._alloc_pid(config.vcpus)
-            fd = FIRST_VM_FD + int(self._rng.integers(0, 6))
-            kvm = self.host.kvm_create_vm(config, f"{pid}-{fd}")
-            assert config.seed is not None
-            vm = QemuProcess(kvm, pid, fd, config.seed, self.clock, jobs, self.boot_cache)
-            self.vms[kvm.name] = vm
+        guest = f"vm{next(self._guest_numbers)}"
+        standin = StandinProcess(guest, config.vcpus, config.memory) if self.qemu_processes else None
+        try:
+            with self._lock:
+                if config.seed is None:
+                    config = replace(config, seed=self.seed * 1_000_003 + self._vms_created)
+                self._vms_created += 1
+                pid = standin.pid if standin else self._alloc_pid(config.vcpus)
+                # QEMU's main thread and its RCU thread come before the vCPU threads.
+                vcpu_tids = standin.vcpu_tids if standin else [pid + 2 + vcpu for vcpu in range(config.vcpus)]
+                fd = FIRST_VM_FD + int(self._rng.integers(0, 6))
+                kvm = self.host.kvm_create_vm(config, f"{pid}-{fd}")
+                assert config.seed is not None
+                vm = QemuProcess(
+                    kvm, pid, fd, config.seed, self.clock, guest, vcpu_tids, jobs, self.boot_cache, standin
+                )
+                self.vms[kvm.name] = vm
+        except BaseException:
+            if standin:
+                standin.stop()
+            raise
         return vm
 
     def _alloc_pid(self, threads: int) -> int:
@@ -72,9 +94,9 @@ class Vmm:
         while True:
             pid = self._next_pid
             self._next_pid += 2 + threads + int(self._rng.integers(1, 64))
-            if self._next_pid >= PID_MAX:
+            if self._next_pid >= self.pid_max:
                 self._next_pid = RESERVED_PIDS + 1
-            if pid not in in_use and pid + 2 + threads < PID_MAX:
+            if pid not in in_use and pid + 2 + threads < self.pid_max:
                 return pid
 
     def find_vm(self, name: str) -> QemuProcess:
@@ -121,3 +143,12 @@ class Vmm:
             vms, self.vms = list(self.vms.values()), {}
         for vm in vms:
             vm.stop()
+
+
+def host_pid_max() -> int:
+    """The host's /proc/sys/kernel/pid_max (emulated pids stay below it), or PID_MAX_DEFAULT."""
+    try:
+        with open("/proc/sys/kernel/pid_max") as handle:
+            return int(handle.read())
+    except (OSError, ValueError):
+        return PID_MAX_DEFAULT
