@@ -16,7 +16,7 @@ from typing import Any
 
 import mfusepy
 
-from kvmdbgfs.debugfs.dentry import Dentry, lookup, tree_lock
+from kvmdbgfs.debugfs.dentry import Dentry, dcache_readdir, lookup
 from kvmdbgfs.debugfs.errors import kernel_error
 from kvmdbgfs.debugfs.file import File, vfs_open
 from kvmdbgfs.sched import serving
@@ -105,9 +105,7 @@ class DebugfsOperations(mfusepy.Operations):
         dentry = self._lookup(path, os.R_OK)
         if not dentry.is_dir:
             raise kernel_error(errno.ENOTDIR)
-        with tree_lock:
-            names = list(dentry.children)
-        return [".", "..", *names]
+        return [".", "..", *dcache_readdir(dentry)]
 
     def statfs(self, path: str) -> dict[str, int]:
         return {"f_bsize": 4096, "f_frsize": 4096, "f_namemax": 255}

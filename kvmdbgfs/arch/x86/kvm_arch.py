@@ -11,6 +11,7 @@ from kvmdbgfs.arch.x86.mmu.mmu import KvmMmu
 from kvmdbgfs.arch.x86.mmu.pte_list import PTE_LIST_DESIGNS
 from kvmdbgfs.arch.x86.mmu.rmap import KvmRmaps
 from kvmdbgfs.arch.x86.mmu.vcpu_mmu import MmuVcpu
+from kvmdbgfs.arch.x86.private_memslots import kvm_alloc_apic_access_page, vmx_set_tss_addr
 from kvmdbgfs.arch.x86.x86 import GuestCpu, HostCpu, VcpuRunLoop
 
 if TYPE_CHECKING:
@@ -34,6 +35,7 @@ class KvmArch:
         self.mmu_mode = kvm.config.mmu
         self.rmaps = KvmRmaps(rmap_design, kvm.stat)
         self.memslots: list[KvmMemorySlot] = []
+        self.apic_access_memslot_enabled = False
         self._shadow_root_allocated = self.mmu_mode != "tdp"
         self.mmu = KvmMmu(kvm, self)
         self.run = VcpuRunLoop(kvm.profile.halt_poll, host_cpu, kvm.profile.counts_fastpath_exits, kvm.pio_bus)
@@ -52,8 +54,16 @@ class KvmArch:
     def kvm_arch_create_vcpu_debugfs(self, vcpu: KvmVcpu, dentry: Dentry) -> None:
         kvm_arch_create_vcpu_debugfs(vcpu, dentry)
 
+    def kvm_arch_vm_ioctl_set_tss_addr(self, addr: int) -> None:
+        """KVM_SET_TSS_ADDR: the real-mode TSS's private memslot, when EPT is off (no unrestricted guest)."""
+        vmx_set_tss_addr(self.kvm, addr, unrestricted_guest=self.mmu_mode != "shadow")
+
     def kvm_arch_vcpu_create(self, vcpu: KvmVcpu) -> None:
-        """kvm_arch_vcpu_create(): the vCPU's MMU context, its LAPIC and run state."""
+        """kvm_arch_vcpu_create() -> vmx_vcpu_create(): the APIC-access page's private memslot with the first
+        in-kernel LAPIC, then the vCPU's MMU context, its LAPIC and run state."""
+        if vcpu.lapic_in_kernel and not self.apic_access_memslot_enabled:
+            kvm_alloc_apic_access_page(self.kvm)
+            self.apic_access_memslot_enabled = True
         mmu_vcpu = self.mmu.vcpus[vcpu.vcpu_id] = MmuVcpu(vcpu.vcpu_id, vcpu.stat)
         self.run.add_vcpu(vcpu, mmu_vcpu)
 
