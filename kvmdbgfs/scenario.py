@@ -17,9 +17,6 @@ A scenario file::
 
 from __future__ import annotations
 
-import errno
-import os
-import stat
 import tomllib
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +24,7 @@ from typing import Any
 from kvmdbgfs.kvm.host import KvmHost
 from kvmdbgfs.kvm.vm import VmConfig
 from kvmdbgfs.progress import progress_bar
+from kvmdbgfs.regular_file import read_regular_file
 from kvmdbgfs.vmm.clock import CLOCK_MODES
 from kvmdbgfs.vmm.vmm import Vmm
 from kvmdbgfs.workloads import get_workload, run_workload
@@ -63,7 +61,7 @@ def load_scenario(name_or_path: str) -> Scenario:
     if name_or_path in BUILTIN_SCENARIOS:
         return BUILTIN_SCENARIOS[name_or_path]
     try:
-        data = tomllib.loads(_read_scenario_file(name_or_path).decode())
+        data = tomllib.loads(read_regular_file(name_or_path, MAX_SCENARIO_BYTES).decode())
     except FileNotFoundError:
         raise ValueError(
             f"scenario {name_or_path!r}: no such file (built-in: {', '.join(BUILTIN_SCENARIOS)})"
@@ -89,25 +87,6 @@ def load_scenario(name_or_path: str) -> Scenario:
     if clock not in CLOCK_MODES:
         raise ValueError(f"scenario {name_or_path!r}: clock must be one of {', '.join(CLOCK_MODES)}")
     return Scenario(seed=seed, vms=vms, clock=clock)
-
-
-def _read_scenario_file(path: str) -> bytes:
-    """The file's bytes, if it is a regular file of at most MAX_SCENARIO_BYTES (a FIFO or a device is refused
-    without blocking on it); OSError otherwise."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise OSError(errno.EINVAL, "not a regular file")
-        if info.st_size > MAX_SCENARIO_BYTES:
-            raise OSError(errno.EFBIG, f"larger than {MAX_SCENARIO_BYTES >> 10} KiB")
-        with os.fdopen(fd, "rb", closefd=False) as handle:
-            data = handle.read(MAX_SCENARIO_BYTES + 1)
-    finally:
-        os.close(fd)
-    if len(data) > MAX_SCENARIO_BYTES:  # it grew after the fstat
-        raise OSError(errno.EFBIG, f"larger than {MAX_SCENARIO_BYTES >> 10} KiB")
-    return data
 
 
 @dataclass(frozen=True)
