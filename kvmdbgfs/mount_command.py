@@ -1,7 +1,7 @@
 """Mount an emulated KVM host's debugfs tree (/sys/kernel/debug/kvm) with FUSE.
 
-    kvmdbgfs mount MOUNTPOINT [--scenario default|empty|FILE] [--kernel PROFILE]
-                              [--clock realtime|manual] [--control SOCKET] [--allow-other]
+    kvmdbgfs mount MOUNTPOINT [--scenario default|empty|FILE] [--kernel PROFILE|FILE]
+                              [--clock realtime|manual] [--host KEY=VALUE] [--control SOCKET] [--allow-other]
 
 (also `python -m kvmdbgfs mount` and the checkout's `mount.py`). Runs in the foreground; Ctrl-C (SIGINT) or
 SIGTERM unmounts and exits 0.
@@ -12,12 +12,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 from kvmdbgfs.control.listener import ControlServer
 from kvmdbgfs.control.paths import UnsafeRuntimeDir, default_socket_path, pointer_path
 from kvmdbgfs.control.server import ControlHandlers
 from kvmdbgfs.fuse import DebugfsOperations, serve
+from kvmdbgfs.host_model import host_model, parse_host_overrides
 from kvmdbgfs.kvm.profiles import DEFAULT_PROFILE, get_profile
 from kvmdbgfs.mountpoint import MountpointError, prepare_mountpoint
 from kvmdbgfs.scenario import build_host, load_scenario
@@ -40,6 +42,9 @@ def parse_args(argv: list[str] | None, prog: str) -> argparse.Namespace:
     parser.add_argument("--kernel", default=DEFAULT_PROFILE, help=f"kernel profile (default {DEFAULT_PROFILE})")
     parser.add_argument(
         "--clock", choices=CLOCK_MODES, help="realtime (the default) or manual (moves with `kvmdbgfs clock advance`)"
+    )
+    parser.add_argument(
+        "--host", action="append", default=[], metavar="KEY=VALUE", help="the host machine, over the scenario's [host]"
     )
     parser.add_argument("--control", type=Path, help="control socket path (default: in the runtime directory)")
     parser.add_argument("--allow-other", action="store_true", help="let other users read the mount")
@@ -73,6 +78,7 @@ def main(argv: list[str] | None = None, prog: str = "mount.py") -> int:
     try:
         get_profile(args.kernel)
         scenario = load_scenario(args.scenario)
+        host = host_model({**asdict(scenario.host), **parse_host_overrides(args.host)})
         note = prepare_mountpoint(args.mountpoint)
     except (ValueError, MountpointError) as exc:
         return fail(prog, str(exc))
@@ -88,7 +94,7 @@ def main(argv: list[str] | None = None, prog: str = "mount.py") -> int:
     except OSError as exc:
         return fail(prog, f"control socket {socket_path}: {exc.strerror or exc}")
     try:
-        vmm = build_host(scenario, args.kernel, args.clock)
+        vmm = build_host(scenario, args.kernel, args.clock, host)
     except ValueError as exc:
         control.close()
         return fail(prog, str(exc))

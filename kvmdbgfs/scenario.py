@@ -4,6 +4,8 @@ A scenario file::
 
     seed = 7                 # optional host seed
     clock = "manual"         # optional: realtime (default) | manual; --clock overrides it
+    [host]                   # optional, the host machine (kvmdbgfs/host_model.py); --host KEY=VALUE overrides
+    l1d_flush = "cond"
     [[vm]]
     memory = "6G"
     vcpus = 2
@@ -20,6 +22,8 @@ from __future__ import annotations
 import tomllib
 from dataclasses import dataclass, field
 from typing import Any
+
+from kvmdbgfs.host_model import HostModel, host_model
 
 from kvmdbgfs.kvm.host import KvmHost
 from kvmdbgfs.kvm.vm import VmConfig
@@ -41,6 +45,7 @@ class Scenario:
     seed: int = 0
     vms: list[dict[str, Any]] = field(default_factory=list)
     clock: str = "realtime"
+    host: HostModel = HostModel()
 
 
 BUILTIN_SCENARIOS = {
@@ -70,7 +75,7 @@ def load_scenario(name_or_path: str) -> Scenario:
         raise ValueError(f"scenario {name_or_path!r}: {exc.strerror or exc}") from None
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ValueError(f"scenario {name_or_path!r}: {exc}") from None
-    unknown = set(data) - {"seed", "vm", "clock"}
+    unknown = set(data) - {"seed", "vm", "clock", "host"}
     if unknown:
         raise ValueError(f"scenario {name_or_path!r}: unknown keys {sorted(unknown)}")
     vms = data.get("vm", [])
@@ -86,7 +91,13 @@ def load_scenario(name_or_path: str) -> Scenario:
     clock = data.get("clock", "realtime")
     if clock not in CLOCK_MODES:
         raise ValueError(f"scenario {name_or_path!r}: clock must be one of {', '.join(CLOCK_MODES)}")
-    return Scenario(seed=seed, vms=vms, clock=clock)
+    host = data.get("host", {})
+    if not isinstance(host, dict):
+        raise ValueError(f"scenario {name_or_path!r}: [host] must be a table")
+    try:
+        return Scenario(seed=seed, vms=vms, clock=clock, host=host_model(host))
+    except ValueError as exc:
+        raise ValueError(f"scenario {name_or_path!r}: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -117,9 +128,10 @@ def scenario_plans(host: KvmHost, scenario: Scenario) -> list[VmPlan]:
     return plans
 
 
-def build_host(scenario: Scenario, kernel: str, clock: str | None = None) -> Vmm:
-    """A host running the scenario's VMs, each workload run to completion (with a progress bar)."""
-    vmm = Vmm(profile=kernel, seed=scenario.seed, clock=clock or scenario.clock)
+def build_host(scenario: Scenario, kernel: str, clock: str | None = None, host: HostModel | None = None) -> Vmm:
+    """A host running the scenario's VMs, each workload run to completion (with a progress bar); ``host`` replaces
+    the scenario's [host] (the mount's `--host` options applied to it)."""
+    vmm = Vmm(profile=kernel, seed=scenario.seed, clock=clock or scenario.clock, host=host or scenario.host)
     for plan in scenario_plans(vmm.host, scenario):
         vm = vmm.create_vm(plan.config)
         if plan.workload is not None:

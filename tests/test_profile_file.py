@@ -208,3 +208,15 @@ def test_a_host_profile_lists_the_files_of_the_kernels_own_vm_directory(tmp_path
     finally:
         os.close(vm)
         os.close(kvm)
+
+
+def test_a_profile_file_serves_its_tree_through_a_mount(tmp_path: Path, mount_factory) -> None:
+    path = tmp_path / "host.json"
+    save_profile_file(host_profile(tmp_path, tsc_scaling=True), path)
+    mount = mount_factory("--scenario", "empty", "--kernel", str(path))
+    name = mount.create_vm("--vcpus", "1", "--memory", "256M")
+    created = [stat_name for stat_name, *_ in VM_DESCS + VCPU_DESCS]
+    assert os.listdir(mount.path / name) == ["vcpu0", "mmu_rmaps_stat", *created[::-1]]
+    assert (mount.path / name / "vcpu0" / "tsc-scaling-ratio").exists()
+    assert json.loads(mount.cli("vm", "list", "--json").stdout)[0]["kernel"] == "host-6.6.30-test"
+    assert mount.sh(f"cat {name}/vendor_extra {name}/exits") == "0\n0\n"  # not modelled: reads 0

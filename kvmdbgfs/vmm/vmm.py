@@ -14,6 +14,8 @@ from dataclasses import replace
 import numpy as np
 
 from kvmdbgfs.arch.x86.kvm_arch import X86KvmArchFactory
+from kvmdbgfs.arch.x86.x86 import HostCpu
+from kvmdbgfs.host_model import HostModel
 from kvmdbgfs.kvm.host import KvmHost
 from kvmdbgfs.kvm.profiles import DEFAULT_PROFILE
 from kvmdbgfs.kvm.vm import VmConfig
@@ -29,9 +31,11 @@ CLOCK_WAIT_S = 120.0  # how long `clock advance` waits for the VMs to reach the 
 class Vmm:
     """Every QEMU process on the host, the KVM module they talk to, and the clock that drives them."""
 
-    def __init__(self, profile: str = DEFAULT_PROFILE, seed: int = 0, clock: str = "manual") -> None:
+    def __init__(
+        self, profile: str = DEFAULT_PROFILE, seed: int = 0, clock: str = "manual", host: HostModel = HostModel()
+    ) -> None:
         self.clock = HostClock(clock)
-        self.host = KvmHost(X86KvmArchFactory(), profile=profile, seed=seed)
+        self.host = KvmHost(X86KvmArchFactory(HostCpu(l1d_flush=host.l1d_flush)), profile=profile, seed=seed)
         self.seed = seed
         self.vms: dict[str, QemuProcess] = {}
         self._lock = threading.Lock()

@@ -38,7 +38,11 @@ class KvmArch:
         self.apic_access_memslot_enabled = False
         self._shadow_root_allocated = self.mmu_mode != "tdp"
         self.mmu = KvmMmu(kvm, self)
-        self.run = VcpuRunLoop(kvm.profile.halt_poll, host_cpu, kvm.profile.counts_fastpath_exits, kvm.pio_bus)
+        # vmx_setup_l1d_flush(): with EPT off the L1TF mitigation is not needed, nothing flushes.
+        l1d_flush = host_cpu.l1d_flush if self.mmu_mode != "shadow" else "off"
+        self.run = VcpuRunLoop(
+            kvm.profile.halt_poll, host_cpu, kvm.profile.counts_fastpath_exits, kvm.pio_bus, l1d_flush
+        )
         # What KVM_RUN puts the guest on.
         self.guest_hardware = VmxGuestHardware(self.mmu, self.run)
 
