@@ -14,7 +14,9 @@ from kvmdbgfs import nsexec, snapshot_command
 from kvmdbgfs.control.client import DEFAULT_TIMEOUT_S, ProgressCallback, RequestError, request
 from kvmdbgfs.control.paths import UnsafeRuntimeDir, find_socket
 from kvmdbgfs.daemon import STOP_TIMEOUT_S, ServerFailed, unmount
+from kvmdbgfs.from_host import profile_from_host
 from kvmdbgfs.kvm.host import parse_int
+from kvmdbgfs.kvm.profile_file import ProfileError, dumps, save_profile_file
 from kvmdbgfs.kvm.vm import MMU_MODES
 from kvmdbgfs.progress import progress_bar
 from kvmdbgfs.vmm.bootcache import BootCache, default_directory
@@ -91,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     advance = clock.add_parser("advance", help="move a manual clock forward and wait until the guests got there")
     advance.add_argument("duration", help="how far: 500ms, 10s, 2m")
     commands.add_parser("workloads", help="list workloads and their parameters")
+    profile = commands.add_parser("profile", help="write a kernel profile file that `--kernel FILE` takes")
+    profile.add_argument("--from-host", action="store_true", required=True, help="read it from this machine's KVM")
+    profile.add_argument("--device", default="/dev/kvm", help="the KVM device (default /dev/kvm)")
+    profile.add_argument("out", nargs="?", type=Path, help="the file to write (default: standard output)")
     commands.add_parser("mount", help="mount a tree and serve it (`kvmdbgfs mount --help`)", add_help=False)
     cache = commands.add_parser("cache", help="the boot cache (no server needed)").add_subparsers(
         dest="cache_command", required=True, parser_class=_Parser
@@ -167,6 +173,21 @@ def _print_workloads(workloads: list[dict[str, Any]]) -> None:
             print(f"  {param['name']}={param['default']}  ({param['min']}..{param['max']}) {param['help']}")
 
 
+def _write_host_profile(args: argparse.Namespace) -> int:
+    """`kvmdbgfs profile --from-host [OUT]`: no server involved; one line and status 1 when KVM cannot be read."""
+    try:
+        profile = profile_from_host(args.device)
+        if args.out is None:
+            sys.stdout.write(dumps(profile))
+        else:
+            save_profile_file(profile, args.out)
+    except ProfileError as exc:
+        raise RequestError(str(exc)) from None
+    if args.out is not None:
+        print(f"{args.out}: profile {profile.name} (rules of {profile.rules})", file=sys.stderr)
+    return EXIT_OK
+
+
 def run(args: argparse.Namespace) -> int:
     if args.command == "cache":
         directory = default_directory()
@@ -187,6 +208,8 @@ def run(args: argparse.Namespace) -> int:
         header = snapshot.header
         print(f"{header['entries']} entries at host time {header['host_time_ns']} ns", file=sys.stderr)
         return EXIT_OK
+    if args.command == "profile":
+        return _write_host_profile(args)
     if args.command == "run":
         summary = _run_workload(args)
         if args.json:

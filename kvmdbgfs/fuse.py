@@ -20,7 +20,7 @@ from typing import Any
 
 import mfusepy
 
-from kvmdbgfs.debugfs.dentry import Dentry, lookup, tree_lock
+from kvmdbgfs.debugfs.dentry import Dentry, dcache_readdir, lookup
 from kvmdbgfs.debugfs.errors import kernel_error
 from kvmdbgfs.debugfs.file import File, vfs_open, vfs_read, vfs_write
 from kvmdbgfs.sched import serving
@@ -136,7 +136,8 @@ class DebugfsOperations(mfusepy.Operations):
         if not dentry.is_dir:
             raise kernel_error(errno.ENOTDIR)
         with tree_lock:
-            entries = [(".", dentry), ("..", dentry.parent or dentry), *dentry.children.items()]
+            entries = [(".", dentry), ("..", dentry.parent or dentry)]
+            entries += [(name, dentry.children[name]) for name in dcache_readdir(dentry)]
         return [(name, {"st_mode": child.mode, "st_ino": child.ino}, 0) for name, child in entries]
 
     def statfs(self, path: str) -> dict[str, int]:

@@ -1,8 +1,8 @@
 """Mount an emulated KVM host's debugfs tree (/sys/kernel/debug/kvm) with FUSE.
 
-    kvmdbgfs mount MOUNTPOINT [--scenario default|empty|FILE] [--kernel PROFILE]
-                              [--clock realtime|manual] [--control SOCKET] [--allow-other] [--log FILE]
-                              [--qemu-processes]
+    kvmdbgfs mount MOUNTPOINT [--scenario default|empty|FILE] [--kernel PROFILE|FILE]
+                              [--clock realtime|manual] [--host KEY=VALUE] [--control SOCKET] [--allow-other]
+                              [--log FILE] [--qemu-processes] [--no-cache]
                               [--background [--wait-booted | --no-wait-booted] [--ready-timeout SECONDS]]
 
 (also `python -m kvmdbgfs mount` and the checkout's `mount.py`). Runs in the foreground; Ctrl-C (SIGINT),
@@ -17,6 +17,7 @@ import argparse
 import os
 import sys
 import threading
+from dataclasses import asdict
 from pathlib import Path
 
 from kvmdbgfs.cli import seconds
@@ -25,6 +26,7 @@ from kvmdbgfs.control.paths import UnsafeRuntimeDir, default_log_path, default_s
 from kvmdbgfs.control.server import ControlHandlers
 from kvmdbgfs.daemon import EXIT_NO_FUSE, READY_TIMEOUT_S, ServerFailed, kill, start_server, wait_ready
 from kvmdbgfs.fuse import DebugfsOperations, serve
+from kvmdbgfs.host_model import host_model, parse_host_overrides
 from kvmdbgfs.kvm.profiles import DEFAULT_PROFILE, get_profile
 from kvmdbgfs.mountpoint import MountpointError, fuse_unavailable, prepare_mountpoint
 from kvmdbgfs.progress import progress_bar
@@ -51,6 +53,9 @@ def parse_args(argv: list[str] | None, prog: str) -> argparse.Namespace:
     parser.add_argument("--kernel", default=DEFAULT_PROFILE, help=f"kernel profile (default {DEFAULT_PROFILE})")
     parser.add_argument(
         "--clock", choices=CLOCK_MODES, help="realtime (the default) or manual (moves with `kvmdbgfs clock advance`)"
+    )
+    parser.add_argument(
+        "--host", action="append", default=[], metavar="KEY=VALUE", help="the host machine, over the scenario's [host]"
     )
     parser.add_argument("--control", type=Path, help="control socket path (default: in the runtime directory)")
     parser.add_argument(
@@ -183,6 +188,7 @@ def main(argv: list[str] | None = None, prog: str = "mount.py") -> int:
     try:
         get_profile(args.kernel)
         scenario = load_scenario(args.scenario)
+        host = host_model({**asdict(scenario.host), **parse_host_overrides(args.host)})
         note = prepare_mountpoint(args.mountpoint)
     except (ValueError, MountpointError) as exc:
         return fail(prog, str(exc))
@@ -203,7 +209,7 @@ def main(argv: list[str] | None = None, prog: str = "mount.py") -> int:
         return fail(prog, f"control socket {socket_path}: {exc.strerror or exc}")
     try:
         cache = None if args.no_cache else BootCache(default_directory())
-        vmm, boot = build_host(scenario, args.kernel, args.clock, cache, args.qemu_processes)
+        vmm, boot = build_host(scenario, args.kernel, args.clock, host, cache, args.qemu_processes)
     except (ValueError, StandinError) as exc:
         control.close()
         return fail(prog, str(exc))

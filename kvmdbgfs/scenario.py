@@ -4,6 +4,8 @@ A scenario file::
 
     seed = 7                 # optional host seed
     clock = "manual"         # optional: realtime (default) | manual; --clock overrides it
+    [host]                   # optional, the host machine (kvmdbgfs/host_model.py); --host KEY=VALUE overrides
+    l1d_flush = "cond"
     [[vm]]
     memory = "6G"
     vcpus = 2
@@ -17,16 +19,15 @@ A scenario file::
 
 from __future__ import annotations
 
-import errno
-import os
-import stat
 import threading
 import tomllib
 from dataclasses import dataclass, field
 from typing import Any
 
+from kvmdbgfs.host_model import HostModel, host_model
 from kvmdbgfs.kvm.host import KvmHost
 from kvmdbgfs.kvm.vm import VmConfig
+from kvmdbgfs.regular_file import read_regular_file
 from kvmdbgfs.vmm.bootcache import BootCache
 from kvmdbgfs.vmm.clock import CLOCK_MODES
 from kvmdbgfs.vmm.vmm import Vmm
@@ -45,6 +46,7 @@ class Scenario:
     seed: int = 0
     vms: list[dict[str, Any]] = field(default_factory=list)
     clock: str = "realtime"
+    host: HostModel = HostModel()
 
 
 BUILTIN_SCENARIOS = {
@@ -65,7 +67,7 @@ def load_scenario(name_or_path: str) -> Scenario:
     if name_or_path in BUILTIN_SCENARIOS:
         return BUILTIN_SCENARIOS[name_or_path]
     try:
-        data = tomllib.loads(_read_scenario_file(name_or_path).decode())
+        data = tomllib.loads(read_regular_file(name_or_path, MAX_SCENARIO_BYTES).decode())
     except FileNotFoundError:
         raise ValueError(
             f"scenario {name_or_path!r}: no such file (built-in: {', '.join(BUILTIN_SCENARIOS)})"
@@ -74,7 +76,7 @@ def load_scenario(name_or_path: str) -> Scenario:
         raise ValueError(f"scenario {name_or_path!r}: {exc.strerror or exc}") from None
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ValueError(f"scenario {name_or_path!r}: {exc}") from None
-    unknown = set(data) - {"seed", "vm", "clock"}
+    unknown = set(data) - {"seed", "vm", "clock", "host"}
     if unknown:
         raise ValueError(f"scenario {name_or_path!r}: unknown keys {sorted(unknown)}")
     vms = data.get("vm", [])
@@ -90,26 +92,13 @@ def load_scenario(name_or_path: str) -> Scenario:
     clock = data.get("clock", "realtime")
     if clock not in CLOCK_MODES:
         raise ValueError(f"scenario {name_or_path!r}: clock must be one of {', '.join(CLOCK_MODES)}")
-    return Scenario(seed=seed, vms=vms, clock=clock)
-
-
-def _read_scenario_file(path: str) -> bytes:
-    """The file's bytes, if it is a regular file of at most MAX_SCENARIO_BYTES (a FIFO or a device is refused
-    without blocking on it); OSError otherwise."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    host = data.get("host", {})
+    if not isinstance(host, dict):
+        raise ValueError(f"scenario {name_or_path!r}: [host] must be a table")
     try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise OSError(errno.EINVAL, "not a regular file")
-        if info.st_size > MAX_SCENARIO_BYTES:
-            raise OSError(errno.EFBIG, f"larger than {MAX_SCENARIO_BYTES >> 10} KiB")
-        with os.fdopen(fd, "rb", closefd=False) as handle:
-            data = handle.read(MAX_SCENARIO_BYTES + 1)
-    finally:
-        os.close(fd)
-    if len(data) > MAX_SCENARIO_BYTES:  # it grew after the fstat
-        raise OSError(errno.EFBIG, f"larger than {MAX_SCENARIO_BYTES >> 10} KiB")
-    return data
+        return Scenario(seed=seed, vms=vms, clock=clock, host=host_model(host))
+    except ValueError as exc:
+        raise ValueError(f"scenario {name_or_path!r}: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -188,16 +177,19 @@ def build_host(
     scenario: Scenario,
     kernel: str,
     clock: str | None = None,
+    host: HostModel | None = None,
     boot_cache: BootCache | None = None,
     qemu_processes: bool = False,
 ) -> tuple[Vmm, ScenarioBoot]:
     """A host with the scenario's VMs created and their workloads queued: it can be served at once, and the
     guests boot while it is (``ScenarioBoot``), from ``boot_cache`` where it has their boots; with
-    ``qemu_processes`` each VM has a real stand-in QEMU process."""
+    ``qemu_processes`` each VM has a real stand-in QEMU process. ``host`` replaces the scenario's [host] (the
+    mount's `--host` options applied to it)."""
     vmm = Vmm(
         profile=kernel,
         seed=scenario.seed,
         clock=clock or scenario.clock,
+        host=host or scenario.host,
         boot_cache=boot_cache,
         qemu_processes=qemu_processes,
     )

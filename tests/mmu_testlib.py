@@ -28,6 +28,7 @@ from kvmdbgfs.arch.x86.kvm_arch import X86KvmArchFactory
 from kvmdbgfs.kvm.host import KvmHost
 from kvmdbgfs.kvm.vm import Kvm
 from kvmdbgfs.vmm.layout import q35_memslots
+from kvmdbgfs.vmm.qemu import QEMU_TSS_ADDR
 
 A, D = PT_ACCESSED_MASK, PT_DIRTY_MASK
 USER_TABLE = PT_PRESENT_MASK | GPT_WRITABLE | PT_USER_MASK | A | D
@@ -45,10 +46,11 @@ def new_vm(
     mmu: str = "shadow", memory: str = "128M", vcpus: int = 1, design: str | None = None, kernel: str = "latest"
 ) -> Kvm:
     """A bare VM, without a VMM (so no vCPU thread runs): what QEMU would set up, done by hand —
-    KVM_CREATE_VM, the q35 memslots, then the vCPUs."""
+    KVM_CREATE_VM, KVM_SET_TSS_ADDR, the q35 memslots, then the vCPUs."""
     host = KvmHost(X86KvmArchFactory(), profile=kernel)
     config = host.make_config(memory=memory, vcpus=vcpus, mmu=mmu, seed=0, rmap_design=design)
     kvm = host.kvm_create_vm(config, "1234-10")
+    kvm.arch.kvm_arch_vm_ioctl_set_tss_addr(QEMU_TSS_ADDR)
     for slot_id, region in enumerate(q35_memslots(config.memory)):
         kvm.kvm_set_memory_region(slot_id, region.as_id, region.base_gfn, region.npages)
     for vcpu_id in range(vcpus):

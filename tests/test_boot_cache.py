@@ -37,7 +37,7 @@ def tree(vmm: Vmm) -> dict[str, str]:
 
 def run_host(host_seed: int, cache: BootCache | None) -> tuple[dict[str, str], dict[str, str]]:
     """Boot the scenario's VM, then run rmap_fork on it: the tree after each."""
-    vmm, boot = build_host(Scenario(seed=host_seed, vms=[VM], clock="manual"), "latest", None, cache)
+    vmm, boot = build_host(Scenario(seed=host_seed, vms=[VM], clock="manual"), "latest", None, boot_cache=cache)
     try:
         assert boot.wait(300) and boot.error is None
         booted = tree(vmm)

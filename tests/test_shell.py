@@ -28,19 +28,20 @@ memory = "512M"
 vcpus = 3
 mmu = "tdp"
 """
-# 1 GiB q35 guest: 4K heads = 2 * (160 + 64 + 261888 + 4096 + 64) + 32 (SMRAM).
+# 1 GiB q35 guest: 4K heads = 2 * (160 + 64 + 261888 + 4096 + 64) + 32 (SMRAM), plus KVM's private slots in
+# both address spaces: with EPT off the TSS (3 pages) and the APIC-access page (1), with EPT on the APIC page only.
 RMAPS_1G = (
     "Rmap_Count:\t0\t1\t2-3\t4-7\t8-15\t16-31\t32-63\t64-127\t128-255\t256-511\t512-1023\t\n"
-    "Level=4K:\t532576\t0\t0\t0\t0\t0\t0\t0\t0\t0\t0\t\n"
-    "Level=2M:\t1058\t0\t0\t0\t0\t0\t0\t0\t0\t0\t0\t\n"
-    "Level=1G:\t22\t0\t0\t0\t0\t0\t0\t0\t0\t0\t0\t\n"
+    "Level=4K:\t532584\t0\t0\t0\t0\t0\t0\t0\t0\t0\t0\t\n"
+    "Level=2M:\t1062\t0\t0\t0\t0\t0\t0\t0\t0\t0\t0\t\n"
+    "Level=1G:\t26\t0\t0\t0\t0\t0\t0\t0\t0\t0\t0\t\n"
 )
 # 512 MiB: 1M..512M is 130816 pages and 256 2M frames.
 RMAPS_512M = (
     RMAPS_1G.splitlines(keepends=True)[0]
-    + "Level=4K:\t270432\t0\t0\t0\t0\t0\t0\t0\t0\t0\t0\t\n"
-    + "Level=2M:\t546\t0\t0\t0\t0\t0\t0\t0\t0\t0\t0\t\n"
-    + "Level=1G:\t22\t0\t0\t0\t0\t0\t0\t0\t0\t0\t0\t\n"
+    + "Level=4K:\t270434\t0\t0\t0\t0\t0\t0\t0\t0\t0\t0\t\n"
+    + "Level=2M:\t548\t0\t0\t0\t0\t0\t0\t0\t0\t0\t0\t\n"
+    + "Level=1G:\t24\t0\t0\t0\t0\t0\t0\t0\t0\t0\t0\t\n"
 )
 
 
@@ -75,8 +76,8 @@ def test_cat_grep_head_cut_wc_find(shell_mount: Mount) -> None:
     assert shell_mount.sh("grep -H . */pages_4k") == "".join(f"{n}/pages_4k:0\n" for n in sorted(vm_names(shell_mount)))
     header = RMAPS_1G.splitlines()[0]
     assert shell_mount.sh(f"head -1 {shadow}/mmu_rmaps_stat") == header + "\n"
-    assert shell_mount.sh(f"cut -f2 {shadow}/mmu_rmaps_stat") == "0\n532576\n1058\n22\n"
-    assert shell_mount.sh(f"cut -f2 {legacy}/mmu_rmaps_stat") == "0\n270432\n546\n22\n"
+    assert shell_mount.sh(f"cut -f2 {shadow}/mmu_rmaps_stat") == "0\n532584\n1062\n26\n"
+    assert shell_mount.sh(f"cut -f2 {legacy}/mmu_rmaps_stat") == "0\n270434\n548\n24\n"
     assert shell_mount.sh(f"wc -l < {shadow}/mmu_rmaps_stat").strip() == "4"
     assert shell_mount.sh(f"wc -c < {tdp}/mmu_rmaps_stat").strip() == "0"
     # 60 top-level stats; each VM: its stats, mmu_rmaps_stat, and the vCPU files.

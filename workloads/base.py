@@ -82,12 +82,13 @@ class Workload(ABC):
         """Drive the guest; return a short summary (JSON-able)."""
 
 
-def parse_assignments(assignments: list[str]) -> dict[str, str]:
-    """``["key=value", ...]`` from the command line into a dict; ValueError for a malformed one."""
+def parse_assignments(assignments: list[str], option: str = "--set") -> dict[str, str]:
+    """``["key=value", ...]`` from the command line (``option``'s values) into a dict; ValueError for a malformed
+    one."""
     settings: dict[str, str] = {}
     for item in assignments:
         key, equals, value = item.partition("=")
         if not equals or not key:
-            raise ValueError(f"--set takes key=value, not {item!r}")
+            raise ValueError(f"{option} takes key=value, not {item!r}")
         settings[key] = value
     return settings

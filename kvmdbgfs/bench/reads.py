@@ -99,7 +99,7 @@ def booted_big_guest(cache: Path) -> Vmm:
     with tempfile.TemporaryDirectory(prefix="kvmdbgfs-bench-") as tmp:
         scenario_path = Path(tmp) / "scenario.toml"
         scenario_path.write_text(BIG_GUEST)
-        vmm, boot = build_host(load_scenario(str(scenario_path)), DEFAULT_PROFILE, "manual", BootCache(cache))
+        vmm, boot = build_host(load_scenario(str(scenario_path)), DEFAULT_PROFILE, "manual", boot_cache=BootCache(cache))
     if not boot.wait(BOOT_TIMEOUT_S) or boot.error:
         vmm.shutdown()
         raise RuntimeError(f"the 16 GiB guest did not boot: {boot.error or 'timed out'}")

@@ -107,6 +107,14 @@ def remove_recursive(dentry: Dentry) -> None:
                 dentry.parent.nlink -= 1
 
 
+def dcache_readdir(dentry: Dentry) -> list[str]:
+    """dcache_readdir(): the children newest first. A new dentry goes at the head of its parent's list
+    (d_alloc: list_add to d_subdirs up to 6.7, hlist_add_head to d_children since 6.8), and the walk starts
+    there, so ``ls -U`` shows the last file created first on every kernel."""
+    with tree_lock:
+        return list(reversed(dentry.children))
+
+
 def lookup(root: Dentry, path: str) -> Dentry:
     """Walk ``path`` (absolute, '/'-separated) from ``root``; ENOENT/ENOTDIR as path walk gives them."""
     node = root

@@ -71,9 +71,9 @@ def kstrtoull(text: bytes, base: int = 0) -> int:
 class SimpleAttrFops(FileOperations):
     """DEFINE_SIMPLE_ATTRIBUTE(get, set, fmt): simple_attr_open/read/write/release.
 
-    The text is generated when a read starts at offset 0 and kept for the
-    following reads of the same open; a read past offset 0 with nothing
-    generated yet returns end of file, as simple_attr_read does.
+    The text is generated when a read starts at offset 0, or at any offset
+    while nothing has been generated yet (a fresh open read with pread), and
+    kept for the following reads of the same open, as simple_attr_read does.
     """
 
     def __init__(self, get: Getter, set: Setter | None, fmt: str) -> None:
@@ -90,7 +90,7 @@ class SimpleAttrFops(FileOperations):
     def read(self, file: File, size: int, offset: int) -> bytes:
         attr: _SimpleAttr = file.private_data
         with file.lock:
-            if offset == 0:
+            if offset == 0 or not attr.get_buf:
                 attr.get_buf = format_u64(self.fmt, attr.get(file.data)).encode()
             return read_from_buffer(attr.get_buf, size, offset)
 

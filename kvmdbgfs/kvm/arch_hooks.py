@@ -24,6 +24,9 @@ class KvmArchHooks(Protocol):
     def kvm_arch_create_vcpu_debugfs(self, vcpu: KvmVcpu, dentry: Dentry) -> None:
         """Arch files in a ``vcpu<N>`` directory."""
 
+    def kvm_arch_vm_ioctl_set_tss_addr(self, addr: int) -> None:
+        """KVM_SET_TSS_ADDR (x86): where the real-mode TSS goes; the arch may register a memslot for it."""
+
     def kvm_arch_vcpu_create(self, vcpu: KvmVcpu) -> None:
         """The arch part of KVM_CREATE_VCPU (the vCPU's MMU context, its LAPIC)."""
 

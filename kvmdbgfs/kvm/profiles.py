@@ -133,6 +133,9 @@ class ShadowMmuRules:
 MMU_RULES_V5_15 = ShadowMmuRules(
     sync_page_zaps_empty=True, prefetch_unsyncs=True, invlpg_prefetches=True, updates_max_mmu_rmap_size=False
 )
+MMU_RULES_V6_1 = ShadowMmuRules(
+    sync_page_zaps_empty=False, prefetch_unsyncs=False, invlpg_prefetches=True, updates_max_mmu_rmap_size=True
+)
 MMU_RULES_V6_4 = ShadowMmuRules(
     sync_page_zaps_empty=False, prefetch_unsyncs=False, invlpg_prefetches=False, updates_max_mmu_rmap_size=True
 )
@@ -153,6 +156,8 @@ class KernelProfile:
     counts_fastpath_exits: bool = False
     rmap_bucket: str = "fls"
     mmu_rules: ShadowMmuRules = MMU_RULES_V6_4
+    # kvm_caps.has_tsc_control (KVM_CAP_TSC_CONTROL): the vCPU's tsc-scaling-ratio files exist.
+    has_tsc_scaling: bool = True
 
     @property
     def all_stats(self) -> tuple[StatDesc, ...]:
@@ -168,7 +173,18 @@ PROFILES: dict[str, KernelProfile] = {
         KernelProfile(
             "v5.15", VM_STATS_V5_15, VCPU_STATS_V5_15, "B", True, False, HALT_POLL_V5_15, mmu_rules=MMU_RULES_V5_15
         ),
+        # The long-term kernels: their stat tables (x86.c, KVM_GENERIC_*_STATS) equal VCPU_STATS_LATEST. 6.1 has
+        # the 6.0-rc7 max_mmu_rmap_size fix and the v5.16 sync and unsync rules, but FNAME(invlpg) until v6.4.
+        KernelProfile(
+            "v6.1", VM_STATS_V5_15, VCPU_STATS_LATEST, "B", True, True, HALT_POLL_V6_4, mmu_rules=MMU_RULES_V6_1
+        ),
         KernelProfile("v6.4", VM_STATS_V5_15, VCPU_STATS_LATEST, "C", True, True, HALT_POLL_V6_4),
+        KernelProfile(
+            "v6.6", VM_STATS_V5_15, VCPU_STATS_LATEST, "C", True, True, HALT_POLL_V6_4, counts_fastpath_exits=True
+        ),
+        KernelProfile(
+            "v6.12", VM_STATS_V5_15, VCPU_STATS_LATEST, "C", True, True, HALT_POLL_LATEST, counts_fastpath_exits=True
+        ),
         KernelProfile(
             "latest", VM_STATS_V5_15, VCPU_STATS_LATEST, "C", True, True, HALT_POLL_LATEST, counts_fastpath_exits=True
         ),
@@ -195,10 +211,24 @@ def profile_names() -> list[str]:
     return [name + suffix for name in PROFILES for suffix in ("", "+ffs")]
 
 
+# Profiles read from files (`--kernel FILE`), by the name the file gives them.
+FILE_PROFILES: dict[str, KernelProfile] = {}
+
+
 def get_profile(name: str) -> KernelProfile:
-    """Look a profile up by name; ``NAME+ffs`` gives NAME with the kernel's ffs buckets."""
+    """Look a profile up by name; ``NAME+ffs`` gives NAME with the kernel's ffs buckets. A path (with a '/' or
+    ending in .json) reads a profile file (kvmdbgfs/kvm/profile_file.py), known by its name from then on."""
     if not isinstance(name, str):
         raise ValueError(f"kernel profile must be a name, not {name!r}")
+    if name in FILE_PROFILES:
+        return FILE_PROFILES[name]
+    if "/" in name or name.endswith(".json"):
+        from kvmdbgfs.kvm.profile_file import load_profile_file  # it builds on this module's profiles
+
+        profile = load_profile_file(name)
+        if FILE_PROFILES.setdefault(profile.name, profile) != profile:
+            raise ValueError(f"{name}: another profile named {profile.name!r} is already loaded")
+        return profile
     base, plus, variant = name.partition("+")
     profile = PROFILES.get(base)
     if profile is None or (plus and variant != "ffs"):

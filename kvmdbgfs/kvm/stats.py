@@ -17,6 +17,7 @@ class StatType(Enum):
     CUMULATIVE = 0
     INSTANT = 1
     PEAK = 2
+    LINEAR_HIST = 3
     LOG_HIST = 4
 
 

@@ -2,8 +2,8 @@
 restored instead of emulated when a later VM would run exactly the same.
 
 What a boot produces is determined by the key: a digest of the project's own source, the versions of Python
-and numpy (the random streams and the pickle format), the VM's kernel profile, configuration and seed, and
-the workload with its settings; a VM qualifies only while it is fresh (no workload ran, guest time 0). The
+and numpy (the random streams and the pickle format), the host model, the VM's kernel profile, configuration and seed,
+and the workload with its settings; a VM qualifies only while it is fresh (no workload ran, guest time 0). The
 snapshot is everything the VM's objects hold (QEMU's side, struct kvm with the MMU, each vCPU) except what
 names the VM on this host (pid, fd, directory, TSC offset, references to the host) and its locks: those stay
 the live VM's, and a vCPU thread's id is this VM's thread's. Restoring therefore gives the same bytes in every file and the same behaviour afterwards.
@@ -162,6 +162,7 @@ class BootCache:
             "python": platform.python_version(),
             "numpy": metadata.version("numpy"),
             "profile": repr(vm.kvm.profile),
+            "host": repr(vm.kvm.host.arch_factory),
             "config": [config.memory, config.vcpus, config.mmu, config.rmap_design, vm.seed],
             "rmap_design": vm.kvm.arch.rmaps.pte_list.name,
             "workload": workload,

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kvmdbgfs.arch.x86.mmu.memslot import KVM_ADDRESS_SPACE_NUM
+
 PAGE_SHIFT = 12
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 
 SMM_ADDRESS_SPACE = 1
-KVM_ADDRESS_SPACE_NUM = 2
 
 LOW_RAM_END = 0xA0000
 SMRAM_END = 0xC0000

@@ -48,6 +48,8 @@ IDLE_WAIT_S = 0.02  # how long the thread sleeps when it has caught up with a re
 REALTIME_QUANTUM_NS = 20_000_000
 MANUAL_WAIT_S = 1.0
 CANCEL_WAIT_S = 30.0  # how long a cancel or QEMU's exit waits for the workload to stop and tear down
+# QEMU's kvm_arch_init(): the identity map at 0xfeffc000 and the real-mode TSS in the 3 pages after it.
+QEMU_TSS_ADDR = 0xFEFFD000
 
 
 class WorkloadCancelled(Exception):
@@ -110,6 +112,7 @@ class QemuProcess:
         self.nr_vcpus = kvm.config.vcpus
         self.clock = clock
         self.created_ns = clock.now_ns()
+        kvm.arch.kvm_arch_vm_ioctl_set_tss_addr(QEMU_TSS_ADDR)
         self.memslots = [
             kvm.kvm_set_memory_region(slot_id, region.as_id, region.base_gfn, region.npages)
             for slot_id, region in enumerate(q35_memslots(self.memory))

@@ -19,6 +19,8 @@ from dataclasses import replace
 import numpy as np
 
 from kvmdbgfs.arch.x86.kvm_arch import X86KvmArchFactory
+from kvmdbgfs.arch.x86.x86 import HostCpu
+from kvmdbgfs.host_model import HostModel
 from kvmdbgfs.kvm.host import KvmHost
 from kvmdbgfs.kvm.profiles import DEFAULT_PROFILE
 from kvmdbgfs.kvm.vm import VmConfig
@@ -41,13 +43,14 @@ class Vmm:
         profile: str = DEFAULT_PROFILE,
         seed: int = 0,
         clock: str = "manual",
+        host: HostModel = HostModel(),
         boot_cache: BootCache | None = None,
         qemu_processes: bool = False,
     ) -> None:
         self.clock = HostClock(clock)
         self.qemu_processes = qemu_processes
         self.pid_max = host_pid_max()
-        self.host = KvmHost(X86KvmArchFactory(), profile=profile, seed=seed)
+        self.host = KvmHost(X86KvmArchFactory(HostCpu(l1d_flush=host.l1d_flush)), profile=profile, seed=seed)
         self.seed = seed
         self.boot_cache = boot_cache
         self.vms: dict[str, QemuProcess] = {}

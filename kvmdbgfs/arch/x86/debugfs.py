@@ -39,5 +39,6 @@ def kvm_arch_create_vcpu_debugfs(vcpu: KvmVcpu, dentry: Dentry) -> None:
     create_vcpu_file("tsc-offset", vcpu, dentry, lambda v: v.tsc_offset, "%lld\n")
     if vcpu.lapic_in_kernel:
         create_vcpu_file("lapic_timer_advance_ns", vcpu, dentry, lambda v: v.timer_advance_ns, "%llu\n")
-    create_vcpu_file("tsc-scaling-ratio", vcpu, dentry, lambda v: v.tsc_scaling_ratio, "%llu\n")
-    create_vcpu_file("tsc-scaling-ratio-frac-bits", vcpu, dentry, lambda v: TSC_SCALING_RATIO_FRAC_BITS, "%llu\n")
+    if vcpu.kvm.profile.has_tsc_scaling:
+        create_vcpu_file("tsc-scaling-ratio", vcpu, dentry, lambda v: v.tsc_scaling_ratio, "%llu\n")
+        create_vcpu_file("tsc-scaling-ratio-frac-bits", vcpu, dentry, lambda v: TSC_SCALING_RATIO_FRAC_BITS, "%llu\n")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from typing import TYPE_CHECKING
 
 from kvmdbgfs.arch.x86.debugfs import kvm_arch_create_vcpu_debugfs, kvm_arch_create_vm_debugfs
@@ -11,6 +13,7 @@ from kvmdbgfs.arch.x86.mmu.mmu import KvmMmu
 from kvmdbgfs.arch.x86.mmu.pte_list import PTE_LIST_DESIGNS
 from kvmdbgfs.arch.x86.mmu.rmap import KvmRmaps
 from kvmdbgfs.arch.x86.mmu.vcpu_mmu import MmuVcpu
+from kvmdbgfs.arch.x86.private_memslots import kvm_alloc_apic_access_page, vmx_set_tss_addr
 from kvmdbgfs.arch.x86.x86 import GuestCpu, HostCpu, VcpuRunLoop
 
 if TYPE_CHECKING:
@@ -34,9 +37,14 @@ class KvmArch:
         self.mmu_mode = kvm.config.mmu
         self.rmaps = KvmRmaps(rmap_design, kvm.stat, kvm.profile.mmu_rules.updates_max_mmu_rmap_size)
         self.memslots: list[KvmMemorySlot] = []
+        self.apic_access_memslot_enabled = False
         self._shadow_root_allocated = self.mmu_mode != "tdp"
         self.mmu = KvmMmu(kvm, self)
-        self.run = VcpuRunLoop(kvm.profile.halt_poll, host_cpu, kvm.profile.counts_fastpath_exits, kvm.pio_bus)
+        # vmx_setup_l1d_flush(): with EPT off the L1TF mitigation is not needed, nothing flushes.
+        l1d_flush = host_cpu.l1d_flush if self.mmu_mode != "shadow" else "off"
+        self.run = VcpuRunLoop(
+            kvm.profile.halt_poll, host_cpu, kvm.profile.counts_fastpath_exits, kvm.pio_bus, l1d_flush
+        )
         # What KVM_RUN puts the guest on.
         self.guest_hardware = VmxGuestHardware(self.mmu, self.run)
 
@@ -52,8 +60,16 @@ class KvmArch:
     def kvm_arch_create_vcpu_debugfs(self, vcpu: KvmVcpu, dentry: Dentry) -> None:
         kvm_arch_create_vcpu_debugfs(vcpu, dentry)
 
+    def kvm_arch_vm_ioctl_set_tss_addr(self, addr: int) -> None:
+        """KVM_SET_TSS_ADDR: the real-mode TSS's private memslot, when EPT is off (no unrestricted guest)."""
+        vmx_set_tss_addr(self.kvm, addr, unrestricted_guest=self.mmu_mode != "shadow")
+
     def kvm_arch_vcpu_create(self, vcpu: KvmVcpu) -> None:
-        """kvm_arch_vcpu_create(): the vCPU's MMU context, its LAPIC and run state."""
+        """kvm_arch_vcpu_create() -> vmx_vcpu_create(): the APIC-access page's private memslot with the first
+        in-kernel LAPIC, then the vCPU's MMU context, its LAPIC and run state."""
+        if vcpu.lapic_in_kernel and not self.apic_access_memslot_enabled:
+            kvm_alloc_apic_access_page(self.kvm)
+            self.apic_access_memslot_enabled = True
         mmu_vcpu = self.mmu.vcpus[vcpu.vcpu_id] = MmuVcpu(vcpu.vcpu_id, vcpu.stat)
         self.run.add_vcpu(vcpu, mmu_vcpu)
 
@@ -115,11 +131,12 @@ class KvmArch:
         self.memslots.clear()
 
 
+@dataclass(frozen=True)
 class X86KvmArchFactory:
-    """kvm_arch_init_vm() for x86 on ``host_cpu``: the rmap design is the VM's choice, else its kernel's."""
+    """kvm_arch_init_vm() for x86 on ``host_cpu``: the rmap design is the VM's choice, else its kernel's. Its
+    repr names the host model (part of a boot snapshot's key)."""
 
-    def __init__(self, host_cpu: HostCpu | None = None) -> None:
-        self.host_cpu = host_cpu or HostCpu()
+    host_cpu: HostCpu = HostCpu()
 
     def kvm_arch_check_config(self, config: VmConfig) -> None:
         if config.rmap_design is not None and config.rmap_design not in PTE_LIST_DESIGNS:

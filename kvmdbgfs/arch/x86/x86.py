@@ -20,7 +20,9 @@ here or in the MMU as the hardware would. Where a counter moves, and why:
 - ``host_state_reload``: the vCPU thread scheduled out while blocked in a halt (vmx_prepare_switch_to_host
   from kvm_sched_out); ``preemption_reported`` / ``preemption_other``: the host's own load preempting a
   running vCPU thread after a host-interrupt exit or elsewhere (kvm_steal_time_set_preempted).
-- ``l1d_flush``: before a VM entry that follows a schedule-in, on hosts affected by L1TF (vmx_l1d_flush).
+- ``l1d_flush``: vmx_l1d_flush() before a VM entry, on an L1TF-affected host and only with EPT (kvmdbgfs/
+  host_model.py): with vmentry_l1d_flush=cond when the vCPU thread was scheduled in (kvm_arch_sched_in) or a
+  host interrupt ran (the per-CPU flag its entry code sets) since the last entry; with =always at every entry.
 - ``signal_exits``, ``request_irq_exits``, ``fpu_reload``: KVM_RUN returns to QEMU and QEMU's userspace
   irqchip; the emulated QEMU keeps its vCPU threads in KVM_RUN and uses the in-kernel irqchip, so 0.
 - ``guest_mode``, ``nested_run``: 0, there are no nested guests.
@@ -69,11 +71,10 @@ class GuestCpu(Protocol):
 
 @dataclass(frozen=True)
 class HostCpu:
-    """The host CPU model: whether it is affected by L1TF (vmentry_l1d_flush=cond flushes the L1D then),
-    its scheduler tick, and how often its own load preempts a running vCPU thread (per second of guest
-    code run)."""
+    """The host CPU model: its L1TF flush mode (off, cond, always), its scheduler tick, and how often its own
+    load preempts a running vCPU thread (per second of guest code run)."""
 
-    l1tf: bool = False
+    l1d_flush: str = "off"
     hz: int = HOST_HZ
     preemptions_per_s: float = 2.0
 
@@ -94,6 +95,8 @@ class VcpuRun:
     busy_exits: int = 0  # nr_exits when the guest code now running was entered
     compute_ns: int = 0  # guest code that caused no exit, run since then
     guest_ns_run: int = 0  # guest code run in total, for the host's preemptions of this thread
+    l1tf_flush_l1d: bool = False  # vcpu->arch.l1tf_flush_l1d: scheduled in since the last entry
+    l1d_exits: int = 0  # nr_exits up to which re-entries were given their L1D flush (=always)
 
     def next_wake_ns(self) -> int | None:
         """When this vCPU next has something to run: a pending interrupt, else its TSC deadline."""
@@ -106,10 +109,16 @@ class VcpuRunLoop:
     """vcpu_run() for every vCPU of one VM, and the exits the guest's own instructions cause."""
 
     def __init__(
-        self, halt_params: HaltPollParams, host_cpu: HostCpu, counts_fastpath_exits: bool, pio_bus: KvmIoBus
+        self,
+        halt_params: HaltPollParams,
+        host_cpu: HostCpu,
+        counts_fastpath_exits: bool,
+        pio_bus: KvmIoBus,
+        l1d_flush: str = "off",
     ) -> None:
         self.halt_params = halt_params
         self.host_cpu = host_cpu
+        self.l1d_flush = l1d_flush  # the host's mode, "off" for a VM without EPT
         self.counts_fastpath_exits = counts_fastpath_exits
         self.pio_bus = pio_bus
         self.runs: dict[int, VcpuRun] = {}
@@ -157,8 +166,7 @@ class VcpuRunLoop:
         outcome = kvm_vcpu_halt(run.vcpu.stat, run.halt_poll, self.halt_params, run.halt_start_ns, wake_ns)
         if outcome.waited:
             run.vcpu.stat.host_state_reload += 1
-            if self.host_cpu.l1tf:
-                run.vcpu.stat.l1d_flush += 1
+            run.l1tf_flush_l1d = True  # kvm_arch_sched_in()
 
     def _apic_timer_expired(self, run: VcpuRun) -> None:
         """apic_timer_expired(): the TSC deadline passed; the LOCAL_TIMER vector becomes pending."""
@@ -182,7 +190,17 @@ class VcpuRunLoop:
 
     def _enter_guest_mode(self, run: VcpuRun) -> None:
         run.mmu.in_guest_mode = True
+        if self.l1d_flush == "always" or (self.l1d_flush == "cond" and run.l1tf_flush_l1d):
+            run.vcpu.stat.l1d_flush += 1
+        run.l1tf_flush_l1d = False
         self._accounted(run)
+
+    def _l1d_flush_reentries(self, run: VcpuRun, halting: bool) -> None:
+        """vmentry_l1d_flush=always: every exit the vCPU went back into the guest from flushed on that entry
+        (an exit to HLT is entered again at the wake-up, in _enter_guest_mode)."""
+        if self.l1d_flush == "always":
+            run.vcpu.stat.l1d_flush += run.mmu.nr_exits - run.l1d_exits - int(halting)
+        run.l1d_exits = run.mmu.nr_exits
 
     @staticmethod
     def _accounted(run: VcpuRun) -> None:
@@ -210,6 +228,7 @@ class VcpuRunLoop:
         run.vcpu.stat.halt_exits += 1
         ran = self.busy_ns(run, interrupts)
         self._host_interrupts(run, ran)
+        self._l1d_flush_reentries(run, halting=True)
         run.now_ns += ran
         run.mmu.in_guest_mode = False
         run.halted = True
@@ -275,6 +294,7 @@ class VcpuRunLoop:
         for _ in range(ticks):
             self._exit(run)
             stat.irq_exits += 1
+        flushes = ticks  # =cond: the interrupt set the per-CPU flag, the entry after it flushes
         period = int(1e9 / self.host_cpu.preemptions_per_s) if self.host_cpu.preemptions_per_s else 0
         if period:
             preemptions = run.guest_ns_run // period - before // period
@@ -283,7 +303,10 @@ class VcpuRunLoop:
                     stat.preemption_reported += 1
                 else:
                     stat.preemption_other += 1
+                    flushes += 1  # scheduled in again away from a tick's exit
                 stat.host_state_reload += 1
+        if self.l1d_flush == "cond":
+            stat.l1d_flush += flushes
 
     def run_guest_code(self, start_ns: int, guest: GuestCpu) -> int:
         """The vCPUs that have run guest code since their last accounting (a workload's step) ran it side by side
@@ -319,6 +342,7 @@ class VcpuRunLoop:
             stat.req_event += 1
             stat.irq_injections += 1
         self._host_interrupts(run, max(end_ns - run.now_ns, 0))
+        self._l1d_flush_reentries(run, halting=False)
         run.now_ns = max(run.now_ns, end_ns)
 
     def blocking_at(self, now_ns: int) -> None:

@@ -8,6 +8,7 @@ PG_LEVEL_4K = 1
 PG_LEVEL_2M = 2
 PG_LEVEL_1G = 3
 KVM_NR_PAGE_SIZES = 3
+KVM_ADDRESS_SPACE_NUM = 2  # x86 with SMM: the normal and the SMM address space
 
 
 def KVM_HPAGE_GFN_SHIFT(level: int) -> int:
