@@ -2,8 +2,9 @@
 
 A profile names the stat set (names, order, types) the kernel's tables hold,
 the rmap list design, whether `mmu_rmaps_stat` and the vCPU `pid` file exist,
-and how `mmu_rmaps_stat` buckets counts. ``NAME+ffs`` selects the kernel's
-actual ffs() bucketing instead of the fls() the header promises.
+and how `mmu_rmaps_stat` buckets counts: ffs(), as every kernel that has the
+file does; ``NAME+fls`` gives the log2 buckets its header promises instead
+(``NAME+ffs`` is NAME itself).
 """
 
 from __future__ import annotations
@@ -118,7 +119,7 @@ class KernelProfile:
     halt_poll: HaltPollParams
     # Exits handled in the fastpath and re-entered at once count in ``exits`` (commit 8b703a49c9df).
     counts_fastpath_exits: bool = False
-    rmap_bucket: str = "fls"
+    rmap_bucket: str = "ffs"
 
     @property
     def all_stats(self) -> tuple[StatDesc, ...]:
@@ -153,18 +154,19 @@ ALL_VCPU_STATS = _union(*(profile.vcpu_stats for profile in PROFILES.values()))
 
 
 def profile_names() -> list[str]:
-    """Every accepted profile name, the ffs variants included."""
-    return [name + suffix for name in PROFILES for suffix in ("", "+ffs")]
+    """Every accepted profile name, the bucket variants included."""
+    return [name + suffix for name in PROFILES for suffix in ("", "+fls", "+ffs")]
 
 
 def get_profile(name: str) -> KernelProfile:
-    """Look a profile up by name; ``NAME+ffs`` gives NAME with the kernel's ffs buckets."""
+    """Look a profile up by name; ``NAME+fls`` gives NAME with log2 (fls) buckets, ``NAME+ffs`` is NAME
+    (the kernel's ffs buckets, every profile's default; accepted so that older scenarios keep working)."""
     if not isinstance(name, str):
         raise ValueError(f"kernel profile must be a name, not {name!r}")
     base, plus, variant = name.partition("+")
     profile = PROFILES.get(base)
-    if profile is None or (plus and variant != "ffs"):
+    if profile is None or (plus and variant not in RMAP_BUCKETS):
         raise ValueError(f"unknown kernel profile {name!r} (known: {', '.join(profile_names())})")
-    if variant == "ffs":
-        return replace(profile, name=name, rmap_bucket="ffs")
+    if variant == "fls":
+        return replace(profile, name=name, rmap_bucket="fls")
     return profile
