@@ -291,15 +291,15 @@ class KvmMmu:
             kvm_mmu_track_write(self, gfn, index, value)
         vcpu_enter(self, vcpu)
 
-    def load_cr3(self, vcpu_id: int, root_gfn: int) -> None:
-        """MOV to CR3: exits under shadow paging only."""
+    def load_cr3(self, vcpu_id: int, root_gfn: int, noflush: bool = False) -> None:
+        """MOV to CR3: exits under shadow paging only; with the no-flush bit (PCID) nothing is synced."""
         with self.locked:
             vcpu = self._enter(vcpu_id)
             if not self.shadow_paging:
                 vcpu.cr3 = root_gfn
                 return
             vcpu.count_exit()
-            kvm_set_cr3(self, vcpu, root_gfn)
+            kvm_set_cr3(self, vcpu, root_gfn, skip_tlb_flush=noflush)
             vcpu_enter(self, vcpu)
 
     def flush_tlb(self, vcpu_id: int) -> None:
