@@ -104,3 +104,17 @@ def test_a_user_page_the_kernel_touches_has_a_second_rmap_entry_under_pti(pti: b
     assert (kernel.ctx.pti.user_pgds[task.mm.pgd] in roots) if pti else task.mm.pgd in roots
     kernel.exit(task)
     check_invariants(kvm)
+
+
+def test_a_cr3_load_with_the_no_flush_bit_switches_roots_without_a_flush() -> None:
+    """kvm_set_cr3(): with PCID's no-flush bit KVM neither syncs nor flushes (the PTI entry code's switches);
+    each load still exits under shadow paging."""
+    kvm = new_vm("shadow", memory="128M", vcpus=1)
+    mmu, vcpu = kvm.arch.mmu, kvm.vcpus[0]
+    flushes, exits = vcpu.stat.tlb_flush, vcpu.stat.exits
+    mmu.load_cr3(0, 0x2000)
+    mmu.load_cr3(0, 0x2001, noflush=True)
+    mmu.load_cr3(0, 0x2000, noflush=True)  # back to the cached previous root
+    assert (vcpu.stat.tlb_flush - flushes, vcpu.stat.exits - exits) == (1, 3)
+    assert mmu.vcpu(0).root is not None and mmu.vcpu(0).root.gfn == 0x2000
+    check_invariants(kvm)
