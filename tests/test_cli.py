@@ -106,10 +106,16 @@ CREATE_OPTIONS = {
         {"memory": 512 << 20, "vcpus": 3, "mmu": "tdp-legacy", "kernel": "v5.14", "seed": 5, "rmap_design": "D"},
         "v5.14",
     ),
-    "tdp-v5.15-ffs": (
+    "tdp-v5.15-ffs": (  # NAME+ffs is NAME: the kernel's buckets are every profile's default
         "--memory 1G --vcpus 1 --mmu tdp --kernel v5.15+ffs --seed 0 --rmap-design A",
-        {"memory": 1 << 30, "vcpus": 1, "mmu": "tdp", "kernel": "v5.15+ffs", "seed": 0, "rmap_design": "A"},
+        {"memory": 1 << 30, "vcpus": 1, "mmu": "tdp", "kernel": "v5.15", "rmap_buckets": "ffs", "seed": 0,
+         "rmap_design": "A"},
         "v5.15",
+    ),
+    "latest-fls": (
+        "--memory 256M --vcpus 1 --kernel latest+fls",
+        {"memory": 256 << 20, "vcpus": 1, "mmu": "shadow", "kernel": "latest+fls", "rmap_buckets": "fls"},
+        "latest",
     ),
     "profile-defaults": (
         "--memory 2048M --kernel v5.15",
@@ -118,7 +124,7 @@ CREATE_OPTIONS = {
     ),
     "mount-defaults": (
         "",
-        {"memory": 6 << 30, "vcpus": 2, "mmu": "shadow", "kernel": "latest", "rmap_design": "C"},
+        {"memory": 6 << 30, "vcpus": 2, "mmu": "shadow", "kernel": "latest", "rmap_buckets": "ffs", "rmap_design": "C"},
         "latest",
     ),
 }
@@ -204,7 +210,7 @@ REFUSALS = {
     "vcpus-0": ("vm create --memory 256M --vcpus 0", 1, "vcpus must be between 1 and 1024"),
     "vcpus-1025": ("vm create --memory 256M --vcpus 1025", 1, "vcpus must be between 1 and 1024"),
     "unknown-kernel": ("vm create --kernel v9", 1, "unknown kernel profile 'v9' (known: …"),
-    "unknown-kernel-variant": ("vm create --kernel latest+fls", 1, "unknown kernel profile 'latest+fls' (known: …"),
+    "unknown-kernel-variant": ("vm create --kernel latest+log2", 1, "unknown kernel profile 'latest+log2' (known: …"),
     "negative-seed": ("vm create --seed -1", 1, "seed must be between 0 and 2**63-1"),
     "huge-seed": (f"vm create --seed {2**63}", 1, "seed must be between 0 and 2**63-1"),
     "unknown-mmu": ("vm create --mmu ept", 2, "argument --mmu: invalid choice: 'ept' …"),

@@ -32,7 +32,7 @@ HEADS_6G_EPT = {"4K": 3154016 + 2, "2M": 6178 + 2, "1G": 32 + 2}
 def default_pair() -> Iterator[tuple[KvmHost, list[Kvm]]]:
     """The default scenario built in-process (the same seeds, VMs and workloads; a manual clock): the host
     and the two VMs' struct kvm."""
-    with running_vmm("latest+ffs", seed=0) as vmm:
+    with running_vmm("latest", seed=0) as vmm:
         host = vmm.host
         vms = [vmm.create_vm(host.make_config(memory="6G", vcpus=2, mmu=mmu)) for mmu in ("shadow", "tdp-legacy")]
         for vm in vms:
@@ -65,7 +65,7 @@ def test_idle_ept_guest_has_only_the_0_and_1_columns(default_pair) -> None:
 def test_make_runs_default_scenario_shows_the_same_bytes_through_fuse(default_pair, mount_factory) -> None:
     """`make run`'s scenario, mounted and read with cat, is byte for byte the tree built in-process."""
     host, vms = default_pair
-    mount = mount_factory("--scenario", "default", "--kernel", "latest+ffs")
+    mount = mount_factory("--scenario", "default")
     expected = "".join(cat(host.debugfs_dir, f"{kvm.name}/mmu_rmaps_stat") for kvm in vms)
     names = " ".join(f"{kvm.name}/mmu_rmaps_stat" for kvm in vms)
     assert mount.sh(f"cat {names}") == expected

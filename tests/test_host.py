@@ -55,11 +55,13 @@ def test_file_list_per_vm_matches_the_profile(profile: str, make_vmm) -> None:
     assert top_level == sorted(PROFILE_STATS[profile])
 
 
-def test_ffs_profile_variant_keeps_the_file_set(make_vmm) -> None:
-    vmm = make_vmm("v5.15+ffs")
+@pytest.mark.parametrize("variant", ["+fls", "+ffs"])
+def test_bucket_variants_keep_the_file_set(make_vmm, variant: str) -> None:
+    vmm = make_vmm("v5.15" + variant)
     host = vmm.host
     kvm = small_vm(vmm)
     assert walk_files(host.debugfs_dir.children[kvm.name]) == per_vm_files("v5.15", 2)
+    assert kvm.profile.rmap_bucket == variant[1:]
 
 
 def test_modes_follow_the_stat_types(make_vmm) -> None:
@@ -206,7 +208,7 @@ def test_mixed_profiles_sum_only_what_each_kernel_has(make_vmm) -> None:
         ({"vcpus": 5000}, "vcpus"),
         ({"mmu": "ept"}, "unknown MMU mode"),
         ({"kernel": "v4.19"}, "unknown kernel profile"),
-        ({"kernel": "latest+fls"}, "unknown kernel profile"),
+        ({"kernel": "latest+log2"}, "unknown kernel profile"),
         ({"rmap_design": "E"}, "unknown rmap design"),
         ({"seed": -1}, "seed"),
     ],

@@ -8,7 +8,7 @@ import pytest
 from mmu_testlib import check_invariants, mmu_state, new_vm
 
 from kvmdbgfs.arch.x86.debugfs import kvm_mmu_rmaps_stat_show
-from kvmdbgfs.arch.x86.mmu.rmaps_stat import RMAP_LOG_SIZE, format_mmu_rmaps_stat, rmap_bucket_fls
+from kvmdbgfs.arch.x86.mmu.rmaps_stat import RMAP_LOG_SIZE, format_mmu_rmaps_stat, rmap_bucket_ffs
 from kvmdbgfs.guest.kernel import GuestKernel
 
 MEMORY = 256 << 20
@@ -60,6 +60,6 @@ def test_mmu_rmaps_stat_matches_the_mapped_leaves() -> None:
         ms = kvm.arch.mmu.memslots.lookup(slot.base_gfn) if slot.as_id == 0 else None
         for level, heads in enumerate(slot.rmap or ()):
             counts = ms.leaf_count[level] if ms is not None else np.zeros(len(heads), np.int64)
-            hist[level] += np.bincount(rmap_bucket_fls(counts), minlength=RMAP_LOG_SIZE)
+            hist[level] += np.bincount(rmap_bucket_ffs(counts), minlength=RMAP_LOG_SIZE)
     assert kvm_mmu_rmaps_stat_show(kvm) == format_mmu_rmaps_stat(hist)
     assert hist[0, 2:].sum() > 0

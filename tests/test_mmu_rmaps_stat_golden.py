@@ -1,4 +1,5 @@
-"""Golden mmu_rmaps_stat text for a known rmap state, built through the MMU API (fls and ffs)."""
+"""Golden mmu_rmaps_stat text for a known rmap state, built through the MMU API: the kernel's ffs buckets
+(every profile's default) and the log2 (fls) buckets of the ``+fls`` variants."""
 
 from __future__ import annotations
 
@@ -26,12 +27,12 @@ def row(level: str, columns: dict[int, int], heads: int) -> str:
 
 
 GOLDEN = {
-    # fls: 1->1, 2,3->2, 5,6->3, 8,12->4, 64,100->7, 1000->10; 2M 3->2, 4->3; 1G 2->2.
+    # fls (NAME+fls): 1->1, 2,3->2, 5,6->3, 8,12->4, 64,100->7, 1000->10; 2M 3->2, 4->3; 1G 2->2.
     "fls": HEADER
     + row("4K", {1: 1, 2: 2, 3: 2, 4: 2, 7: 2, 10: 1}, HEADS_4K)
     + row("2M", {2: 1, 3: 1}, HEADS_2M)
     + row("1G", {2: 1}, HEADS_1G),
-    # ffs: odd -> 1 (1,3,5), 2,6->2, 8->4, 12,100->3, 64->7, 1000->4; 2M 3->1, 4->3; 1G 2->2.
+    # ffs (NAME, and NAME+ffs, the same): odd -> 1 (1,3,5), 2,6->2, 8->4, 12,100->3, 64->7, 1000->4; 2M 3->1, 4->3; 1G 2->2.
     "ffs": HEADER
     + row("4K", {1: 3, 2: 2, 3: 2, 4: 2, 7: 1}, HEADS_4K)
     + row("2M", {1: 1, 3: 1}, HEADS_2M)
@@ -54,19 +55,18 @@ def build_known_state(kernel: str, design: str | None = None) -> tuple[KvmHost, 
 
 
 @pytest.mark.parametrize("design", ["A", "B", "C", "D"])
-@pytest.mark.parametrize("bucket", ["fls", "ffs"])
-def test_golden_text(bucket: str, design: str) -> None:
-    kernel = "latest" if bucket == "fls" else "latest+ffs"
+@pytest.mark.parametrize("kernel, bucket", [("latest", "ffs"), ("latest+ffs", "ffs"), ("latest+fls", "fls")])
+def test_golden_text(kernel: str, bucket: str, design: str) -> None:
     host, name = build_known_state(kernel, design)
     assert cat(host.debugfs_dir, f"{name}/mmu_rmaps_stat") == GOLDEN[bucket]
     # The longest list was 1000 before its last add: the peak stat saw 999.
     assert cat(host.debugfs_dir, f"{name}/max_mmu_rmap_size") == "999\n"
 
 
-def test_golden_text_for_the_kernels_own_designs() -> None:
-    for kernel in ("v5.15+ffs", "latest+ffs"):
-        host, name = build_known_state(kernel)
-        assert cat(host.debugfs_dir, f"{name}/mmu_rmaps_stat") == GOLDEN["ffs"]
+@pytest.mark.parametrize("kernel, bucket", [("v5.15", "ffs"), ("v6.4", "ffs"), ("v5.15+fls", "fls"), ("v6.4+fls", "fls")])
+def test_golden_text_for_the_kernels_own_designs(kernel: str, bucket: str) -> None:
+    host, name = build_known_state(kernel)
+    assert cat(host.debugfs_dir, f"{name}/mmu_rmaps_stat") == GOLDEN[bucket]
 
 
 def test_clearing_max_mmu_rmap_size_then_growing_again() -> None:

@@ -12,6 +12,8 @@ from kvmdbgfs.arch.x86.debugfs import kvm_mmu_rmaps_stat_show
 from kvmdbgfs.arch.x86.mmu.mmu import LINUX_PAGE_OFFSET
 from kvmdbgfs.arch.x86.mmu.pte_list import PTE_LIST_DESIGNS
 from kvmdbgfs.arch.x86.mmu.vcpu_mmu import KVM_REQ_TLB_FLUSH
+from kvmdbgfs.arch.x86.kvm_arch import X86KvmArchFactory
+from kvmdbgfs.kvm.host import KvmHost
 from kvmdbgfs.kvm.vm import Kvm
 
 
@@ -28,10 +30,20 @@ def touch_processes(kvm, guest, count: int, first: int = 0) -> list[int]:
     return pgds
 
 
-def test_the_default_limit_is_20_per_1000_pages_of_address_space_0() -> None:
+def test_the_default_limit_is_one_page_per_50_pages_of_both_address_spaces() -> None:
     kvm = new_vm(memory="128M")
-    pages = sum(s.npages for s in kvm.arch.memslots if s.as_id == 0)
-    assert kvm.arch.mmu.n_max_mmu_pages == pages * 20 // 1000 == 738  # KVM's private TSS and APIC slots count
+    pages = sum(s.npages for s in kvm.arch.memslots)
+    assert {s.as_id for s in kvm.arch.memslots} == {0, 1}
+    assert kvm.arch.mmu.n_max_mmu_pages == pages // 50 == 1476  # KVM's private TSS and APIC slots count
+
+
+def test_the_default_limit_is_at_least_the_kernels_minimum() -> None:
+    """KVM_MIN_ALLOC_MMU_PAGES: 1000 pages in each address space would give 40."""
+    host = KvmHost(X86KvmArchFactory())
+    kvm = host.kvm_create_vm(host.make_config(memory="64M", vcpus=1, mmu="shadow", seed=0), "1234-10")
+    for as_id in (0, 1):
+        kvm.kvm_set_memory_region(as_id, as_id, 0x100, 1000)
+    assert kvm.arch.mmu.n_max_mmu_pages == 64
 
 
 def test_zap_oldest_pages_when_fewer_than_five_are_free() -> None:
@@ -105,12 +117,28 @@ def test_an_rmap_recycle_kicks_another_vcpu_running_guest_code() -> None:
     check_invariants(kvm)
 
 
+def test_a_host_side_flush_kicks_the_vcpu_whose_exit_was_handled_last() -> None:
+    """An mmu-notifier invalidation comes from the host, not from a vCPU: the one vCPU, back in guest mode after
+    its last fault, is not the requester and has to be kicked (a remote flush); its own faults' flushes never
+    kick it."""
+    kvm = new_vm()
+    touch_processes(kvm, ToyGuest(kvm), 1)
+    kvm.arch.mmu.vcpu(0).in_guest_mode = True
+    before = vm_stats(kvm, "remote_tlb_flush_requests", "remote_tlb_flush")
+    kvm.arch.mmu.kvm_unmap_gfn_range(DATA, DATA + 1)
+    assert rmap_count(kvm, DATA) == 0
+    assert vm_stats(kvm, "remote_tlb_flush_requests", "remote_tlb_flush") == {
+        "remote_tlb_flush_requests": before["remote_tlb_flush_requests"] + 1,
+        "remote_tlb_flush": before["remote_tlb_flush"] + 1,
+    }
+
+
 def test_memslot_deletion_zaps_every_shadow_page_and_frees_the_slots_rmaps() -> None:
     kvm = new_vm()
     guest = ToyGuest(kvm)
     mmu = kvm.arch.mmu
     hotplug = kvm.kvm_set_memory_region(40, 0, 0x80000, 0x8000)  # 128 MiB at 2 GiB
-    assert mmu.n_max_mmu_pages == (36900 + 0x8000) * 20 // 1000  # 738 before the hotplug
+    assert mmu.n_max_mmu_pages == (73824 + 0x8000) // 50  # 1476 before the hotplug
     pgd = guest.new_pgd()
     guest.map(pgd, BASE, range(0x80000, 0x80008))
     guest.map(pgd, BASE + (2 << 20), range(DATA, DATA + 8))
@@ -122,7 +150,7 @@ def test_memslot_deletion_zaps_every_shadow_page_and_frees_the_slots_rmaps() -> 
     assert hotplug.rmap is None and hotplug not in kvm.arch.memslots
     assert rmap_count(kvm, DATA) == 0 and kvm_mmu_rmaps_stat_show(kvm).count("\t0\t0\t0\t0\t0\t0\t0\t0\t0\t0\t") == 3
     assert vm_stats(kvm, "mmu_shadow_zapped", "pages_4k") == {"mmu_shadow_zapped": pages, "pages_4k": 0}
-    assert mmu.n_max_mmu_pages == 738
+    assert mmu.n_max_mmu_pages == 1476
     # The root was in use: it is only freed when the vCPU next enters, and a new one is loaded.
     misses = kvm.stat.mmu_cache_miss
     mmu.access(0, gvas(BASE + (2 << 20), 1), write=False, user=True)

@@ -56,10 +56,10 @@ def vmm() -> Iterator[Vmm]:
 def test_idle_guest_counters_climb_with_the_clock(vmm: Vmm) -> None:
     vm = booted_vm(vmm)
     before = counters(vm, GROWING)
-    vmm.advance_clock(10 * SECOND)
+    vmm.advance_clock(20 * SECOND)  # irq_exits: a host tick while an idle guest runs code, one every few seconds
     after = counters(vm, GROWING)
     assert all(after[name] > before[name] for name in GROWING), (before, after)
-    assert vm.describe()["uptime_s"] >= 11
+    assert vm.describe()["uptime_s"] >= 21
 
 
 def _bucket_bounds() -> tuple[np.ndarray, np.ndarray]:

@@ -55,6 +55,8 @@ def user_tables_and_mappings(kernel: GuestKernel) -> tuple[list[int], list[np.nd
     ctx, tables, mapped = kernel.ctx, [], []
     for mm in {id(task.mm): task.mm for task in kernel.tasks.values() if task.mm is not None}.values():
         tables += [mm.pgd, *mm.deposited.values()]
+        if ctx.pti is not None:
+            tables.append(ctx.pti.user_pgds[mm.pgd])  # its page-table isolation twin
         for level, _, table, index in walk(ctx, mm.pgd, 0, TASK_SIZE):
             entry = ctx.memory.table(table).item(index)
             if level == 2 and is_huge(entry):
@@ -70,11 +72,14 @@ def user_tables_and_mappings(kernel: GuestKernel) -> tuple[list[int], list[np.nd
 def kernel_tables(kernel: GuestKernel) -> list[int]:
     """The kernel's page-table pages below the PML4 (those from memblock are reserved pages, not counted)."""
     ctx = kernel.ctx
-    return [
+    pgds = [kernel.kpt.pgd] if ctx.pti is None else [kernel.kpt.pgd, ctx.pti.init_user_pgd]
+    below = [
         pte_gfn(ctx.memory.table(table).item(index))
-        for level, _, table, index in walk(ctx, kernel.kpt.pgd, *KERNEL_HALF)
+        for pgd in pgds
+        for level, _, table, index in walk(ctx, pgd, *KERNEL_HALF)
         if not (level == 2 and is_huge(ctx.memory.table(table).item(index)))
     ]
+    return below + pgds[1:]  # init_mm's user pgd comes from the page allocator, init_top_pgt from the image
 
 
 def guest_pages(kernel: GuestKernel) -> dict[str, Any]:

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from kvmdbgfs.guest.kernel import GuestKernel
+from kvmdbgfs.guest.kernel import GuestKernel, KernelConfig
 from kvmdbgfs.guest.userspace import Userspace
 from kvmdbgfs.guest.virtio import VirtioDrivers
 
@@ -14,9 +14,10 @@ if TYPE_CHECKING:
     from kvmdbgfs.vmm.qemu import QemuProcess
 
 
-def boot_guest(vm: QemuProcess, rng: np.random.Generator, logins: int = 1) -> Userspace:
+def boot_guest(vm: QemuProcess, rng: np.random.Generator, logins: int = 1, pti: bool = False) -> Userspace:
     """Start the guest kernel on the VM's MMU (its GuestHardware) and bring it to an idle multi-user system
-    with ``logins`` users logged in; its virtio drivers probe the VM's devices.
+    with ``logins`` users logged in; its virtio drivers probe the VM's devices. ``pti``: the kernel runs
+    with page-table isolation.
 
     A guest that runs out of memory while it boots has no process to kill: it panics ("System is deadlocked
     on memory"), and QEMU's VM stays in the guest-panicked state, where it runs no workload."""
@@ -24,7 +25,8 @@ def boot_guest(vm: QemuProcess, rng: np.random.Generator, logins: int = 1) -> Us
     if vm.guest is not None:
         raise ValueError(f"VM {vm.name} has already booted")
     try:
-        kernel = GuestKernel(vm.memory, vm.kvm.arch.guest_hardware, rng, nr_vcpus=vm.nr_vcpus)
+        config = KernelConfig(pti=pti)
+        kernel = GuestKernel(vm.memory, vm.kvm.arch.guest_hardware, rng, nr_vcpus=vm.nr_vcpus, config=config)
         system = kernel.boot(logins)
     except MemoryError as exc:
         vm.guest_panicked = True

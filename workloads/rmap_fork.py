@@ -50,8 +50,10 @@ class RmapFork(Workload):
             children = []
             for _ in range(settings["children"]):
                 child = started.fork(parent)
-                child.touch(child.user_stack_top - SLEEP_STACK_PAGES * 4096, child.user_stack_top, write=True)
+                top = child.user_stack_top
+                child.touch(top - SLEEP_STACK_PAGES * 4096, top, write=True)
                 child.touch_pages(libc_text, write=False)
+                child.access_user(top - 4096, top, write=False)  # nanosleep() reads its timespec (copy_from_user)
                 children.append(child)
                 progress(1 + len(children), total)
             for done, child in enumerate(children, start=len(children) + 2):

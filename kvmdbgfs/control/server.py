@@ -50,6 +50,7 @@ def describe_vm(kvm: Kvm, vm: QemuProcess | None) -> dict[str, Any]:
         "vcpus": config.vcpus,
         "mmu": config.mmu,
         "kernel": kvm.profile.name,
+        "rmap_buckets": kvm.profile.rmap_bucket,  # how mmu_rmaps_stat buckets its counts: ffs or fls
         "rmap_design": kvm.arch.rmaps.pte_list.name,
         "seed": config.seed,
         "users_count": kvm.users_count,

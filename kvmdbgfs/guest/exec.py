@@ -87,6 +87,8 @@ def execve(kernel: GuestKernel, task: Task, program: Program) -> list[LoadedElf]
     ld = map_elf(task, ld_elf, ld_file, mm.get_unmapped_area(ld_elf.total_pages * PAGE_SIZE))
     task.mmap(kernel.vdso.nr_pages * PAGE_SIZE, PROT_READ | PROT_EXEC, file=kernel.vdso, name="[vdso]")
     task.objects = [exe, ld]
+    # create_elf_tables: argc, the argv and envp pointers and the auxv go onto the new stack with put_user
+    task.access_user(mm.stack_top - ARG_PAGES * PAGE_SIZE, mm.stack_top, write=True)
     _run_ld_so(kernel, task, program, task.objects)
     return task.objects
 

@@ -197,8 +197,17 @@ def populate(ctx: KernelContext, mm: Mm, start: int, end: int, write: bool) -> N
                 handle_pt_faults(ctx, mm, vma, base, indices[indices == index], write)
 
 
-def touch(ctx: KernelContext, mm: Mm, gvas: np.ndarray, write: bool) -> None:
-    """User code touching the pages ``gvas`` in order: each access that faults is handled, then retried."""
+def touch(ctx: KernelContext, mm: Mm, gvas: np.ndarray, write: bool, user: bool = True) -> None:
+    """User code touching the pages ``gvas`` in order: each access that faults is handled, then retried.
+    Without ``user`` it is the kernel touching them through their user addresses (copy_to_user, get_user):
+    the same faults, but supervisor accesses, made on the kernel's pgd."""
+
+    def access(pages: np.ndarray) -> None:
+        if user:
+            ctx.user_access(pages.astype(np.uint64), write, mm.pgd)
+        else:
+            ctx.kernel_access(pages.astype(np.uint64), write)
+
     gvas = np.asarray(gvas, np.int64) & ~(PAGE_SIZE - 1)
     pending = pos = 0
     while pos < len(gvas):
@@ -210,7 +219,7 @@ def touch(ctx: KernelContext, mm: Mm, gvas: np.ndarray, write: bool) -> None:
             at = pos + int(need[0])
             # The accesses up to the faulting one reach the hardware; the faulting one raises the
             # guest's #PF (which KVM sees and reflects under shadow paging) and is retried after it.
-            ctx.user_access(gvas[pending : at + 1].astype(np.uint64), write)
+            access(gvas[pending : at + 1])
             pending = at
             vma = mm.vma_for_fault(int(gvas[at]))
             if vma is None:
@@ -221,4 +230,4 @@ def touch(ctx: KernelContext, mm: Mm, gvas: np.ndarray, write: bool) -> None:
             else:  # fault-around or a THP may have mapped more
                 need = need[1:][needs_fault(ctx, mm.pgd, base, indices[need[1:]], write)]
         pos = run
-    ctx.user_access(gvas[pending:].astype(np.uint64), write)
+    access(gvas[pending:])

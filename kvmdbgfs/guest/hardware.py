@@ -27,8 +27,9 @@ class GuestHardware(Protocol):
     def store_ptes(self, vcpu_id: int, gfn: int, indices: np.ndarray, values: np.ndarray) -> None:
         """Several stores into one page-table page, in order (a batch of ``store_pte``)."""
 
-    def load_cr3(self, vcpu_id: int, root_gfn: int) -> None:
-        """A context switch: the vCPU now translates through the PML4 at ``root_gfn`` (flushes its TLB)."""
+    def load_cr3(self, vcpu_id: int, root_gfn: int, noflush: bool = False) -> None:
+        """A context switch: the vCPU now translates through the PML4 at ``root_gfn``; it flushes the TLB (of
+        the PCID) unless ``noflush`` (CR3 bit 63 with PCIDs on)."""
 
     def access(self, vcpu_id: int, gvas: np.ndarray, write: bool, user: bool) -> None:
         """The vCPU touches each address in ``gvas`` (in order) through the current CR3."""
@@ -68,7 +69,7 @@ class BareMetal:
     def store_ptes(self, vcpu_id: int, gfn: int, indices: np.ndarray, values: np.ndarray) -> None:
         self.memory.table(gfn)[indices] = values
 
-    def load_cr3(self, vcpu_id: int, root_gfn: int) -> None:
+    def load_cr3(self, vcpu_id: int, root_gfn: int, noflush: bool = False) -> None:
         self.cr3[vcpu_id] = root_gfn
 
     def access(self, vcpu_id: int, gvas: np.ndarray, write: bool, user: bool) -> None:

@@ -19,6 +19,7 @@ from kvmdbgfs.guest.vaddr import direct_map
 
 if TYPE_CHECKING:
     from kvmdbgfs.guest.pagecache import PageCache
+    from kvmdbgfs.guest.pti import PageTableIsolation
     from kvmdbgfs.guest.tlb import Tlb
 
 
@@ -32,6 +33,7 @@ class KernelContext:
         self.init_on_alloc = init_on_alloc
         self.thp = thp  # transparent_hugepage/enabled: "always", "madvise" or "never"
         self.cpu = 0  # the vCPU the kernel code being modelled runs on
+        self.pti: PageTableIsolation | None = None  # page-table isolation (set by the kernel when booted with it)
         # Set up by the kernel at boot:
         self.pages: PageAllocator  # once memblock hands memory over
         self.tlb: Tlb
@@ -57,13 +59,20 @@ class KernelContext:
         self.pages.free(np.asarray(gfns, np.int64))
 
     # -- stores ---------------------------------------------------------------
+    def kernel_mode(self) -> None:
+        """What the kernel does on this vCPU runs on a kernel pgd: under PTI, the entry's CR3 switch."""
+        if self.pti is not None:
+            self.pti.to_kernel(self.cpu)
+
     def store(self, gfn: int, index: int, value: int) -> None:
+        self.kernel_mode()
         self.hw.store_pte(self.cpu, gfn, index, value)
 
     def stores(self, gfn: int, indices: np.ndarray, values: np.ndarray) -> None:
         """Stores into one page-table page, in order: one store_ptes, or one store_pte each."""
         if len(indices) == 0:
             return
+        self.kernel_mode()
         if self.batch:
             self.hw.store_ptes(self.cpu, gfn, np.asarray(indices, np.int64), np.asarray(values, np.uint64))
         else:
@@ -82,6 +91,7 @@ class KernelContext:
         """For each entry i in order: a store into ``first`` (where ``first_mask``), then one into ``second``.
 
         Batched as one store_ptes per page (stores to different pages commute)."""
+        self.kernel_mode()
         if self.batch:
             self.stores(first, indices[first_mask], first_values[first_mask])
             self.stores(second, indices, second_values)
@@ -92,13 +102,18 @@ class KernelContext:
             self.hw.store_pte(self.cpu, second, index, int(second_values[i]))
 
     # -- accesses and TLB ----------------------------------------------------------
-    def user_access(self, gvas: np.ndarray, write: bool) -> None:
+    def user_access(self, gvas: np.ndarray, write: bool, pgd: int) -> None:
+        """User code of the process whose pgd is ``pgd`` (loaded on this vCPU) touches ``gvas``."""
         if len(gvas):
+            if self.pti is not None:
+                self.pti.to_user(self.cpu, pgd)
             self.hw.access(self.cpu, np.asarray(gvas, np.uint64), write, True)
 
     def kernel_access(self, gvas: np.ndarray, write: bool) -> None:
         if len(gvas):
+            self.kernel_mode()
             self.hw.access(self.cpu, np.asarray(gvas, np.uint64), write, False)
 
     def invlpg(self, gva: int) -> None:
+        self.kernel_mode()
         self.hw.invlpg(self.cpu, gva)

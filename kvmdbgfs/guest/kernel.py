@@ -21,10 +21,11 @@ from kvmdbgfs.guest.hardware import GuestHardware
 from kvmdbgfs.guest.huge import THP_MODES
 from kvmdbgfs.guest.kctx import KernelContext
 from kvmdbgfs.guest.kpgtable import KernelPageTables
-from kvmdbgfs.guest.mm import Mm, pgd_alloc
+from kvmdbgfs.guest.mm import Mm, pgd_alloc, pgd_free
 from kvmdbgfs.guest.pagecache import File, PageCache
 from kvmdbgfs.guest.physmem import setup_memory
 from kvmdbgfs.guest.process import LoadedElf, Task
+from kvmdbgfs.guest.pti import PageTableIsolation
 from kvmdbgfs.guest.slab import Slab
 from kvmdbgfs.guest.teardown import FIRST_USER_ADDRESS, USER_PGTABLES_CEILING, unmap_region
 from kvmdbgfs.guest.tlb import Tlb
@@ -51,6 +52,7 @@ class KernelConfig:
     slab_objects_per_task: int = 8  # task_struct, cred, signal, files, fs, pid, ... per copy_process
     gbpages: bool = True
     thp: str = "madvise"  # transparent_hugepage/enabled, as Ubuntu sets it
+    pti: bool = False  # page-table isolation (pti=on / pti=off on the kernel command line)
 
 
 class GuestKernel:
@@ -73,6 +75,7 @@ class GuestKernel:
         self.nr_vcpus = nr_vcpus
         self.config = config
         self.ctx = ctx = KernelContext(hardware, batch, config.init_on_alloc, config.thp)
+        ctx.pti = PageTableIsolation(hardware) if config.pti else None
         text, rodata = config.text_mib * MiB_PAGES, config.rodata_mib * MiB_PAGES
         self.boot_memory = boot = setup_memory(memory_bytes, text + rodata + config.data_mib * MiB_PAGES)
         self.kpt = KernelPageTables(ctx, boot, text, rodata, config.gbpages)
@@ -83,10 +86,12 @@ class GuestKernel:
         self.vdso = File("[vdso]", VDSO_PAGES)
         self.vdso.pages[:] = np.arange(image + text, image + text + VDSO_PAGES)  # vdso_image_64 in rodata
         ctx.pages.refcount[[ctx.zero_pfn, *self.vdso.pages]] = 1  # part of the kernel: never freed
-        ctx.tlb = Tlb(hardware, nr_vcpus, self.kpt.pgd)
+        ctx.tlb = Tlb(hardware, nr_vcpus, self.kpt.pgd, ctx.pti)
         ctx.cache = self.cache = PageCache(ctx)
         self._boot_touch(image, text, rodata)
         self.kpt.preallocate_vmalloc()
+        if ctx.pti is not None:
+            ctx.pti.pti_init(ctx, self.kpt)
         self.kernel_entries = self.kpt.kernel_entries()
         self.stacks = KernelStacks(ctx, self.kpt, nr_vcpus)
         self.slab = Slab(ctx, rng, ctx.pages.managed_pages * config.slab_permille // 1000)
@@ -248,7 +253,7 @@ class GuestKernel:
         mm.remove(list(mm.vmas))
         for cpu in self.ctx.tlb.loaded_on(mm):
             self.ctx.tlb.switch_to_init_mm(cpu)
-        self.ctx.free_tables([mm.pgd])
+        pgd_free(self.ctx, mm.pgd)
 
     def clone_thread(self, task: Task) -> Task:
         """pthread_create: mmap a thread stack (allocate_stack), then clone(CLONE_VM): a task sharing the mm."""

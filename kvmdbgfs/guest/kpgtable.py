@@ -23,7 +23,7 @@ import numpy as np
 
 from kvmdbgfs.guest import allocator
 from kvmdbgfs.guest.kctx import KernelContext
-from kvmdbgfs.guest.pgtable import KERNPG_TABLE, alloc_table_at, make_ptes, table_at
+from kvmdbgfs.guest.pgtable import KERNEL_PGD_BOUNDARY, KERNPG_TABLE, alloc_table_at, make_ptes, table_at
 from kvmdbgfs.guest.physmem import ISA_END_PFN, SECTION_PAGES, BootMemory
 from kvmdbgfs.guest.pte import (
     PT64_NX_MASK,
@@ -48,7 +48,6 @@ from kvmdbgfs.guest.vaddr import (
     direct_map,
 )
 
-KERNEL_PGD_BOUNDARY = 256
 PAGE_KERNEL = PT_PRESENT_MASK | PT_WRITABLE_MASK | PT_ACCESSED_MASK | PT_DIRTY_MASK | PT_GLOBAL_MASK | PT64_NX_MASK
 PAGE_KERNEL_LARGE = PAGE_KERNEL | PT_PAGE_SIZE_MASK
 PAGE_KERNEL_ROX_LARGE = PT_PRESENT_MASK | PT_ACCESSED_MASK | PT_DIRTY_MASK | PT_GLOBAL_MASK | PT_PAGE_SIZE_MASK

@@ -10,7 +10,9 @@ import bisect
 
 import numpy as np
 
+from kvmdbgfs.guest.allocator import PAGE_TABLE
 from kvmdbgfs.guest.kctx import KernelContext
+from kvmdbgfs.guest.pgtable import KERNEL_PGD_BOUNDARY
 from kvmdbgfs.guest.vaddr import (
     BRK_RND,
     ELF_ET_DYN_BASE,
@@ -23,15 +25,22 @@ from kvmdbgfs.guest.vaddr import (
 )
 from kvmdbgfs.guest.vma import Vma
 
-KERNEL_PGD_BOUNDARY = 256
 MMAP_MIN_ADDR = 0x10000
 
 
 def pgd_alloc(ctx: KernelContext, kernel_entries: np.ndarray) -> int:
-    """pgd_alloc: a zeroed page, then pgd_ctor's clone_pgd_range of the kernel half (the same kernel tables)."""
-    pgd = ctx.alloc_table()
-    ctx.stores(pgd, np.arange(KERNEL_PGD_BOUNDARY, 2 * KERNEL_PGD_BOUNDARY), kernel_entries)
-    return pgd
+    """pgd_alloc: a zeroed page, then pgd_ctor's clone_pgd_range of the kernel half (the same kernel tables);
+    under page-table isolation two pages in one allocation (PGD_ALLOCATION_ORDER 1), the second the user twin."""
+    pgds = ctx.alloc(1 if ctx.pti is None else 2, PAGE_TABLE, zero=True).tolist()
+    ctx.stores(pgds[0], np.arange(KERNEL_PGD_BOUNDARY, 2 * KERNEL_PGD_BOUNDARY), kernel_entries)
+    if ctx.pti is not None:
+        ctx.pti.pgd_ctor(ctx, *pgds)
+    return pgds[0]
+
+
+def pgd_free(ctx: KernelContext, pgd: int) -> None:
+    """pgd_free: the pgd page (and its user twin under page-table isolation) goes back to the allocator."""
+    ctx.free_tables([pgd, *(ctx.pti.pgd_free(pgd) if ctx.pti is not None else ())])
 
 
 class Mm:

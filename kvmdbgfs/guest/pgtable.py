@@ -13,6 +13,7 @@ import numpy as np
 from kvmdbgfs.guest.kctx import KernelContext
 from kvmdbgfs.guest.pte import (
     PAGE_SHIFT,
+    PT64_NX_MASK,
     PT64_BASE_ADDR_MASK,
     PT64_ENT_PER_PAGE,
     PT64_LEVEL_BITS,
@@ -28,6 +29,7 @@ from kvmdbgfs.guest.pte import (
     pte_gfn,
 )
 
+KERNEL_PGD_BOUNDARY = 256  # pgd entries from here on map the kernel half
 KERNPG_TABLE = PT_PRESENT_MASK | PT_WRITABLE_MASK | PT_ACCESSED_MASK | PT_DIRTY_MASK  # _KERNPG_TABLE
 PAGE_TABLE = KERNPG_TABLE | PT_USER_MASK  # _PAGE_TABLE: how user page tables link their children
 PTE_CHG_MASK = PT64_BASE_ADDR_MASK | PT_ACCESSED_MASK | PT_DIRTY_MASK  # _PAGE_CHG_MASK: what pte_modify keeps
@@ -103,9 +105,27 @@ def alloc_table_at(
             gfn = pte_gfn(entry)
             continue
         child = alloc() if alloc else ctx.alloc_table()
-        ctx.store(gfn, index, make_pte(child, link_flags))
+        if lvl == 4:
+            pgd_stores(ctx, gfn, np.array([index]), np.array([make_pte(child, link_flags)], U64))
+        else:
+            ctx.store(gfn, index, make_pte(child, link_flags))
         gfn = child
     return gfn
+
+
+def pgd_stores(ctx: KernelContext, pgd: int, indices: np.ndarray, values: np.ndarray) -> None:
+    """native_set_p4d() (4-level paging: the pgd's own entries), several in order. Under page-table isolation
+    an entry of a process pgd's user half goes into its user twin as it is, and into the kernel pgd with NX
+    when it is a present user entry (__pti_set_user_pgtbl)."""
+    user_pgd = ctx.pti.user_pgds.get(pgd) if ctx.pti is not None else None
+    if user_pgd is None:
+        ctx.stores(pgd, indices, values)
+        return
+    indices, values = np.asarray(indices, np.int64), np.asarray(values, U64)
+    user_half = indices < KERNEL_PGD_BOUNDARY
+    user_present = U64(PT_USER_MASK | PT_PRESENT_MASK)
+    nx = user_half & ((values & user_present) == user_present)
+    ctx.paired_stores(user_pgd, user_half, values, pgd, indices, np.where(nx, values | U64(PT64_NX_MASK), values))
 
 
 def walk(

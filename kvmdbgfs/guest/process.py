@@ -196,6 +196,12 @@ class Task:
         ctx, mm = self._enter()
         fault.touch(ctx, mm, gvas, write)
 
+    def access_user(self, start: int, end: int, write: bool) -> None:
+        """The kernel reads or writes [start, end) of the task's memory through its user addresses, on the
+        task's behalf (copy_from_user / copy_to_user / put_user of a system call)."""
+        ctx, mm = self._enter()
+        fault.touch(ctx, mm, np.arange(start, end, PAGE_SIZE, dtype=np.int64), write, user=False)
+
     def populate(self, start: int, end: int, write: bool) -> None:
         """madvise(MADV_POPULATE_READ/WRITE): fault [start, end) in without touching it."""
         ctx, mm = self._enter()

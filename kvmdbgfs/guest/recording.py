@@ -71,10 +71,10 @@ class RecordingHardware(BareMetal):
             self.events.append(Event("store", vcpu_id, gfn, index, value))
         super().store_ptes(vcpu_id, gfn, indices, values)
 
-    def load_cr3(self, vcpu_id: int, root_gfn: int) -> None:
+    def load_cr3(self, vcpu_id: int, root_gfn: int, noflush: bool = False) -> None:
         self.calls["load_cr3"] += 1
-        self.events.append(Event("cr3", vcpu_id, root_gfn))
-        super().load_cr3(vcpu_id, root_gfn)
+        self.events.append(Event("cr3", vcpu_id, root_gfn, value=int(noflush)))
+        super().load_cr3(vcpu_id, root_gfn, noflush)
 
     def access(self, vcpu_id: int, gvas: np.ndarray, write: bool, user: bool) -> None:
         self.calls["access"] += 1

@@ -15,7 +15,7 @@ from kvmdbgfs.guest.allocator import PAGE_KERNEL
 from kvmdbgfs.guest.huge import is_huge
 from kvmdbgfs.guest.kctx import KernelContext
 from kvmdbgfs.guest.mm import Mm
-from kvmdbgfs.guest.pgtable import entry_range, present_entries, present_indices, ptes_gfn, walk
+from kvmdbgfs.guest.pgtable import entry_range, pgd_stores, present_entries, present_indices, ptes_gfn, walk
 from kvmdbgfs.guest.pte import PT_PAGE_SIZE_MASK, level_span, pte_gfn
 from kvmdbgfs.guest.tlb import TLB_FLUSH_ALL
 from kvmdbgfs.guest.vaddr import MASK64, PAGE_SIZE, PMD_SIZE
@@ -175,7 +175,11 @@ def _free_below(
                 continue
         cleared.append(index)
         tlb.remove_table(pte_gfn(entry), lo if level == 2 else lo & ~(span - 1))
-    ctx.stores(table, np.array(cleared, np.int64), np.zeros(len(cleared), np.uint64))
+    indices, zeros = np.array(cleared, np.int64), np.zeros(len(cleared), np.uint64)
+    if level == 4:
+        pgd_stores(ctx, table, indices, zeros)  # pgd_clear: a PTI user twin is cleared too
+    else:
+        ctx.stores(table, indices, zeros)
 
 
 def free_pgd_range(ctx: KernelContext, tlb: MmuGather, mm: Mm, addr: int, end: int, floor: int, ceiling: int) -> None:

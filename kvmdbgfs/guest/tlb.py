@@ -6,16 +6,21 @@ vCPUs that have it loaded: a non-lazy one flushes (INVLPG per page up to
 tlb_single_page_flush_ceiling pages, else a full flush); a lazy one switches
 to init_mm when it is the flushing CPU or tables were freed, and otherwise
 is skipped and catches up through tlb_gen when it switches back.
+Under page-table isolation (``pti``) all of it runs on a kernel pgd, and a flush on a vCPU
+invalidates the user ASID too, which the next return to user space then flushes.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from kvmdbgfs.guest.hardware import GuestHardware
 from kvmdbgfs.guest.irq import CALL_FUNCTION_VECTOR, X2APIC_ICR, icr
 from kvmdbgfs.guest.vaddr import PAGE_SIZE
+
+if TYPE_CHECKING:
+    from kvmdbgfs.guest.pti import PageTableIsolation
 
 KVM_HC_SEND_IPI = 10
 
@@ -38,32 +43,51 @@ class CpuTlbState:
 
 
 class Tlb:
-    def __init__(self, hardware: GuestHardware, nr_cpus: int, init_pgd: int) -> None:
+    def __init__(
+        self, hardware: GuestHardware, nr_cpus: int, init_pgd: int, pti: PageTableIsolation | None = None
+    ) -> None:
         self.hw = hardware
         self.init_pgd = init_pgd
+        self.pti = pti
         self.cpus = [CpuTlbState() for _ in range(nr_cpus)]
         for cpu in range(nr_cpus):
             hardware.load_cr3(cpu, init_pgd)
 
+    def _kernel_mode(self, cpu: int) -> None:
+        """The code that follows runs in the kernel on ``cpu``: under PTI, on a kernel pgd."""
+        if self.pti is not None:
+            self.pti.to_kernel(cpu)
+
+    def _flushed(self, cpu: int) -> None:
+        """``cpu`` flushed (part of) its TLB: under PTI that was the kernel ASID, so the user one must follow."""
+        if self.pti is not None:
+            self.pti.invalidate_user_asid(cpu)
+
     def switch_mm(self, cpu: int, mm: TlbMm) -> None:
         """switch_mm_irqs_off: load ``mm``'s pgd unless it is already loaded (then catch up on missed flushes)."""
         state = self.cpus[cpu]
+        self._kernel_mode(cpu)
         if state.loaded_mm is mm:
             if state.is_lazy and state.loaded_gen != mm.tlb_gen:
                 self.hw.flush_tlb(cpu)
+                self._flushed(cpu)
         else:
             self.hw.load_cr3(cpu, mm.pgd)
+            self._flushed(cpu)
             state.loaded_mm = mm
         state.is_lazy = False
         state.loaded_gen = mm.tlb_gen
 
     def enter_lazy_tlb(self, cpu: int) -> None:
         """A kernel thread (or an exiting task) keeps the previous mm loaded."""
+        self._kernel_mode(cpu)
         self.cpus[cpu].is_lazy = self.cpus[cpu].loaded_mm is not None
 
     def switch_to_init_mm(self, cpu: int) -> None:
         """switch_mm_irqs_off(NULL, &init_mm): leave a lazily held mm."""
+        self._kernel_mode(cpu)
         self.hw.load_cr3(cpu, self.init_pgd)
+        self._flushed(cpu)
         self.cpus[cpu] = CpuTlbState()
 
     def loaded_on(self, mm: TlbMm) -> list[int]:
@@ -85,11 +109,13 @@ class Tlb:
                 if target == cpu or freed_tables:
                     self.switch_to_init_mm(target)
                 continue
+            self._kernel_mode(target)
             if full:
                 self.hw.flush_tlb(target)
             else:
                 for va in range(start, end, stride):
                     self.hw.invlpg(target, va)
+            self._flushed(target)
             state.loaded_gen = mm.tlb_gen
 
     def send_call_function_ipi(self, cpu: int, targets: list[int]) -> None:
@@ -108,7 +134,9 @@ class Tlb:
     def flush_tlb_all(self) -> None:
         """flush_tlb_all: every vCPU flushes its whole TLB."""
         for cpu in range(len(self.cpus)):
+            self._kernel_mode(cpu)
             self.hw.flush_tlb(cpu)
+            self._flushed(cpu)
 
     def flush_tlb_kernel_range(self, start: int, end: int) -> None:
         """flush_tlb_kernel_range: on every vCPU, INVLPG each page or, past the ceiling, flush_tlb_all."""
@@ -116,5 +144,7 @@ class Tlb:
             self.flush_tlb_all()
             return
         for cpu in range(len(self.cpus)):
+            self._kernel_mode(cpu)
             for va in range(start, end, PAGE_SIZE):
                 self.hw.invlpg(cpu, va)
+            self._flushed(cpu)  # flush_tlb_one_kernel: under PTI also flush_tlb_one_user

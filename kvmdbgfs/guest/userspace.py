@@ -3,7 +3,8 @@ start-up after exec, and daemons waking up periodically.
 
 A program's main() grows its heap with brk and writes it, writes its
 anonymous mmap arenas and its stack. A daemon's wake-up is a context switch
-to it followed by touches of its stack, part of its heap and its hottest code.
+to it, the return of the system call it slept in (the kernel writes its stack), then touches of its
+stack, part of its heap and its hottest code.
 A server process that has handled requests has run a share of the code of
 every object it maps.
 """
@@ -66,19 +67,29 @@ def start_main(task: Task, program: Program) -> None:
 
 
 def wake(task: Task) -> None:
-    """A daemon's timer fires: it runs, touching its stack, ``wake_kib`` of its heap and its hottest code."""
+    """A daemon's timer fires: it runs, touching its stack, ``wake_kib`` of its heap and its hottest code.
+    First the system call it slept in (epoll_wait, recvmsg, read) returns: the kernel writes its results
+    to the top of the stack and the data it received to the start of the heap buffer the daemon then works
+    through, with copy_to_user."""
     kernel = task.kernel
     kernel.run(task)
     if task.mm is None:
         return
     program = PROGRAMS[task.program]
     mm = task.mm
-    task.touch(task.user_stack_top - WAKE_STACK_PAGES * PAGE_SIZE, task.user_stack_top, write=True)
+    stack_top = task.user_stack_top
     heap_pages = (page_align(mm.brk) - mm.brk_start) // PAGE_SIZE
+    buffer = None
     if heap_pages:
         n = min(heap_pages, -(-program.wake_kib * 1024 // PAGE_SIZE))
         first = int(kernel.rng.integers(heap_pages - n + 1))
-        task.touch(mm.brk_start + first * PAGE_SIZE, mm.brk_start + (first + n) * PAGE_SIZE, write=True)
+        buffer = (mm.brk_start + first * PAGE_SIZE, mm.brk_start + (first + n) * PAGE_SIZE)
+    task.access_user(stack_top - PAGE_SIZE, stack_top, write=True)
+    if buffer is not None:
+        task.access_user(buffer[0], buffer[0] + PAGE_SIZE, write=True)
+    task.touch(stack_top - WAKE_STACK_PAGES * PAGE_SIZE, stack_top, write=True)
+    if buffer is not None:
+        task.touch(*buffer, write=True)
     for obj in task.objects[:1] + [o for o in task.objects if o.elf.name == "libc.so.6"]:
         task.touch_pages(kernel.hot_pages(obj, "text", program.text_frac * WAKE_TEXT_FRAC), write=False)
 

@@ -2,8 +2,9 @@
 
 A profile names the stat set (names, order, types) the kernel's tables hold,
 the rmap list design, whether `mmu_rmaps_stat` and the vCPU `pid` file exist,
-and how `mmu_rmaps_stat` buckets counts. ``NAME+ffs`` selects the kernel's
-actual ffs() bucketing instead of the fls() the header promises.
+and how `mmu_rmaps_stat` buckets counts: ffs(), as every kernel that has the
+file does; ``NAME+fls`` gives the log2 buckets its header promises instead
+(``NAME+ffs`` is NAME itself).
 """
 
 from __future__ import annotations
@@ -154,7 +155,7 @@ class KernelProfile:
     halt_poll: HaltPollParams
     # Exits handled in the fastpath and re-entered at once count in ``exits`` (commit 8b703a49c9df).
     counts_fastpath_exits: bool = False
-    rmap_bucket: str = "fls"
+    rmap_bucket: str = "ffs"
     mmu_rules: ShadowMmuRules = MMU_RULES_V6_4
     # kvm_caps.has_tsc_control (KVM_CAP_TSC_CONTROL): the vCPU's tsc-scaling-ratio files exist.
     has_tsc_scaling: bool = True
@@ -207,8 +208,8 @@ ALL_VCPU_STATS = _union(*(profile.vcpu_stats for profile in PROFILES.values()))
 
 
 def profile_names() -> list[str]:
-    """Every accepted profile name, the ffs variants included."""
-    return [name + suffix for name in PROFILES for suffix in ("", "+ffs")]
+    """Every accepted profile name, the bucket variants included."""
+    return [name + suffix for name in PROFILES for suffix in ("", "+fls", "+ffs")]
 
 
 # Profiles read from files (`--kernel FILE`), by the name the file gives them.
@@ -216,8 +217,10 @@ FILE_PROFILES: dict[str, KernelProfile] = {}
 
 
 def get_profile(name: str) -> KernelProfile:
-    """Look a profile up by name; ``NAME+ffs`` gives NAME with the kernel's ffs buckets. A path (with a '/' or
-    ending in .json) reads a profile file (kvmdbgfs/kvm/profile_file.py), known by its name from then on."""
+    """Look a profile up by name; ``NAME+fls`` gives NAME with log2 (fls) buckets, ``NAME+ffs`` is NAME
+    (the kernel's ffs buckets, every profile's default; accepted so that older scenarios keep working). A path
+    (with a '/' or ending in .json) reads a profile file (kvmdbgfs/kvm/profile_file.py), known by its name from
+    then on."""
     if not isinstance(name, str):
         raise ValueError(f"kernel profile must be a name, not {name!r}")
     if name in FILE_PROFILES:
@@ -231,8 +234,8 @@ def get_profile(name: str) -> KernelProfile:
         return profile
     base, plus, variant = name.partition("+")
     profile = PROFILES.get(base)
-    if profile is None or (plus and variant != "ffs"):
+    if profile is None or (plus and variant not in RMAP_BUCKETS):
         raise ValueError(f"unknown kernel profile {name!r} (known: {', '.join(profile_names())})")
-    if variant == "ffs":
-        return replace(profile, name=name, rmap_bucket="ffs")
+    if variant == "fls":
+        return replace(profile, name=name, rmap_bucket="fls")
     return profile

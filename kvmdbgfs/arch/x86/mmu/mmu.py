@@ -27,7 +27,11 @@ import numpy as np
 
 from kvmdbgfs.arch.x86.mmu.leaf_rmap import LeafRmaps
 from kvmdbgfs.sched import cond_resched
-from kvmdbgfs.arch.x86.mmu.mmu_memslots import KVM_MIN_ALLOC_MMU_PAGES, MmuMemslots
+from kvmdbgfs.arch.x86.mmu.mmu_memslots import (
+    KVM_MIN_ALLOC_MMU_PAGES,
+    MmuMemslots,
+    kvm_mmu_calculate_default_mmu_pages,
+)
 from kvmdbgfs.arch.x86.mmu.page_fault import kvm_mmu_do_page_fault
 from kvmdbgfs.arch.x86.mmu.paging_tmpl import translate_gvas, walk_addr
 from kvmdbgfs.arch.x86.mmu.pte_write import kvm_mmu_track_write
@@ -136,6 +140,11 @@ class KvmMmu:
         self.stat.remote_tlb_flush_requests += 1
         if self.make_all_cpus_request(KVM_REQ_TLB_FLUSH):
             self.stat.remote_tlb_flush += 1
+
+    def _host(self) -> None:
+        """The host acts (a QEMU ioctl, an mmu notifier), not a vCPU's exit: no vCPU is the requester that
+        kvm_make_all_cpus_request() leaves out, every one in guest mode needs its IPI."""
+        self.current = None
 
     def _enter(self, vcpu_id: int) -> MmuVcpu:
         vcpu = self.current = self.vcpu(vcpu_id)
@@ -283,15 +292,15 @@ class KvmMmu:
             kvm_mmu_track_write(self, gfn, index, value)
         vcpu_enter(self, vcpu)
 
-    def load_cr3(self, vcpu_id: int, root_gfn: int) -> None:
-        """MOV to CR3: exits under shadow paging only."""
+    def load_cr3(self, vcpu_id: int, root_gfn: int, noflush: bool = False) -> None:
+        """MOV to CR3: exits under shadow paging only; with the no-flush bit (PCID) nothing is synced."""
         with self.locked:
             vcpu = self._enter(vcpu_id)
             if not self.shadow_paging:
                 vcpu.cr3 = root_gfn
                 return
             vcpu.count_exit()
-            kvm_set_cr3(self, vcpu, root_gfn)
+            kvm_set_cr3(self, vcpu, root_gfn, skip_tlb_flush=noflush)
             vcpu_enter(self, vcpu)
 
     def flush_tlb(self, vcpu_id: int) -> None:
@@ -314,23 +323,27 @@ class KvmMmu:
     # -- the host side ---------------------------------------------------------------------------
 
     def kvm_arch_commit_memory_region(self) -> None:
-        """After a memslot was created or deleted: the default shadow-page limit follows the memory size."""
+        """After a memslot was created or deleted: the default shadow-page limit follows the memory size of
+        both address spaces."""
         with self.locked:
+            self._host()
             self.memslots.update(self.arch.memslots)
             if not self.n_requested_mmu_pages:
-                kvm_mmu_change_mmu_pages(self, self.memslots.default_mmu_pages())
+                kvm_mmu_change_mmu_pages(self, kvm_mmu_calculate_default_mmu_pages(self.arch.memslots))
 
     def set_nr_mmu_pages(self, nr_mmu_pages: int) -> None:
         """KVM_SET_NR_MMU_PAGES (at least KVM_MIN_ALLOC_MMU_PAGES)."""
         if nr_mmu_pages < KVM_MIN_ALLOC_MMU_PAGES:
             raise ValueError(f"KVM_SET_NR_MMU_PAGES: at least {KVM_MIN_ALLOC_MMU_PAGES} pages (-EINVAL)")
         with self.locked:
+            self._host()
             self.n_requested_mmu_pages = nr_mmu_pages
             kvm_mmu_change_mmu_pages(self, nr_mmu_pages)
 
     def kvm_arch_flush_shadow_memslot(self) -> None:
         """A memslot is being deleted or moved: kvm_mmu_zap_all_fast() (every page, not just the slot's)."""
         with self.locked:
+            self._host()
             if self.tdp is None:
                 kvm_mmu_zap_all_fast(self)
             elif self.tdp.invalidate_all_roots():
@@ -340,6 +353,7 @@ class KvmMmu:
         """The mmu-notifier invalidation of guest memory [start, end) (e.g. the host reclaimed or
         migrated it): every leaf spte of those gfns is zapped, at every level."""
         with self.locked:
+            self._host()
             if self.tdp is not None:
                 flush = self.tdp.zap_leafs(start, end)
             else:
@@ -350,6 +364,7 @@ class KvmMmu:
     def kvm_mmu_zap_all(self) -> None:
         """kvm_arch_flush_shadow_all() at VM teardown."""
         with self.locked:
+            self._host()
             if self.tdp is None:
                 kvm_mmu_zap_all(self)
             else:

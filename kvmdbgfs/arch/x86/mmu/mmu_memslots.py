@@ -18,8 +18,20 @@ import numpy as np
 from kvmdbgfs.arch.x86.mmu.memslot import KVM_NR_PAGE_SIZES, KvmMemorySlot, gfn_to_index, kvm_mmu_slot_lpages
 from kvmdbgfs.arch.x86.mmu.spte import KVM_MAX_HUGEPAGE_LEVEL, KVM_PAGES_PER_HPAGE, PG_LEVEL_2M, PG_LEVEL_4K
 
-KVM_PERMILLE_MMU_PAGES = 20
+KVM_MEMSLOT_PAGES_TO_MMU_PAGES_RATIO = 50  # 5.x wrote it as KVM_PERMILLE_MMU_PAGES 20: the same floor(n / 50)
 KVM_MIN_ALLOC_MMU_PAGES = 64
+
+
+def kvm_mmu_calculate_default_mmu_pages(memslots: Iterable[KvmMemorySlot]) -> int:
+    """The default shadow-page limit: one page per 50 pages of every memslot of every address space (SMM's
+    included), at least KVM_MIN_ALLOC_MMU_PAGES.
+
+    5.x (kvm_mmu_calculate_default_mmu_pages) loops over both address spaces and takes 20 per mille;
+    5.17+ keeps the same sum as kvm->nr_memslot_pages and divides by 50. floor(20n / 1000) == floor(n / 50)
+    for every n, so the value is the same for every profile (5.x also recomputes it on a slot move or flags
+    change, which leaves the sum, and so the limit, as it was)."""
+    nr_memslot_pages = sum(slot.npages for slot in memslots)
+    return max(nr_memslot_pages // KVM_MEMSLOT_PAGES_TO_MMU_PAGES_RATIO, KVM_MIN_ALLOC_MMU_PAGES)
 
 
 class MmioAccess(Exception):
@@ -111,8 +123,3 @@ class MmuMemslots:
         if level == PG_LEVEL_4K:
             return PG_LEVEL_4K
         return min(level, self.host_max_level)
-
-    def default_mmu_pages(self) -> int:
-        """kvm_mmu_calculate_default_mmu_pages(): 20 per 1000 pages of the slots, at least 64."""
-        nr_pages = sum(ms.end_gfn - ms.base_gfn for ms in self.slots)
-        return max(nr_pages * KVM_PERMILLE_MMU_PAGES // 1000, KVM_MIN_ALLOC_MMU_PAGES)

@@ -1,4 +1,5 @@
-"""The per-VM ``mmu_rmaps_stat`` file (arch/x86/kvm/debugfs.c): a log2 histogram of rmap list lengths."""
+"""The per-VM ``mmu_rmaps_stat`` file (arch/x86/kvm/debugfs.c): a histogram of rmap list lengths, bucketed
+with ffs() as the kernel does (or with fls(), the log2 buckets the header promises)."""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ BUCKETS: dict[str, Callable[[np.ndarray], np.ndarray]] = {"fls": rmap_bucket_fls
 
 
 def rmaps_histogram(
-    slots: Iterable[KvmMemorySlot], pte_list: PteListDesign, bucket: str = "fls"
+    slots: Iterable[KvmMemorySlot], pte_list: PteListDesign, bucket: str = "ffs"
 ) -> np.ndarray:
     """kvm_mmu_rmaps_stat_show's walk: shape (3, 11), every head of every slot that has rmaps.
 
@@ -63,7 +64,7 @@ def format_mmu_rmaps_stat(hist: np.ndarray) -> str:
     return "".join(lines)
 
 
-def mmu_rmaps_stat_show(slots: Iterable[KvmMemorySlot], pte_list: PteListDesign, bucket: str = "fls") -> str:
+def mmu_rmaps_stat_show(slots: Iterable[KvmMemorySlot], pte_list: PteListDesign, bucket: str = "ffs") -> str:
     """kvm_mmu_rmaps_stat_show: empty when the VM has no rmaps (kvm_memslots_have_rmaps)."""
     slots = list(slots)
     if all(slot.rmap is None for slot in slots):

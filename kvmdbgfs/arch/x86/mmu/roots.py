@@ -106,9 +106,11 @@ def _needs_root(mmu: KvmMmu, vcpu: MmuVcpu) -> bool:
     return vcpu.root is None and mmu.tdp is None and (vcpu.cr3 is not None or not mmu.shadow_paging)
 
 
-def kvm_set_cr3(mmu: KvmMmu, vcpu: MmuVcpu, pgd: int) -> None:
-    """kvm_set_cr3() under shadow paging: a new pgd switches roots; any load flushes the TLB and syncs."""
+def kvm_set_cr3(mmu: KvmMmu, vcpu: MmuVcpu, pgd: int, skip_tlb_flush: bool = False) -> None:
+    """kvm_set_cr3() under shadow paging: a new pgd switches roots; a load without the PCID no-flush bit
+    flushes the TLB and syncs."""
     if pgd != vcpu.cr3:
         vcpu.cr3 = pgd
         kvm_mmu_new_pgd(mmu, vcpu, pgd)
-    vcpu.requests |= KVM_REQ_MMU_SYNC | KVM_REQ_TLB_FLUSH_CURRENT
+    if not skip_tlb_flush:
+        vcpu.requests |= KVM_REQ_MMU_SYNC | KVM_REQ_TLB_FLUSH_CURRENT
