@@ -64,9 +64,9 @@ def reader_arriving(within_s: float) -> None:
         _quiet_after = max(_quiet_after, time.monotonic() + within_s)
 
 
-def readers_waiting() -> bool:
-    """True while a request is being served or has just been."""
-    return _in_flight > 0 or time.monotonic() < _quiet_after
+def readers_waiting(now: float | None = None) -> bool:
+    """True while a request is being served or has just been (``now``: the monotonic time, if just read)."""
+    return _in_flight > 0 or (time.monotonic() if now is None else now) < _quiet_after
 
 
 class _Cpu:
@@ -114,12 +114,12 @@ def cond_resched() -> None:
     if run_until is None:
         return
     now = time.monotonic()
-    if readers_waiting() and now >= run_until:
+    if now >= run_until and readers_waiting(now):
         deadline = now + MAX_WAIT_S
         while readers_waiting() and time.monotonic() < deadline:
             time.sleep(GRACE_S / 2)
         _emulation.run_until = time.monotonic() + RUN_QUANTUM_S
-    if getattr(_emulation, "on_cpu", False) and _cpu.waiting and time.monotonic() >= _emulation.slice_end:
+    if _cpu.waiting and getattr(_emulation, "on_cpu", False) and time.monotonic() >= _emulation.slice_end:
         _cpu.lock.release()
         time.sleep(0)
         _cpu.take()

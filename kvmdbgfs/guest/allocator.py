@@ -84,13 +84,15 @@ def distinct(gfns: np.ndarray) -> bool:
 
 def max_order_blocks(free_runs: Sequence[tuple[int, int]]) -> list[np.ndarray]:
     """The fresh frames grouped by MAX_ORDER-aligned block (a block's frames in allocation order), the
-    blocks in the order their first frame is handed out."""
-    fresh = np.concatenate([np.arange(start, end, dtype=np.int64) for start, end in free_runs])
-    block_of = fresh // MAX_ORDER_NR_PAGES
-    _, first, block_index = np.unique(block_of, return_index=True, return_inverse=True)
-    grouped = fresh[np.argsort(first[block_index], kind="stable")]  # by the block's first hand-out
-    cuts = np.flatnonzero(np.diff(grouped // MAX_ORDER_NR_PAGES)) + 1
-    return np.split(grouped, cuts)
+    blocks in the order their first frame is handed out. Each run is cut at block boundaries and the
+    pieces gathered per block, so the work goes with the number of blocks, not of frames."""
+    pieces: dict[int, list[np.ndarray]] = {}  # by block, in the order of first hand-out
+    for start, end in free_runs:
+        while start < end:
+            stop = min(end, (start // MAX_ORDER_NR_PAGES + 1) * MAX_ORDER_NR_PAGES)
+            pieces.setdefault(start // MAX_ORDER_NR_PAGES, []).append(np.arange(start, stop, dtype=np.int64))
+            start = stop
+    return [parts[0] if len(parts) == 1 else np.concatenate(parts) for parts in pieces.values()]
 
 
 class MovableZone:

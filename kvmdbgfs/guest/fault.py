@@ -77,6 +77,12 @@ def _private_write_faults(ctx: KernelContext, mm: Mm, vma: Vma, pt: int, base: i
     ptes = ctx.memory.table(pt)[indices]
     mapped = present(ptes)
     any_mapped = bool(mapped.any())  # else (the common case) fresh memory: nothing to copy, reuse or flush
+    if not any_mapped and vma.file is None:  # do_anonymous_page only: what the general path below reduces to
+        new = ctx.pages.alloc(len(indices), PAGE_ANON)
+        ctx.kernel_access(direct_map(new), write=True)  # clear_user_highpage
+        ctx.stores(pt, indices, make_ptes(new, vma.page_prot()) | WRITE_DIRTY)
+        vma.anon_vma = True
+        return
     src = np.where(mapped, ptes_gfn(ptes), -1)
     reuse = mapped & ctx.pages.exclusive_anon(np.maximum(src, 0)) if any_mapped else mapped
     if vma.file is None:

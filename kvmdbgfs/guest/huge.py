@@ -45,7 +45,7 @@ def pmd_entry(ctx: KernelContext, pgd: int, va: int) -> tuple[int, int, int]:
     """The PD page holding ``va``'s PMD (-1 if none), the index in it and the entry (0 if none)."""
     pd = table_at(ctx, pgd, va, 2)
     index = pt_index(va, 2)
-    return pd, index, int(ctx.memory.table(pd)[index]) if pd >= 0 else 0
+    return pd, index, ctx.memory.table(pd).item(index) if pd >= 0 else 0
 
 
 def is_huge(entry: int) -> bool:

@@ -267,6 +267,8 @@ class GuestKernel:
 
     def threads(self, task: Task) -> list[Task]:
         """The other tasks sharing ``task``'s mm (its thread group), by pid."""
+        if task.mm is not None and task.mm.users == 1:  # mm_users counts the group: no other to look for
+            return []
         return [other for other in self.tasks.values() if other.mm is task.mm and other is not task]
 
     def exit(self, task: Task) -> None:

@@ -84,7 +84,7 @@ def table_at(ctx: KernelContext, pgd: int, gva: int, level: int) -> int:
     """The gfn of the level-``level`` table that maps ``gva`` (4 is the pgd itself), or -1 if there is none."""
     gfn = pgd
     for lvl in range(4, level, -1):
-        entry = int(ctx.memory.table(gfn)[pt_index(gva, lvl)])
+        entry = ctx.memory.table(gfn).item(pt_index(gva, lvl))
         if not entry & PT_PRESENT_MASK or entry & PT_PAGE_SIZE_MASK:
             return -1
         gfn = pte_gfn(entry)
@@ -100,7 +100,7 @@ def alloc_table_at(
     gfn = pgd
     for lvl in range(4, level, -1):
         index = pt_index(gva, lvl)
-        entry = int(ctx.memory.table(gfn)[index])
+        entry = ctx.memory.table(gfn).item(index)
         if entry & PT_PRESENT_MASK:
             gfn = pte_gfn(entry)
             continue

@@ -47,6 +47,9 @@ IDLE_WAIT_S = 0.02  # how long the thread sleeps when it has caught up with a re
 # counters move in 20 ms steps.
 REALTIME_QUANTUM_NS = 20_000_000
 MANUAL_WAIT_S = 1.0
+# Waiters on a workload's progress are woken at most this often: a wake-up per step (every ~2 ms of
+# rmap_fork) costs the workload an interpreter-lock hand-over each time, for a progress bar that cannot show it.
+PROGRESS_NOTIFY_S = 0.05
 CANCEL_WAIT_S = 30.0  # how long a cancel or QEMU's exit waits for the workload to stop and tear down
 # QEMU's kvm_arch_init(): the identity map at 0xfeffc000 and the real-mode TSS in the 3 pages after it.
 QEMU_TSS_ADDR = 0xFEFFD000
@@ -68,6 +71,7 @@ class WorkloadJob:
     error: str | None = None
     done: threading.Event = field(default_factory=threading.Event)
     changed: threading.Condition = field(default_factory=threading.Condition)
+    notify_after: float = 0.0  # monotonic time before which a progress step wakes no waiter
 
     def wait_change(self, timeout: float) -> None:
         """Until the progress moves, the job ends, or ``timeout`` seconds pass."""
@@ -249,7 +253,10 @@ class QemuProcess:
                 self.guest.idle_running_cpus()
             self.idle_until(self.guest_ns + idle_ns)
         job.progress = (done, total)
-        job._notify()
+        now = time.monotonic()
+        if now >= job.notify_after:
+            job.notify_after = now + PROGRESS_NOTIFY_S
+            job._notify()
         cond_resched()
         time.sleep(0)
         if job.cancel is not None:

@@ -207,12 +207,14 @@ class KvmMmu:
             if len(gvas) > SCALAR_BATCH:
                 self._access_batch(vcpu, self._addrs(vcpu, gvas, write, user), write, user)
                 return
+            needed = SPTE_MMU_PRESENT_MASK | (PT_WRITABLE_MASK if write else 0) | (PT_USER_MASK if user else 0)
             for gva in gvas.tolist():
-                addr = self._addr(vcpu, gva, write, user)
+                addr = gva if self.shadow_paging else self._addr(vcpu, gva, write, user)
                 if addr is None:
                     continue
-                spte = self._leaf_spte(vcpu, addr)
-                if not self._usable_spte(spte, write, user):
+                root = self._root_id(vcpu)  # read for each address: a fault may have loaded another root
+                spte = 0 if root is None else self._pool().leaf_spte(root, addr)
+                if spte & needed != needed:
                     self._access_fault(vcpu, addr, write, user, spte)
 
     def _access_batch(self, vcpu: MmuVcpu, addrs: np.ndarray, write: bool, user: bool) -> None:
