@@ -20,7 +20,7 @@ from typing import Any
 
 import mfusepy
 
-from kvmdbgfs.debugfs.dentry import Dentry, dcache_readdir, lookup
+from kvmdbgfs.debugfs.dentry import Dentry, dcache_readdir, lookup, tree_lock
 from kvmdbgfs.debugfs.errors import kernel_error
 from kvmdbgfs.debugfs.file import File, vfs_open, vfs_read, vfs_write
 from kvmdbgfs.sched import serving

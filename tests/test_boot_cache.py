@@ -19,9 +19,9 @@ from kvmdbgfs.vmm import bootcache
 from kvmdbgfs.vmm.bootcache import BootCache
 from kvmdbgfs.vmm.qemu import QemuProcess
 from kvmdbgfs.vmm.vmm import Vmm
-from kvmdbgfs.workloads import run_workload
+from kvmdbgfs.workloads import get_workload, run_workload
 
-BOOT = {"uptime": 20, "workers": 3, "logins": 1}
+BOOT = get_workload("idle").settings({"uptime": 20, "workers": 3, "logins": 1})  # every key, as a job has them
 VM = {"memory": "256M", "vcpus": 2, "seed": 5, "workload": "idle", "settings": BOOT}
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from kvmdbgfs.control.client import request
+from kvmdbgfs.daemon import kill
 from kvmdbgfs.mountpoint import MountpointError, detach, mounted_paths
 
 REPO = Path(__file__).resolve().parents[2]
@@ -88,12 +88,7 @@ def _serving_process(name: str, command: list[str], directory: Path, probe: str,
             raise RuntimeError(f"{name} exited with {process.returncode}: {(directory / 'server.log').read_text()}")
         yield served
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(STOP_TIMEOUT_S)
+        kill(process, STOP_TIMEOUT_S)
         if is_mounted(mountpoint):
             with contextlib.suppress(MountpointError):
                 detach(str(mountpoint))
