@@ -196,6 +196,7 @@ def sampler_row(phase: str, seconds: float, root: Path, limited: bool) -> Figure
 def loaded_host_rows() -> tuple[list[Figure], list[str]]:
     """Sections a, b and c on one mount: the idle 6 GiB shadow guest, then two more VMs under load."""
     with mounted(QUIET_SCENARIO) as served:
+        wait_booted(served)  # the tree is served while the guest boots: the quiet host is the booted one
         (idle,) = (vm["name"] for vm in served.vms())
         paths = [served.path / idle / "exits", served.path / idle / "mmu_rmaps_stat"]
         rows = read_rows("quiet", idle, read_latencies(paths, QUIET_S), limited=False)
