@@ -45,7 +45,7 @@ class _Serving:
         global _in_flight, _quiet_after
         with _lock:
             _in_flight -= 1
-            _quiet_after = time.monotonic() + GRACE_S
+            _quiet_after = max(_quiet_after, time.monotonic() + GRACE_S)  # never cuts an arrival's window short
 
 
 _SERVING = _Serving()

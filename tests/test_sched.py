@@ -47,3 +47,12 @@ def test_a_new_control_connection_is_announced_before_its_thread_starts(tmp_path
     finally:
         server.close()
     assert arrivals == [listener.ARRIVAL_S]
+
+
+def test_a_request_ending_keeps_an_arrivals_window() -> None:
+    """A request that ends while a new connection's window is open leaves the window as long as it was."""
+    sched.reader_arriving(0.3)
+    with sched.serving():
+        pass
+    time.sleep(0.05)  # past GRACE_S, well inside the arrival's window
+    assert sched.readers_waiting()
