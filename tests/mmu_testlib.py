@@ -25,6 +25,7 @@ from kvmdbgfs.guest.pte import (
 )
 from kvmdbgfs.guest.pte import PT_WRITABLE_MASK as GPT_WRITABLE
 from kvmdbgfs.arch.x86.kvm_arch import X86KvmArchFactory
+from kvmdbgfs.arch.x86.x86 import HostCpu
 from kvmdbgfs.kvm.host import KvmHost
 from kvmdbgfs.kvm.vm import Kvm
 from kvmdbgfs.vmm.layout import q35_memslots
@@ -43,11 +44,17 @@ U64 = np.uint64
 
 
 def new_vm(
-    mmu: str = "shadow", memory: str = "128M", vcpus: int = 1, design: str | None = None, kernel: str = "latest"
+    mmu: str = "shadow",
+    memory: str = "128M",
+    vcpus: int = 1,
+    design: str | None = None,
+    kernel: str = "latest",
+    nx_huge_pages: bool = False,
 ) -> Kvm:
     """A bare VM, without a VMM (so no vCPU thread runs): what QEMU would set up, done by hand —
-    KVM_CREATE_VM, KVM_SET_TSS_ADDR, the q35 memslots, then the vCPUs."""
-    host = KvmHost(X86KvmArchFactory(), profile=kernel)
+    KVM_CREATE_VM, KVM_SET_TSS_ADDR, the q35 memslots, then the vCPUs. ``nx_huge_pages``: the host runs the
+    iTLB-multihit mitigation."""
+    host = KvmHost(X86KvmArchFactory(HostCpu(nx_huge_pages=nx_huge_pages)), profile=kernel)
     config = host.make_config(memory=memory, vcpus=vcpus, mmu=mmu, seed=0, rmap_design=design)
     kvm = host.kvm_create_vm(config, "1234-10")
     kvm.arch.kvm_arch_vm_ioctl_set_tss_addr(QEMU_TSS_ADDR)

@@ -83,7 +83,7 @@ def test_the_scenario_host_table_is_read(tmp_path) -> None:
 
 BAD_HOSTS = {
     'vendor = "amd"': "[host] vendor 'amd' is not modelled (SVM's memslots, NPT and TSC scaling differ): use intel",
-    "nx_huge_pages = true": "[host] nx_huge_pages = true is not modelled…",
+    "nx_huge_pages = 2": "[host] nx_huge_pages must be true or false",
     'l1d_flush = "sometimes"': "[host] l1d_flush must be one of off, cond, always, not 'sometimes'",
     "colour = 1": "[host]: unknown keys ['colour'] (known: vendor, nx_huge_pages, l1d_flush)",
 }

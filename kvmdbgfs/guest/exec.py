@@ -124,5 +124,5 @@ def _relocate(task: Task, obj: LoadedElf) -> None:
 
 def run_code(kernel: GuestKernel, task: Task, obj: LoadedElf, frac: float) -> None:
     """Running ``frac`` of an object's code: its hottest text windows and the rodata that code reads."""
-    task.touch_pages(kernel.hot_pages(obj, "text", frac), write=False)
+    task.touch_pages(kernel.hot_pages(obj, "text", frac), write=False, fetch=True)
     task.touch_pages(kernel.hot_pages(obj, "rodata", frac * RODATA_FRAC), write=False)

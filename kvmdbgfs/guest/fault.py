@@ -203,14 +203,14 @@ def populate(ctx: KernelContext, mm: Mm, start: int, end: int, write: bool) -> N
                 handle_pt_faults(ctx, mm, vma, base, indices[indices == index], write)
 
 
-def touch(ctx: KernelContext, mm: Mm, gvas: np.ndarray, write: bool, user: bool = True) -> None:
-    """User code touching the pages ``gvas`` in order: each access that faults is handled, then retried.
-    Without ``user`` it is the kernel touching them through their user addresses (copy_to_user, get_user):
-    the same faults, but supervisor accesses, made on the kernel's pgd."""
+def touch(ctx: KernelContext, mm: Mm, gvas: np.ndarray, write: bool, user: bool = True, fetch: bool = False) -> None:
+    """User code touching the pages ``gvas`` in order (``fetch``: running the code on them): each access that
+    faults is handled, then retried. Without ``user`` it is the kernel touching them through their user
+    addresses (copy_to_user, get_user): the same faults, but supervisor accesses, made on the kernel's pgd."""
 
     def access(pages: np.ndarray) -> None:
         if user:
-            ctx.user_access(pages.astype(np.uint64), write, mm.pgd)
+            ctx.user_access(pages.astype(np.uint64), write, mm.pgd, fetch)
         else:
             ctx.kernel_access(pages.astype(np.uint64), write)
 

@@ -31,8 +31,9 @@ class GuestHardware(Protocol):
         """A context switch: the vCPU now translates through the PML4 at ``root_gfn``; it flushes the TLB (of
         the PCID) unless ``noflush`` (CR3 bit 63 with PCIDs on)."""
 
-    def access(self, vcpu_id: int, gvas: np.ndarray, write: bool, user: bool) -> None:
-        """The vCPU touches each address in ``gvas`` (in order) through the current CR3."""
+    def access(self, vcpu_id: int, gvas: np.ndarray, write: bool, user: bool, fetch: bool = False) -> None:
+        """The vCPU touches each address in ``gvas`` (in order) through the current CR3; ``fetch``: it executes
+        instructions there (a fault then carries PFERR_FETCH_MASK)."""
 
     def invlpg(self, vcpu_id: int, gva: int) -> None:
         """INVLPG: drop the translation of one address."""
@@ -72,7 +73,7 @@ class BareMetal:
     def load_cr3(self, vcpu_id: int, root_gfn: int, noflush: bool = False) -> None:
         self.cr3[vcpu_id] = root_gfn
 
-    def access(self, vcpu_id: int, gvas: np.ndarray, write: bool, user: bool) -> None:
+    def access(self, vcpu_id: int, gvas: np.ndarray, write: bool, user: bool, fetch: bool = False) -> None:
         """Nothing to do: bare-metal hardware walks the tables itself."""
 
     def invlpg(self, vcpu_id: int, gva: int) -> None:

@@ -102,17 +102,18 @@ class KernelContext:
             self.hw.store_pte(self.cpu, second, index, int(second_values[i]))
 
     # -- accesses and TLB ----------------------------------------------------------
-    def user_access(self, gvas: np.ndarray, write: bool, pgd: int) -> None:
-        """User code of the process whose pgd is ``pgd`` (loaded on this vCPU) touches ``gvas``."""
+    def user_access(self, gvas: np.ndarray, write: bool, pgd: int, fetch: bool = False) -> None:
+        """User code of the process whose pgd is ``pgd`` (loaded on this vCPU) touches ``gvas`` (``fetch``:
+        executes them)."""
         if len(gvas):
             if self.pti is not None:
                 self.pti.to_user(self.cpu, pgd)
-            self.hw.access(self.cpu, np.asarray(gvas, np.uint64), write, True)
+            self.hw.access(self.cpu, np.asarray(gvas, np.uint64), write, True, fetch)
 
-    def kernel_access(self, gvas: np.ndarray, write: bool) -> None:
+    def kernel_access(self, gvas: np.ndarray, write: bool, fetch: bool = False) -> None:
         if len(gvas):
             self.kernel_mode()
-            self.hw.access(self.cpu, np.asarray(gvas, np.uint64), write, False)
+            self.hw.access(self.cpu, np.asarray(gvas, np.uint64), write, False, fetch)
 
     def invlpg(self, gva: int) -> None:
         self.kernel_mode()

@@ -108,7 +108,8 @@ class GuestKernel:
     def _boot_touch(self, image: int, text: int, rodata: int) -> None:
         """start_kernel on the boot CPU: the image is executed and written, every struct page initialised."""
         image_va = kernel_vas(self.kpt.image_va, np.arange(text + rodata + self.config.data_mib * MiB_PAGES))
-        self.ctx.kernel_access(image_va[: text + rodata], write=False)
+        self.ctx.kernel_access(image_va[:text], write=False, fetch=True)
+        self.ctx.kernel_access(image_va[text : text + rodata], write=False)
         self.ctx.kernel_access(image_va[text + rodata :], write=True)
         per_page = PAGE_SIZE // STRUCT_PAGE_SIZE
         pfns = np.concatenate([np.arange(s - s % per_page, e, per_page) for s, e in self.boot_memory.ram])

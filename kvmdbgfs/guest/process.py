@@ -191,10 +191,10 @@ class Task:
         ctx, mm = self._enter()
         fault.touch(ctx, mm, np.arange(start, end, step * PAGE_SIZE, dtype=np.int64), write)
 
-    def touch_pages(self, gvas: np.ndarray, write: bool) -> None:
-        """The program touches the pages of ``gvas``, in that order."""
+    def touch_pages(self, gvas: np.ndarray, write: bool, fetch: bool = False) -> None:
+        """The program touches the pages of ``gvas``, in that order (``fetch``: runs the code on them)."""
         ctx, mm = self._enter()
-        fault.touch(ctx, mm, gvas, write)
+        fault.touch(ctx, mm, gvas, write, fetch=fetch)
 
     def access_user(self, start: int, end: int, write: bool) -> None:
         """The kernel reads or writes [start, end) of the task's memory through its user addresses, on the

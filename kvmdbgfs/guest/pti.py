@@ -79,7 +79,7 @@ class PageTableIsolation:
         self.flush_pending.discard(cpu)
         self.hw.load_cr3(cpu, self.user_pgds[pgd], noflush=noflush)
         self.on_user[cpu] = pgd
-        self.hw.access(cpu, self.entry_text, False, False)
+        self.hw.access(cpu, self.entry_text, False, False, fetch=True)
 
     def invalidate_user_asid(self, cpu: int) -> None:
         """A flush on ``cpu`` covered the kernel ASID only: the next return to user space flushes the user's."""

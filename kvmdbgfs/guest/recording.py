@@ -76,7 +76,7 @@ class RecordingHardware(BareMetal):
         self.events.append(Event("cr3", vcpu_id, root_gfn, value=int(noflush)))
         super().load_cr3(vcpu_id, root_gfn, noflush)
 
-    def access(self, vcpu_id: int, gvas: np.ndarray, write: bool, user: bool) -> None:
+    def access(self, vcpu_id: int, gvas: np.ndarray, write: bool, user: bool, fetch: bool = False) -> None:
         self.calls["access"] += 1
         for gva in np.asarray(gvas, np.uint64).tolist():
             gfn, path = translate(self.memory, self.cr3[vcpu_id], gva)

@@ -91,7 +91,7 @@ def wake(task: Task) -> None:
     if buffer is not None:
         task.touch(*buffer, write=True)
     for obj in task.objects[:1] + [o for o in task.objects if o.elf.name == "libc.so.6"]:
-        task.touch_pages(kernel.hot_pages(obj, "text", program.text_frac * WAKE_TEXT_FRAC), write=False)
+        task.touch_pages(kernel.hot_pages(obj, "text", program.text_frac * WAKE_TEXT_FRAC), write=False, fetch=True)
 
 
 def serve(task: Task, share: float) -> None:

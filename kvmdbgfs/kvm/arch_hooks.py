@@ -50,6 +50,9 @@ class KvmArchHooks(Protocol):
     def update_blocking(self, now_ns: int) -> None:
         """The ``blocking`` stats as seen at ``now_ns``."""
 
+    def run_host_threads(self, now_ns: int) -> None:
+        """The VM's host kernel threads (x86: NX huge page recovery) do what is due by ``now_ns``."""
+
     def kvm_arch_prepare_memory_region(self, slot_id: int, as_id: int, base_gfn: int, npages: int) -> Any:
         """A new memslot: its arch metadata (rmaps); returns the slot."""
 

@@ -128,11 +128,27 @@ class ShadowMmuRules:
     # again (linux-stable-rc queue/5.15 of 2022-09-25 keeps only its prerequisite "Fold rmap_recycle into
     # rmap_add"), so no 5.15.y has it and the file reads 0 on every 5.15 kernel.
     updates_max_mmu_rmap_size: bool
+    # The NX huge page rules (kvm.nx_huge_pages on). Since "KVM: x86/mmu: Track possible NX huge pages
+    # separately from disallowed" and "KVM: x86/mmu: explicitly check nx_hugepage in
+    # disallowed_hugepage_adjust()" (v6.1), every page made while a huge page is disallowed is marked
+    # nx_huge_page_disallowed, only those that stand where a huge page could be are counted in
+    # nx_lpage_splits (and recovered), and a fault goes a level down only over a marked page. Before, only the
+    # counted pages were marked (lpage_disallowed) and any page table at the goal level sent the fault down.
+    nx_marks_every_disallowed_page: bool = True
+    # "KVM: x86/mmu: Split huge pages mapped by the TDP MMU on fault" (v6.0): the TDP MMU replaces the huge
+    # spte by a full page of 4K sptes (made executable); before, it zapped it (a remote TLB flush) and linked
+    # an empty page.
+    tdp_mmu_splits_huge_page_on_fault: bool = True
 
 
-# v5.14 had the same three rules, and no max_mmu_rmap_size stat.
+# v5.14 had the same rules, and no max_mmu_rmap_size stat.
 MMU_RULES_V5_15 = ShadowMmuRules(
-    sync_page_zaps_empty=True, prefetch_unsyncs=True, invlpg_prefetches=True, updates_max_mmu_rmap_size=False
+    sync_page_zaps_empty=True,
+    prefetch_unsyncs=True,
+    invlpg_prefetches=True,
+    updates_max_mmu_rmap_size=False,
+    nx_marks_every_disallowed_page=False,
+    tdp_mmu_splits_huge_page_on_fault=False,
 )
 MMU_RULES_V6_1 = ShadowMmuRules(
     sync_page_zaps_empty=False, prefetch_unsyncs=False, invlpg_prefetches=True, updates_max_mmu_rmap_size=True

@@ -267,6 +267,7 @@ class QemuProcess:
         if self.guest is None:
             return
         self.guest_ns = self.kvm.arch.run_guest_code(self.guest_ns, self.guest)
+        self.kvm.arch.run_host_threads(self.guest_ns)
         self.guest.run_due_timers(self.guest_ns / NSEC_PER_SEC)
 
     def _end_busy(self) -> None:
@@ -278,9 +279,10 @@ class QemuProcess:
 
     def idle_until(self, target_ns: int) -> None:
         """The vCPUs run the idle guest up to ``target_ns``: each is resumed when its deadline or an interrupt
-        arrives, in time order; the LAN's packets arrive on the way."""
+        arrives, in time order; the LAN's packets and the VM's host threads (kvm_arch) run on the way."""
         if self.guest is None:
             self.guest_ns = max(self.guest_ns, target_ns)
+            self.kvm.arch.run_host_threads(self.guest_ns)
             return
         while True:
             wake = self.kvm.arch.vcpu_next_wakeup()
@@ -291,8 +293,10 @@ class QemuProcess:
             if wake is None or wake[0] > target_ns:
                 break
             when, vcpu_id = wake
+            self.kvm.arch.run_host_threads(when)
             self.vcpus[vcpu_id].kvm_vcpu_ioctl_run(when, self.guest)
         self.guest_ns = max(self.guest_ns, target_ns)
+        self.kvm.arch.run_host_threads(self.guest_ns)
 
     def vcpu_thread_pid(self, vcpu_id: int) -> int:
         """The thread id of the vCPU's thread (emulated, or the stand-in process's thread)."""

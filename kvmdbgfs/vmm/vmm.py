@@ -50,7 +50,8 @@ class Vmm:
         self.clock = HostClock(clock)
         self.qemu_processes = qemu_processes
         self.pid_max = host_pid_max()
-        self.host = KvmHost(X86KvmArchFactory(HostCpu(l1d_flush=host.l1d_flush)), profile=profile, seed=seed)
+        host_cpu = HostCpu(l1d_flush=host.l1d_flush, nx_huge_pages=host.nx_huge_pages)
+        self.host = KvmHost(X86KvmArchFactory(host_cpu), profile=profile, seed=seed)
         self.seed = seed
         self.boot_cache = boot_cache
         self.vms: dict[str, QemuProcess] = {}

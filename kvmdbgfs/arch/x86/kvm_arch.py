@@ -10,6 +10,7 @@ from kvmdbgfs.arch.x86.debugfs import kvm_arch_create_vcpu_debugfs, kvm_arch_cre
 from kvmdbgfs.arch.x86.guest_hardware import VmxGuestHardware
 from kvmdbgfs.arch.x86.mmu.memslot import KvmMemorySlot
 from kvmdbgfs.arch.x86.mmu.mmu import KvmMmu
+from kvmdbgfs.arch.x86.mmu.nx_recovery import NxRecoveryWorker
 from kvmdbgfs.arch.x86.mmu.pte_list import PTE_LIST_DESIGNS
 from kvmdbgfs.arch.x86.mmu.rmap import KvmRmaps
 from kvmdbgfs.arch.x86.mmu.vcpu_mmu import MmuVcpu
@@ -39,7 +40,9 @@ class KvmArch:
         self.memslots: list[KvmMemorySlot] = []
         self.apic_access_memslot_enabled = False
         self._shadow_root_allocated = self.mmu_mode != "tdp"
-        self.mmu = KvmMmu(kvm, self)
+        self.mmu = KvmMmu(kvm, self, nx_huge_pages=host_cpu.nx_huge_pages)
+        # kvm_mmu_post_init_vm(): the NX huge page recovery thread (it only sleeps while the mitigation is off).
+        self.nx_recovery = NxRecoveryWorker(self.mmu) if host_cpu.nx_huge_pages else None
         # vmx_setup_l1d_flush(): with EPT off the L1TF mitigation is not needed, nothing flushes.
         l1d_flush = host_cpu.l1d_flush if self.mmu_mode != "shadow" else "off"
         self.run = VcpuRunLoop(
@@ -95,6 +98,11 @@ class KvmArch:
     def guest_code_pending_ns(self) -> int:
         """How long the guest code run before the vCPUs' first KVM_RUN (the boot) takes."""
         return self.run.pending_ns()
+
+    def run_host_threads(self, now_ns: int) -> None:
+        """The VM's host kernel threads (kvm-nx-lpage-recovery) run what is due by ``now_ns`` of the VM's time."""
+        if self.nx_recovery is not None:
+            self.nx_recovery.run_until(now_ns)
 
     def update_blocking(self, now_ns: int) -> None:
         """The ``blocking`` stats as a reader sees them at ``now_ns``."""

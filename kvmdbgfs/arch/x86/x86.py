@@ -71,10 +71,12 @@ class GuestCpu(Protocol):
 
 @dataclass(frozen=True)
 class HostCpu:
-    """The host CPU model: its L1TF flush mode (off, cond, always), its scheduler tick, and how often its own
-    load preempts a running vCPU thread (per second of guest code run)."""
+    """The host CPU model: its L1TF flush mode (off, cond, always), whether KVM runs the iTLB-multihit
+    mitigation (kvm.nx_huge_pages), its scheduler tick, and how often its own load preempts a running vCPU
+    thread (per second of guest code run)."""
 
     l1d_flush: str = "off"
+    nx_huge_pages: bool = False
     hz: int = HOST_HZ
     preemptions_per_s: float = 2.0
 

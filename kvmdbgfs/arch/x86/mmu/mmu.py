@@ -32,6 +32,7 @@ from kvmdbgfs.arch.x86.mmu.mmu_memslots import (
     MmuMemslots,
     kvm_mmu_calculate_default_mmu_pages,
 )
+from kvmdbgfs.arch.x86.mmu.nx_huge_pages import PossibleNxHugePages
 from kvmdbgfs.arch.x86.mmu.page_fault import kvm_mmu_do_page_fault
 from kvmdbgfs.arch.x86.mmu.paging_tmpl import translate_gvas, walk_addr
 from kvmdbgfs.arch.x86.mmu.pte_write import kvm_mmu_track_write
@@ -42,6 +43,7 @@ from kvmdbgfs.arch.x86.mmu.spt_pool import SptPool
 from kvmdbgfs.arch.x86.mmu.spte import (
     PAGE_SHIFT,
     PG_LEVEL_2M,
+    PT64_NX_MASK,
     PT_USER_MASK,
     PT_WRITABLE_MASK,
     SPTE_MMU_PRESENT_MASK,
@@ -64,6 +66,13 @@ if TYPE_CHECKING:
 
 LINUX_PAGE_OFFSET = 0xFFFF888000000000  # x86-64 Linux's direct map, without KASLR
 SCALAR_BATCH = 16  # up to this many addresses, checking each in Python beats numpy
+
+
+def access_masks(write: bool, user: bool, fetch: bool) -> tuple[int, int]:
+    """(mask, value): a leaf spte translates the access without a fault when ``spte & mask == value``: present,
+    writable for a write, user for a user access, and not NX for an instruction fetch."""
+    needed = SPTE_MMU_PRESENT_MASK | (PT_WRITABLE_MASK if write else 0) | (PT_USER_MASK if user else 0)
+    return needed | (PT64_NX_MASK if fetch else 0), needed
 
 
 class MmuLock:
@@ -90,10 +99,16 @@ class MmuLock:
 
 class KvmMmu:
     """One VM's MMU. ``host_max_level`` is the largest page the host backs guest RAM with
-    (2: transparent huge pages, the default; 3: 1 GiB hugetlbfs; 1: small pages only)."""
+    (2: transparent huge pages, the default; 3: 1 GiB hugetlbfs; 1: small pages only); ``nx_huge_pages`` is
+    whether the host runs the iTLB-multihit mitigation (is_nx_huge_page_enabled)."""
 
     def __init__(
-        self, kvm: Kvm, arch: KvmArch, host_max_level: int = PG_LEVEL_2M, direct_map_base: int = LINUX_PAGE_OFFSET
+        self,
+        kvm: Kvm,
+        arch: KvmArch,
+        host_max_level: int = PG_LEVEL_2M,
+        direct_map_base: int = LINUX_PAGE_OFFSET,
+        nx_huge_pages: bool = False,
     ) -> None:
         self.kvm = kvm
         self.arch = arch
@@ -107,7 +122,12 @@ class KvmMmu:
         self.sps = ShadowPages()
         self.parents = ParentPtes(arch.rmaps.pte_list.name, self.pool)
         self.leaf = LeafRmaps(arch.rmaps, self.pool, self.memslots, kvm.stat, self.flush_remote_tlbs)
-        self.tdp = TdpMmu(self.memslots, kvm.stat) if arch.mmu_mode == "tdp" else None
+        self.nx_huge_pages = nx_huge_pages
+        self.possible_nx_huge_pages = PossibleNxHugePages(kvm.stat)
+        self.tdp: TdpMmu | None = None
+        if arch.mmu_mode == "tdp":
+            nx_pages = self.possible_nx_huge_pages
+            self.tdp = TdpMmu(self.memslots, kvm.stat, self.rules, self.flush_remote_tlbs, nx_huge_pages, nx_pages)
         self.n_used_mmu_pages = 0
         self.n_max_mmu_pages = 0
         self.n_requested_mmu_pages = 0
@@ -182,62 +202,63 @@ class KvmMmu:
         root = self._root_id(vcpu)
         return 0 if root is None else self._pool().leaf_spte(root, addr)
 
-    def _usable(self, vcpu: MmuVcpu, addrs: np.ndarray, write: bool, user: bool) -> np.ndarray:
-        """Which addresses the hardware translates without exiting (present, and W / U as needed)."""
+    def _usable(self, vcpu: MmuVcpu, addrs: np.ndarray, write: bool, user: bool, fetch: bool) -> np.ndarray:
+        """Which addresses the hardware translates without exiting (present, and W / U / X as needed)."""
         root = self._root_id(vcpu)
         if root is None:
             return np.zeros(len(addrs), bool)
-        needed = SPTE_MMU_PRESENT_MASK | (PT_WRITABLE_MASK if write else 0) | (PT_USER_MASK if user else 0)
-        return (self._pool().leaf_sptes(root, addrs) & U64(needed)) == U64(needed)
+        mask, needed = access_masks(write, user, fetch)
+        return (self._pool().leaf_sptes(root, addrs) & U64(mask)) == U64(needed)
 
     @staticmethod
-    def _usable_spte(spte: int, write: bool, user: bool) -> bool:
-        needed = SPTE_MMU_PRESENT_MASK | (PT_WRITABLE_MASK if write else 0) | (PT_USER_MASK if user else 0)
-        return spte & needed == needed
+    def _usable_spte(spte: int, write: bool, user: bool, fetch: bool = False) -> bool:
+        mask, needed = access_masks(write, user, fetch)
+        return spte & mask == needed
 
     # -- GuestHardware -------------------------------------------------------------------------
 
-    def access(self, vcpu_id: int, gvas: np.ndarray, write: bool, user: bool) -> None:
-        """The vCPU touches each address in order; each one the hardware cannot translate exits to a fault."""
+    def access(self, vcpu_id: int, gvas: np.ndarray, write: bool, user: bool, fetch: bool = False) -> None:
+        """The vCPU touches each address in order (``fetch``: executes from it); each one the hardware cannot
+        translate exits to a fault."""
         with self.locked:
             vcpu = self._enter(vcpu_id)
             if vcpu.cr3 is None:
                 raise ValueError(f"vCPU {vcpu_id} accesses memory before loading CR3")
             gvas = np.asarray(gvas, np.uint64).ravel()
             if len(gvas) > SCALAR_BATCH:
-                self._access_batch(vcpu, self._addrs(vcpu, gvas, write, user), write, user)
+                self._access_batch(vcpu, self._addrs(vcpu, gvas, write, user), write, user, fetch)
                 return
-            needed = SPTE_MMU_PRESENT_MASK | (PT_WRITABLE_MASK if write else 0) | (PT_USER_MASK if user else 0)
+            mask, needed = access_masks(write, user, fetch)
             for gva in gvas.tolist():
                 addr = gva if self.shadow_paging else self._addr(vcpu, gva, write, user)
                 if addr is None:
                     continue
                 root = self._root_id(vcpu)  # read for each address: a fault may have loaded another root
                 spte = 0 if root is None else self._pool().leaf_spte(root, addr)
-                if spte & needed != needed:
-                    self._access_fault(vcpu, addr, write, user, spte)
+                if spte & mask != needed:
+                    self._access_fault(vcpu, addr, write, user, spte, fetch)
 
-    def _access_batch(self, vcpu: MmuVcpu, addrs: np.ndarray, write: bool, user: bool) -> None:
+    def _access_batch(self, vcpu: MmuVcpu, addrs: np.ndarray, write: bool, user: bool, fetch: bool) -> None:
         """access() over many addresses at once, as one by one: translations are checked for all of them,
         then again only after a fault took translations away (a zap, a write protection, a new root),
         and individually for the misses an earlier fault may have filled (the prefetch)."""
         pos = 0
         while pos < len(addrs):
             rest = addrs[pos:]
-            misses = np.flatnonzero(~self._usable(vcpu, rest, write, user)).tolist()
+            misses = np.flatnonzero(~self._usable(vcpu, rest, write, user, fetch)).tolist()
             seq, root = self._pool().revoke_seq, self._root_id(vcpu)
             pos = len(addrs)
             for n, miss in enumerate(misses):
                 addr = int(rest[miss])
                 spte = self._leaf_spte(vcpu, addr)
-                if n and self._usable_spte(spte, write, user):
+                if n and self._usable_spte(spte, write, user, fetch):
                     continue
-                self._access_fault(vcpu, addr, write, user, spte)
+                self._access_fault(vcpu, addr, write, user, spte, fetch)
                 if self._pool().revoke_seq != seq or self._root_id(vcpu) != root:
                     pos = len(addrs) - len(rest) + miss + 1
                     break
 
-    def _access_fault(self, vcpu: MmuVcpu, addr: int, write: bool, user: bool, spte: int) -> None:
+    def _access_fault(self, vcpu: MmuVcpu, addr: int, write: bool, user: bool, spte: int, fetch: bool) -> None:
         """A #PF or EPT-violation exit on ``addr``, whose leaf spte is ``spte``. A write KVM must emulate that
         is not a page-table write (a data access) is not emulated: retry_instruction() unprotects the gfn
         and lets the guest retry once."""
@@ -246,7 +267,7 @@ class KvmMmu:
                 spte = self._leaf_spte(vcpu, addr)
             present = bool(spte & SPTE_MMU_PRESENT_MASK)
             vcpu.count_exit()
-            ret = kvm_mmu_do_page_fault(self, vcpu, addr, write, user, present)
+            ret = kvm_mmu_do_page_fault(self, vcpu, addr, write, user, present, fetch)
             retry = False
             if ret == RetPf.EMULATE:
                 vcpu.stat.insn_emulation += 1

@@ -10,6 +10,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from kvmdbgfs.arch.x86.mmu.mmu_memslots import MmuSlot
+from kvmdbgfs.arch.x86.mmu.nx_huge_pages import (
+    HugePageFault,
+    account_nx_huge_page,
+    disallowed_hugepage_adjust,
+    kvm_mmu_hugepage_adjust,
+)
 from kvmdbgfs.arch.x86.mmu.page_hash import child_sp, kvm_mmu_get_child_sp, link_shadow_page, validate_direct_spte
 from kvmdbgfs.arch.x86.mmu.page_track import kvm_gfn_is_write_tracked
 from kvmdbgfs.arch.x86.mmu.paging_tmpl import (
@@ -41,16 +47,19 @@ if TYPE_CHECKING:
     from kvmdbgfs.arch.x86.mmu.mmu import KvmMmu, MmuVcpu
 
 
-def kvm_mmu_do_page_fault(mmu: KvmMmu, vcpu: MmuVcpu, addr: int, write: bool, user: bool, present: bool) -> RetPf:
-    """kvm_mmu_do_page_fault(): the MMU's fault handler, counted in pf_taken and pf_fixed/emulate/spurious."""
+def kvm_mmu_do_page_fault(
+    mmu: KvmMmu, vcpu: MmuVcpu, addr: int, write: bool, user: bool, present: bool, fetch: bool = False
+) -> RetPf:
+    """kvm_mmu_do_page_fault(): the MMU's fault handler, counted in pf_taken and pf_fixed/emulate/spurious.
+    ``fetch`` is PFERR_FETCH_MASK: the access was an instruction fetch."""
     stat = vcpu.stat
     stat.pf_taken += 1
     if mmu.tdp is not None:
-        ret = mmu.tdp.page_fault(addr >> PAGE_SHIFT)
+        ret = mmu.tdp.page_fault(addr >> PAGE_SHIFT, fetch)
     elif not mmu.shadow_paging:
-        ret = direct_page_fault(mmu, vcpu, addr >> PAGE_SHIFT, write)
+        ret = direct_page_fault(mmu, vcpu, addr >> PAGE_SHIFT, write, fetch)
     else:
-        ret = paging64_page_fault(mmu, vcpu, addr, write, user, present)
+        ret = paging64_page_fault(mmu, vcpu, addr, write, user, present, fetch)
     if ret == RetPf.FIXED:
         stat.pf_fixed += 1
     elif ret == RetPf.EMULATE:
@@ -60,7 +69,9 @@ def kvm_mmu_do_page_fault(mmu: KvmMmu, vcpu: MmuVcpu, addr: int, write: bool, us
     return ret
 
 
-def paging64_page_fault(mmu: KvmMmu, vcpu: MmuVcpu, gva: int, write: bool, user: bool, present: bool) -> RetPf:
+def paging64_page_fault(
+    mmu: KvmMmu, vcpu: MmuVcpu, gva: int, write: bool, user: bool, present: bool, fetch: bool
+) -> RetPf:
     """FNAME(page_fault)(): walk the guest tables, then map the address through shadow pages."""
     assert vcpu.cr3 is not None
     walker = walk_addr(mmu.memory, vcpu.cr3, gva, write, user)
@@ -72,7 +83,7 @@ def paging64_page_fault(mmu: KvmMmu, vcpu: MmuVcpu, gva: int, write: bool, user:
         shadow_page_table_clear_flood(mmu, vcpu, gva)  # page_fault_handle_page_track()
         return RetPf.EMULATE
     make_mmu_pages_available(mmu)
-    return paging64_fetch(mmu, vcpu, gva, walker, ms, write)
+    return paging64_fetch(mmu, vcpu, gva, walker, ms, write, fetch)
 
 
 def shadow_page_table_clear_flood(mmu: KvmMmu, vcpu: MmuVcpu, gva: int) -> None:
@@ -85,9 +96,12 @@ def shadow_page_table_clear_flood(mmu: KvmMmu, vcpu: MmuVcpu, gva: int) -> None:
         sp = None if not is_shadow_present_pte(spte) or is_last_spte(spte, sp.level) else child_sp(mmu, sp, index)
 
 
-def paging64_fetch(mmu: KvmMmu, vcpu: MmuVcpu, gva: int, gw: GuestWalker, ms: MmuSlot, write: bool) -> RetPf:
+def paging64_fetch(
+    mmu: KvmMmu, vcpu: MmuVcpu, gva: int, gw: GuestWalker, ms: MmuSlot, write: bool, fetch: bool
+) -> RetPf:
     """FNAME(fetch)(): indirect pages for the guest tables down to the guest leaf's level, direct pages
-    below a guest huge page where the host cannot map it whole, then the leaf and the prefetch."""
+    below a guest huge page where the host cannot map it whole (or an instruction fetch may not use it),
+    then the leaf and the prefetch."""
     sp = vcpu.root
     assert sp is not None
     level = sp.level
@@ -104,11 +118,12 @@ def paging64_fetch(mmu: KvmMmu, vcpu: MmuVcpu, gva: int, gw: GuestWalker, ms: Mm
                 mmu_sync_children(mmu, child)
             link_shadow_page(mmu, sp, index, child)
         sp, level = child, level - 1
-    goal_level = kvm_mmu_hugepage_adjust(mmu, ms, gw.gfn, gw.level)
+    fault = kvm_mmu_hugepage_adjust(mmu.memslots, ms, gw.gfn, gw.level, fetch, mmu.nx_huge_pages)
     while True:
         index = spte_index(gva, level)
+        nx_disallowed_hugepage_adjust(mmu, fault, sp, index, level)
         base_gfn = gfn_round_for_level(gw.gfn, level)
-        if level == goal_level:
+        if level == fault.goal_level:
             break
         validate_direct_spte(mmu, sp, index, gw.pte_access)
         child = kvm_mmu_get_child_sp(mmu, sp, index, base_gfn, True, gw.pte_access)
@@ -116,6 +131,8 @@ def paging64_fetch(mmu: KvmMmu, vcpu: MmuVcpu, gva: int, gw: GuestWalker, ms: Mm
             child = child_sp(mmu, sp, index)
         else:
             link_shadow_page(mmu, sp, index, child)
+            if fault.huge_page_disallowed:
+                account_nx_huge_page(mmu, child, fault.req_level >= level)
         sp, level = child, level - 1
     ret = mmu_set_spte(mmu, ms, sp, index, gw.pte_access, base_gfn, prefetch=False, write_fault=write)
     if ret != RetPf.SPURIOUS:
@@ -123,11 +140,16 @@ def paging64_fetch(mmu: KvmMmu, vcpu: MmuVcpu, gva: int, gw: GuestWalker, ms: Mm
     return ret
 
 
-def kvm_mmu_hugepage_adjust(mmu: KvmMmu, ms: MmuSlot, gfn: int, max_level: int) -> int:
-    """kvm_mmu_hugepage_adjust(): the goal level of the leaf (dirty logging and the NX workaround are off)."""
-    if max_level == PG_LEVEL_4K:
-        return PG_LEVEL_4K
-    return mmu.memslots.max_mapping_level(ms, gfn, max_level)
+def nx_disallowed_hugepage_adjust(mmu: KvmMmu, fault: HugePageFault, sp: KvmMmuPage, index: int, level: int) -> None:
+    """The shadow MMU's call of disallowed_hugepage_adjust() on entry ``index`` of ``sp``, when the mitigation
+    is on."""
+    if not fault.nx_huge_page_workaround_enabled:
+        return
+    spte = mmu.pool.get(sp.id, index)
+    marked = True
+    if mmu.rules.nx_marks_every_disallowed_page and is_shadow_present_pte(spte) and not is_last_spte(spte, level):
+        marked = child_sp(mmu, sp, index).nx_huge_page_disallowed
+    disallowed_hugepage_adjust(fault, spte, level, marked)
 
 
 def paging64_pte_prefetch(mmu: KvmMmu, sp: KvmMmuPage, index: int) -> None:
@@ -189,30 +211,34 @@ def direct_pte_prefetch_many(mmu: KvmMmu, sp: KvmMmuPage, start: int, end: int) 
     return True
 
 
-def direct_page_fault(mmu: KvmMmu, vcpu: MmuVcpu, gfn: int, write: bool) -> RetPf:
+def direct_page_fault(mmu: KvmMmu, vcpu: MmuVcpu, gfn: int, write: bool, fetch: bool) -> RetPf:
     """direct_page_fault() (kvm_tdp_page_fault with EPT over the shadow MMU)."""
     ms = mmu.memslots.fault_slot(gfn)
     make_mmu_pages_available(mmu)
-    return direct_map(mmu, vcpu, gfn, ms, write)
+    return direct_map(mmu, vcpu, gfn, ms, write, fetch)
 
 
-def direct_map(mmu: KvmMmu, vcpu: MmuVcpu, gfn: int, ms: MmuSlot, write: bool) -> RetPf:
-    """direct_map(): direct pages from the root down to the largest level the memslot and host allow."""
-    goal_level = mmu.memslots.max_mapping_level(ms, gfn, KVM_MAX_HUGEPAGE_LEVEL)
+def direct_map(mmu: KvmMmu, vcpu: MmuVcpu, gfn: int, ms: MmuSlot, write: bool, fetch: bool) -> RetPf:
+    """direct_map(): direct pages from the root down to the largest level the memslot and host allow (4K for
+    an instruction fetch under the NX huge page mitigation)."""
+    fault = kvm_mmu_hugepage_adjust(mmu.memslots, ms, gfn, KVM_MAX_HUGEPAGE_LEVEL, fetch, mmu.nx_huge_pages)
     gpa = gfn << PAGE_SHIFT
     sp = vcpu.root
     assert sp is not None
     level = sp.level
     while True:
         index = spte_index(gpa, level)
+        nx_disallowed_hugepage_adjust(mmu, fault, sp, index, level)
         base_gfn = gfn_round_for_level(gfn, level)
-        if level == goal_level:
+        if level == fault.goal_level:
             break
         child = kvm_mmu_get_child_sp(mmu, sp, index, base_gfn, True, ACC_ALL)
         if child is None:
             child = child_sp(mmu, sp, index)
         else:
             link_shadow_page(mmu, sp, index, child)
+            if fault.huge_page_disallowed:
+                account_nx_huge_page(mmu, child, fault.req_level >= level)
         sp, level = child, level - 1
     ret = mmu_set_spte(mmu, ms, sp, index, ACC_ALL, base_gfn, prefetch=False, write_fault=write)
     if ret != RetPf.SPURIOUS and sp.level == PG_LEVEL_4K:

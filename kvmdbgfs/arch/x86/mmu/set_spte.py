@@ -56,7 +56,10 @@ class RetPf(IntEnum):
 def make_spte(
     mmu: KvmMmu, ms: MmuSlot, level: int, pte_access: int, gfn: int, old_spte: int, prefetch: bool
 ) -> tuple[int, bool]:
-    """make_spte() outside synchronization: (the new spte, whether W had to be withheld)."""
+    """make_spte() outside synchronization: (the new spte, whether W had to be withheld). With the NX huge page
+    mitigation a huge page is never executable."""
+    if level > PG_LEVEL_4K and mmu.nx_huge_pages:
+        pte_access &= ~ACC_EXEC_MASK
     spte = leaf_spte_bits(pte_access, level, gfn, accessed=not prefetch)
     if not pte_access & ACC_WRITE_MASK:
         return spte, False

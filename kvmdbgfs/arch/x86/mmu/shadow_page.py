@@ -48,6 +48,7 @@ class KvmMmuPage:
         "id",
         "invalid",
         "level",
+        "nx_huge_page_disallowed",
         "role",
         "root_count",
         "unsync",
@@ -69,6 +70,7 @@ class KvmMmuPage:
         self.write_flooding_count = 0
         self.root_count = 0
         self.invalid = False
+        self.nx_huge_page_disallowed = False
 
     def gfn_at(self, index: int) -> int:
         """kvm_mmu_page_get_gfn() of a direct page: the gfn entry ``index`` maps."""

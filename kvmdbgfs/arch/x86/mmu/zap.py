@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from kvmdbgfs.arch.x86.mmu.nx_huge_pages import unaccount_nx_huge_page
 from kvmdbgfs.arch.x86.mmu.page_track import unaccount_shadowed
 from kvmdbgfs.arch.x86.mmu.shadow_page import KvmMmuPage
 from kvmdbgfs.arch.x86.mmu.spte import (
@@ -101,6 +102,8 @@ def __kvm_mmu_prepare_zap_page(mmu: KvmMmu, sp: KvmMmuPage, invalid_list: list[K
     list_unstable = nr_zapped > 0
     if not sp.invalid and not sp.direct:
         unaccount_shadowed(mmu, sp)
+    if sp.nx_huge_page_disallowed:
+        unaccount_nx_huge_page(mmu, sp)
     if sp.unsync:
         kvm_unlink_unsync_page(mmu, sp)
     zapped_root = False
