@@ -58,13 +58,15 @@ def test_without_the_mitigation_a_huge_page_is_executable(mmu: str) -> None:
 
 
 # What one fetch from a non-executable huge page leaves: the shadow MMU drops the huge spte (a flush), links an
-# empty page and maps the 4K page with its prefetched block of 8; the TDP MMU (v6.0+) splits the huge page into
-# 512 executable 4K sptes, no flush; before v6.0 it zapped it (a flush) and mapped the one 4K page.
+# empty page and maps the 4K page with its prefetched block of 8; the TDP MMU (v6.2+) splits the huge page into
+# 512 executable 4K sptes, no flush; before v6.2 it zapped it (a flush) and mapped the one 4K page.
 SPLIT = {
     ("shadow", "latest"): {"nx_lpage_splits": 1, "pages_4k": 8, "pages_2m": 0, "remote_tlb_flush_requests": 1},
     ("tdp-legacy", "latest"): {"nx_lpage_splits": 1, "pages_4k": 8, "pages_2m": 0, "remote_tlb_flush_requests": 1},
     ("tdp", "latest"): {"nx_lpage_splits": 1, "pages_4k": 512, "pages_2m": 0, "remote_tlb_flush_requests": 0},
     ("tdp", "v5.15"): {"nx_lpage_splits": 1, "pages_4k": 1, "pages_2m": 0, "remote_tlb_flush_requests": 1},
+    ("tdp", "v6.1"): {"nx_lpage_splits": 1, "pages_4k": 1, "pages_2m": 0, "remote_tlb_flush_requests": 1},
+    ("tdp", "v6.4"): {"nx_lpage_splits": 1, "pages_4k": 512, "pages_2m": 0, "remote_tlb_flush_requests": 0},
 }
 
 
@@ -76,9 +78,9 @@ def test_a_fetch_from_a_huge_page_splits_it(mmu: str, kernel: str) -> None:
     check_invariants(kvm)
 
 
-@pytest.mark.parametrize(("kernel", "pages_4k", "exits"), [("latest", 512, 2), ("v5.15", 2, 3)])
+@pytest.mark.parametrize(("kernel", "pages_4k", "exits"), [("latest", 512, 2), ("v6.1", 2, 3), ("v5.15", 2, 3)])
 def test_after_the_split_data_accesses_map_small_pages(kernel: str, pages_4k: int, exits: int) -> None:
-    """A read of another page of the split range: v6.0+ split it whole already; on v5.15 the fault wants the
+    """A read of another page of the split range: v6.2+ split it whole already; before, the fault wants the
     huge page, but the page table now there sends it down to 4K (disallowed_hugepage_adjust)."""
     kvm, _text = read_then_run("tdp", nx=True, kernel=kernel)
     kvm.arch.mmu.access(0, gvas(BASE + 8 * 4096, 1), write=False, user=True)

@@ -128,16 +128,17 @@ class ShadowMmuRules:
     # again (linux-stable-rc queue/5.15 of 2022-09-25 keeps only its prerequisite "Fold rmap_recycle into
     # rmap_add"), so no 5.15.y has it and the file reads 0 on every 5.15 kernel.
     updates_max_mmu_rmap_size: bool
-    # The NX huge page rules (kvm.nx_huge_pages on). Since "KVM: x86/mmu: Track possible NX huge pages
-    # separately from disallowed" and "KVM: x86/mmu: explicitly check nx_hugepage in
-    # disallowed_hugepage_adjust()" (v6.1), every page made while a huge page is disallowed is marked
+    # The NX huge page rules (kvm.nx_huge_pages on), both from v6.2 (absent from the v6.1 source, whose
+    # account_huge_nx_page() and kvm_tdp_mmu_map() are the old ones; present in v6.12's). Since "KVM: x86/mmu:
+    # Track possible NX huge pages separately from disallowed" and "KVM: x86/mmu: explicitly check
+    # nx_hugepage in disallowed_hugepage_adjust()", every page made while a huge page is disallowed is marked
     # nx_huge_page_disallowed, only those that stand where a huge page could be are counted in
     # nx_lpage_splits (and recovered), and a fault goes a level down only over a marked page. Before, only the
     # counted pages were marked (lpage_disallowed) and any page table at the goal level sent the fault down.
     nx_marks_every_disallowed_page: bool = True
-    # "KVM: x86/mmu: Split huge pages mapped by the TDP MMU on fault" (v6.0): the TDP MMU replaces the huge
-    # spte by a full page of 4K sptes (made executable); before, it zapped it (a remote TLB flush) and linked
-    # an empty page.
+    # "KVM: x86/mmu: Split huge pages mapped by the TDP MMU on fault": the TDP MMU replaces the huge spte by a
+    # full page of 4K sptes (made executable); before, it zapped it (a remote TLB flush) and linked an empty
+    # page.
     tdp_mmu_splits_huge_page_on_fault: bool = True
 
 
@@ -150,8 +151,9 @@ MMU_RULES_V5_15 = ShadowMmuRules(
     nx_marks_every_disallowed_page=False,
     tdp_mmu_splits_huge_page_on_fault=False,
 )
-MMU_RULES_V6_1 = ShadowMmuRules(
-    sync_page_zaps_empty=False, prefetch_unsyncs=False, invlpg_prefetches=True, updates_max_mmu_rmap_size=True
+# v6.1: the v5.16 sync and unsync rules and the max_mmu_rmap_size fix, still the old INVLPG and NX rules.
+MMU_RULES_V6_1 = replace(
+    MMU_RULES_V5_15, sync_page_zaps_empty=False, prefetch_unsyncs=False, updates_max_mmu_rmap_size=True
 )
 MMU_RULES_V6_4 = ShadowMmuRules(
     sync_page_zaps_empty=False, prefetch_unsyncs=False, invlpg_prefetches=False, updates_max_mmu_rmap_size=True

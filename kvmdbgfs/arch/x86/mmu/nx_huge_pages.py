@@ -49,7 +49,7 @@ def kvm_mmu_hugepage_adjust(
 def disallowed_hugepage_adjust(fault: HugePageFault, spte: int, level: int, child_disallowed: bool) -> None:
     """disallowed_hugepage_adjust(): a page table already stands where the fault would put a huge leaf (it
     maps small pages that may be executable), so go a level further down. ``child_disallowed`` is whether
-    that table is marked nx_huge_page_disallowed, which v6.1+ also requires."""
+    that table is marked nx_huge_page_disallowed, which v6.2+ also requires."""
     if (
         level > PG_LEVEL_4K
         and level == fault.goal_level
@@ -85,7 +85,7 @@ class PossibleNxHugePages:
 
 
 def account_nx_huge_page(mmu: KvmMmu, sp: KvmMmuPage, nx_huge_page_possible: bool) -> None:
-    """account_nx_huge_page() (v6.1+; account_huge_nx_page() before, which marked only the counted pages)."""
+    """account_nx_huge_page() (v6.2+; account_huge_nx_page() before, which marked only the counted pages)."""
     if not nx_huge_page_possible and not mmu.rules.nx_marks_every_disallowed_page:
         return
     sp.nx_huge_page_disallowed = True

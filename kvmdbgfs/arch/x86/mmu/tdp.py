@@ -4,7 +4,7 @@ One root serves every vCPU (same role). Pages are not hashed, not counted agains
 n_max_mmu_pages, and leaves are not rmapped (kvm_memslots_have_rmaps() is false), so
 ``mmu_rmaps_stat`` stays empty; the page-size stats still follow every leaf that appears
 or goes (handle_changed_spte). There is no prefetch. With the NX huge page mitigation an instruction fetch
-from a huge page splits it (v6.0+; before, the huge spte was zapped) under a page accounted as an NX huge page.
+from a huge page splits it (v6.2+; before, the huge spte was zapped) under a page accounted as an NX huge page.
 """
 
 from __future__ import annotations
@@ -124,7 +124,7 @@ class TdpMmu:
 
     def _replace_huge_page(self, sp_id: int, index: int, level: int, huge_spte: int, child: int) -> None:
         """A huge leaf gives way to page ``child``: tdp_mmu_split_huge_page() fills it with the small sptes that
-        map the same memory (executable again at 4K, make_huge_page_split_spte), or (before v6.0) the leaf is
+        map the same memory (executable again at 4K, make_huge_page_split_spte), or (before v6.2) the leaf is
         zapped and ``child`` stays empty. The caller links ``child``."""
         self.vm_stat.account_pages(level, -1)
         if not self.rules.tdp_mmu_splits_huge_page_on_fault:
