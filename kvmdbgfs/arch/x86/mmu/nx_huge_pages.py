@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from kvmdbgfs.arch.x86.mmu.mmu_memslots import MmuMemslots, MmuSlot
-from kvmdbgfs.arch.x86.mmu.spte import PG_LEVEL_4K, is_large_pte, is_shadow_present_pte
+from kvmdbgfs.arch.x86.mmu.spte import ACC_EXEC_MASK, PG_LEVEL_4K, is_large_pte, is_shadow_present_pte
 
 if TYPE_CHECKING:
     from kvmdbgfs.arch.x86.mmu.mmu import KvmMmu
@@ -30,6 +30,11 @@ class HugePageFault:
     goal_level: int  # the level the leaf is made at
     huge_page_disallowed: bool  # an instruction fetch with the mitigation on
     nx_huge_page_workaround_enabled: bool
+
+
+def huge_page_access(pte_access: int, level: int, nx_huge_pages: bool) -> int:
+    """make_spte()'s access for a leaf of ``level``: under the mitigation a huge page is never executable."""
+    return pte_access & ~ACC_EXEC_MASK if level > PG_LEVEL_4K and nx_huge_pages else pte_access
 
 
 def kvm_mmu_hugepage_adjust(

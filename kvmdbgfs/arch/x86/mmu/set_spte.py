@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from kvmdbgfs.arch.x86.mmu.mmu_memslots import MmuSlot
+from kvmdbgfs.arch.x86.mmu.nx_huge_pages import huge_page_access
 from kvmdbgfs.arch.x86.mmu.shadow_page import KvmMmuPage
 from kvmdbgfs.arch.x86.mmu.spte import (
     ACC_EXEC_MASK,
@@ -58,8 +59,7 @@ def make_spte(
 ) -> tuple[int, bool]:
     """make_spte() outside synchronization: (the new spte, whether W had to be withheld). With the NX huge page
     mitigation a huge page is never executable."""
-    if level > PG_LEVEL_4K and mmu.nx_huge_pages:
-        pte_access &= ~ACC_EXEC_MASK
+    pte_access = huge_page_access(pte_access, level, mmu.nx_huge_pages)
     spte = leaf_spte_bits(pte_access, level, gfn, accessed=not prefetch)
     if not pte_access & ACC_WRITE_MASK:
         return spte, False

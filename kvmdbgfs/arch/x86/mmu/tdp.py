@@ -15,12 +15,16 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from kvmdbgfs.arch.x86.mmu.mmu_memslots import MmuMemslots
-from kvmdbgfs.arch.x86.mmu.nx_huge_pages import PossibleNxHugePages, disallowed_hugepage_adjust, kvm_mmu_hugepage_adjust
+from kvmdbgfs.arch.x86.mmu.nx_huge_pages import (
+    PossibleNxHugePages,
+    disallowed_hugepage_adjust,
+    huge_page_access,
+    kvm_mmu_hugepage_adjust,
+)
 from kvmdbgfs.arch.x86.mmu.set_spte import RetPf
 from kvmdbgfs.arch.x86.mmu.spt_pool import SptPool
 from kvmdbgfs.arch.x86.mmu.spte import (
     ACC_ALL,
-    ACC_EXEC_MASK,
     KVM_MAX_HUGEPAGE_LEVEL,
     KVM_PAGES_PER_HPAGE,
     PAGE_SHIFT,
@@ -109,7 +113,8 @@ class TdpMmu:
                 self.possible_nx_huge_pages.track(child, child)
             sp_id, level = child, level - 1
         old = self.pool.get(sp_id, index)
-        new = leaf_spte_bits(self._leaf_access(level), level, gfn_round_for_level(gfn, level), accessed=True)
+        access = huge_page_access(ACC_ALL, level, self.nx_huge_pages)
+        new = leaf_spte_bits(access, level, gfn_round_for_level(gfn, level), accessed=True)
         new |= PT_WRITABLE_MASK | SPTE_MMU_WRITEABLE | PT_DIRTY_MASK
         if new == old:
             return RetPf.SPURIOUS
@@ -117,10 +122,6 @@ class TdpMmu:
             self.vm_stat.account_pages(level, 1)
         self.pool.set(sp_id, index, new)
         return RetPf.FIXED
-
-    def _leaf_access(self, level: int) -> int:
-        """make_spte()'s access: a huge page is not executable under the NX huge page mitigation."""
-        return ACC_ALL & ~ACC_EXEC_MASK if level > PG_LEVEL_4K and self.nx_huge_pages else ACC_ALL
 
     def _replace_huge_page(self, sp_id: int, index: int, level: int, huge_spte: int, child: int) -> None:
         """A huge leaf gives way to page ``child``: tdp_mmu_split_huge_page() fills it with the small sptes that
