@@ -13,8 +13,9 @@ from mmu_testlib import BASE, DATA, U64, USER_RO, D, ToyGuest, check_invariants,
 
 from kvmdbgfs.arch.x86.mmu.nx_recovery import kvm_recover_nx_huge_pages, nx_huge_pages_recovery_period_ns
 from kvmdbgfs.guest.pte import PT64_NX_MASK, PT_PAGE_SIZE_MASK, make_pte, pt_index, pte_gfn
-from kvmdbgfs.host_model import HostModel
+from kvmdbgfs.host_model import HostModel, host_model, parse_host_overrides
 from kvmdbgfs.kvm.vm import Kvm
+from kvmdbgfs.scenario import load_scenario
 from kvmdbgfs.vmm.vmm import Vmm
 from kvmdbgfs.workloads import run_workload
 
@@ -170,3 +171,11 @@ def test_a_mount_with_the_mitigation_splits_and_recovers(mount_factory) -> None:
     assert int(mount.sh(f"cat {name}/pages_4k")) >= 512 * split
     mount.cli("clock", "advance", "60s")
     assert int(mount.sh(f"grep -h . {name}/nx_lpage_splits")) < split
+
+
+def test_the_scenario_and_the_command_line_turn_the_mitigation_on(tmp_path) -> None:
+    path = tmp_path / "s.toml"
+    path.write_text("[host]\nnx_huge_pages = true\n")
+    assert load_scenario(str(path)).host == HostModel(nx_huge_pages=True)
+    assert host_model(parse_host_overrides(["nx_huge_pages=true"])) == HostModel(nx_huge_pages=True)
+    assert load_scenario("default").host.nx_huge_pages is False  # an unaffected CPU unless asked
