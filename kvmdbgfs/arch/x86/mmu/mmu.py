@@ -13,8 +13,7 @@ does for it in the VM's MMU mode:
   only EPT violations reach KVM (direct_page_fault). CR3 loads, flushes and INVLPG do not exit.
 - ``tdp`` (the TDP MMU): as ``tdp-legacy``, with tdp.py's MMU and no rmaps.
 
-Every entry point takes ``kvm->mmu_lock``; deferred rmap adds are committed before it is
-dropped, so debugfs readers always see a consistent state. ``access`` over many addresses
+Every entry point takes ``kvm->mmu_lock``, so debugfs readers always see a consistent state. ``access`` over many addresses
 handles them in order, exactly as one call per address would (tests hold it to that).
 """
 
@@ -67,11 +66,10 @@ SCALAR_BATCH = 16  # up to this many addresses, checking each in Python beats nu
 
 
 class MmuLock:
-    """``with mmu.locked:`` holds kvm->mmu_lock and commits the deferred rmap adds before letting go."""
+    """``with mmu.locked:`` holds kvm->mmu_lock, yielding to waiting readers before taking it (cond_resched)."""
 
-    def __init__(self, lock: RLock, leaf: LeafRmaps) -> None:
+    def __init__(self, lock: RLock) -> None:
         self.lock = lock
-        self.leaf = leaf
         self.depth = 0
 
     def __enter__(self) -> None:
@@ -82,10 +80,7 @@ class MmuLock:
 
     def __exit__(self, *exc: object) -> None:
         self.depth -= 1
-        try:
-            self.leaf.flush()
-        finally:
-            self.lock.release()
+        self.lock.release()
 
 
 class KvmMmu:
@@ -114,7 +109,7 @@ class KvmMmu:
         self.indirect_shadow_pages = 0
         self.vcpus: dict[int, MmuVcpu] = {}
         self.current: MmuVcpu | None = None  # the vCPU whose exit is being handled
-        self.locked = MmuLock(kvm.mmu_lock, self.leaf)
+        self.locked = MmuLock(kvm.mmu_lock)
 
     # -- plumbing used by the MMU's parts ------------------------------------------------
 

@@ -69,6 +69,39 @@ class TailAppendDesign(PteListDesign):
         self.costs.slot_writes += len(first)
         return counts
 
+    def _add_to_list(self, heads: np.ndarray, index: int, first: int, spte: int) -> int:
+        """_add_many() of one list: the walk stops at the first non-full descriptor, or grows the tail."""
+        ext, costs, pool = self.PTE_LIST_EXT, self.costs, self.pool
+        desc, depth = first, 0
+        while True:
+            costs.desc_visits += 1
+            costs.slot_reads += self._is_full_reads(1)
+            if not self._is_full_one(desc):
+                used = self._used_one(desc)
+                costs.slot_reads += self._occupancy_reads_one(used)
+                pool.sptes[desc, used] = spte
+                self._set_used_one(desc, used + 1)
+                costs.slot_writes += 1
+                return depth * ext + used
+            depth += 1
+            nxt = pool.more.item(desc)
+            if not nxt:
+                new = pool.alloc_one()
+                pool.more[desc] = new
+                pool.sptes[new, 0] = spte
+                self._set_used_one(new, 1)
+                costs.slot_writes += 1
+                return depth * ext
+            desc = nxt
+
+    def _is_full_one(self, desc: int) -> bool:
+        """_is_full() of one descriptor."""
+        return self.pool.spte_count.item(desc) == self.PTE_LIST_EXT
+
+    def _occupancy_reads_one(self, used: int) -> int:
+        """_occupancy_reads() of one descriptor."""
+        return 0
+
     def _add_walk_few(
         self,
         rows: np.ndarray,
@@ -155,9 +188,18 @@ class DesignA(TailAppendDesign):
     def _set_used(self, descs: np.ndarray, used: np.ndarray) -> None:
         """No counter to keep: the NULL slots are the count."""
 
+    def _used_one(self, desc: int) -> int:
+        return self.PTE_LIST_EXT - self.pool.sptes[desc].tolist().count(0)
+
+    def _set_used_one(self, desc: int, used: int) -> None:
+        """No counter to keep."""
+
     def _is_full(self, descs: np.ndarray) -> np.ndarray:
         """``desc->sptes[PTE_LIST_EXT-1]`` is non-NULL."""
         return self.pool.sptes[descs, self.PTE_LIST_EXT - 1] != 0
+
+    def _is_full_one(self, desc: int) -> bool:
+        return self.pool.sptes.item(desc, self.PTE_LIST_EXT - 1) != 0
 
     def _is_full_reads(self, n: int) -> int:
         """One slot read a descriptor."""
@@ -165,6 +207,9 @@ class DesignA(TailAppendDesign):
 
     def _occupancy_reads(self, used: np.ndarray) -> int:
         return self._null_scan_reads(used)
+
+    def _occupancy_reads_one(self, used: int) -> int:
+        return min(used + 1, self.PTE_LIST_EXT)
 
     def _miss_reads(self, used: np.ndarray) -> int:
         return self._null_scan_reads(used)
