@@ -13,8 +13,9 @@ does for it in the VM's MMU mode:
   only EPT violations reach KVM (direct_page_fault). CR3 loads, flushes and INVLPG do not exit.
 - ``tdp`` (the TDP MMU): as ``tdp-legacy``, with tdp.py's MMU and no rmaps.
 
-Every entry point takes ``kvm->mmu_lock``, so debugfs readers always see a consistent state. ``access`` over many addresses
-handles them in order, exactly as one call per address would (tests hold it to that).
+Every entry point takes ``kvm->mmu_lock``, so debugfs readers always see a consistent state.
+``access`` over many addresses handles them in order, exactly as one call per address would (tests
+hold it to that).
 """
 
 from __future__ import annotations

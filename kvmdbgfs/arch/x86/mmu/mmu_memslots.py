@@ -1,8 +1,8 @@
 """What the MMU keeps beside each memslot, and gfn -> memslot lookups in address space 0.
 
 Per slot (struct kvm_arch_memory_slot): ``lpage_info`` disallow counts for 2M and 1G
-(kvm_alloc_memslot_metadata, account_shadowed) and ``gfn_write_track`` counts (page_track.c). Lookups bisect over the slot bases, as
-search_memslots does over its sorted array.
+(kvm_alloc_memslot_metadata, account_shadowed) and ``gfn_write_track`` counts (page_track.c).
+Lookups bisect over the slot bases, as search_memslots does over its sorted array.
 """
 
 from __future__ import annotations

@@ -123,9 +123,9 @@ class TailAppendDesign(PteListDesign):
         tail_descs: list[np.ndarray],
     ) -> None:
         """The rest of _add_many's pte_list_add walk for its last few lists, one list at a time
-        (_walk_to_room), stopping at the first non-full descriptor as the numpy loop does. Same results, visits and reads; lists that reach their
-        tail are recorded in the order the numpy loop records them (by the depth they end at, then by row),
-        so the new descriptors go to the same lists."""
+        (_walk_to_room), stopping at the first non-full descriptor as the numpy loop does. Same results,
+        visits and reads; lists that reach their tail are recorded in the order the numpy loop records
+        them (by the depth they end at, then by row), so the new descriptors go to the same lists."""
         ext = self.PTE_LIST_EXT
         visits = 0
         tails: list[tuple[int, int, int]] = []
