@@ -13,9 +13,9 @@ does for it in the VM's MMU mode:
   only EPT violations reach KVM (direct_page_fault). CR3 loads, flushes and INVLPG do not exit.
 - ``tdp`` (the TDP MMU): as ``tdp-legacy``, with tdp.py's MMU and no rmaps.
 
-Every entry point takes ``kvm->mmu_lock``; deferred rmap adds are committed before it is
-dropped, so debugfs readers always see a consistent state. ``access`` over many addresses
-handles them in order, exactly as one call per address would (tests hold it to that).
+Every entry point takes ``kvm->mmu_lock``, so debugfs readers always see a consistent state.
+``access`` over many addresses handles them in order, exactly as one call per address would (tests
+hold it to that).
 """
 
 from __future__ import annotations
@@ -76,11 +76,10 @@ def access_masks(write: bool, user: bool, fetch: bool) -> tuple[int, int]:
 
 
 class MmuLock:
-    """``with mmu.locked:`` holds kvm->mmu_lock and commits the deferred rmap adds before letting go."""
+    """``with mmu.locked:`` holds kvm->mmu_lock, yielding to waiting readers before taking it (cond_resched)."""
 
-    def __init__(self, lock: RLock, leaf: LeafRmaps) -> None:
+    def __init__(self, lock: RLock) -> None:
         self.lock = lock
-        self.leaf = leaf
         self.depth = 0
 
     def __enter__(self) -> None:
@@ -91,10 +90,7 @@ class MmuLock:
 
     def __exit__(self, *exc: object) -> None:
         self.depth -= 1
-        try:
-            self.leaf.flush()
-        finally:
-            self.lock.release()
+        self.lock.release()
 
 
 class KvmMmu:
@@ -134,7 +130,7 @@ class KvmMmu:
         self.indirect_shadow_pages = 0
         self.vcpus: dict[int, MmuVcpu] = {}
         self.current: MmuVcpu | None = None  # the vCPU whose exit is being handled
-        self.locked = MmuLock(kvm.mmu_lock, self.leaf)
+        self.locked = MmuLock(kvm.mmu_lock)
 
     # -- plumbing used by the MMU's parts ------------------------------------------------
 

@@ -1,11 +1,8 @@
 """What the MMU keeps beside each memslot, and gfn -> memslot lookups in address space 0.
 
 Per slot (struct kvm_arch_memory_slot): ``lpage_info`` disallow counts for 2M and 1G
-(kvm_alloc_memslot_metadata, account_shadowed), ``gfn_write_track`` counts (page_track.c),
-and, when the slot has rmaps, the number of present leaf sptes per rmap head (``leaf_count``, a model-side count:
-the kernel does not keep it; it lets a batch know no rmap list can pass the recycle
-threshold before it commits its adds). Lookups bisect over the slot bases, as
-search_memslots does over its sorted array.
+(kvm_alloc_memslot_metadata, account_shadowed) and ``gfn_write_track`` counts (page_track.c).
+Lookups bisect over the slot bases, as search_memslots does over its sorted array.
 """
 
 from __future__ import annotations
@@ -55,9 +52,6 @@ class MmuSlot:
                 linfo[-1] += 1
             self.disallow_lpage.append(linfo)
         self.write_track: dict[int, int] = {}
-        self.leaf_count: list[np.ndarray] = []
-        if slot.rmap is not None:
-            self.leaf_count = [np.zeros(len(heads), np.int32) for heads in slot.rmap]
 
     def lpage_disallowed(self, gfn: int, level: int) -> bool:
         return bool(self.disallow_lpage[level - 2][gfn_to_index(gfn, self.base_gfn, level)])

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 from kvmdbgfs.arch.x86.mmu.mmu_memslots import MmuSlot
 from kvmdbgfs.arch.x86.mmu.nx_huge_pages import (
     HugePageFault,
@@ -23,7 +21,6 @@ from kvmdbgfs.arch.x86.mmu.paging_tmpl import (
     gpte_access,
     gpte_valid_for_prefetch,
     protect_clean_gpte,
-    read_gptes,
     walk_addr,
 )
 from kvmdbgfs.arch.x86.mmu.set_spte import RetPf, mmu_set_spte
@@ -161,9 +158,10 @@ def paging64_pte_prefetch(mmu: KvmMmu, sp: KvmMmuPage, index: int) -> None:
         direct_pte_prefetch(mmu, sp, index)
         return
     first = index & ~(PTE_PREFETCH_NUM - 1)
-    gptes = read_gptes(mmu.memory, sp.gfn, np.arange(first, first + PTE_PREFETCH_NUM)).tolist()
-    for i, gpte in enumerate(gptes):
-        entry = first + i
+    if not mmu.memory.holds_table(sp.gfn):  # a page the guest never wrote: no PTE to prefetch
+        return
+    gptes = mmu.memory.table(sp.gfn)[first : first + PTE_PREFETCH_NUM].tolist()
+    for entry, gpte in enumerate(gptes, start=first):
         if entry == index or is_shadow_present_pte(mmu.pool.get(sp.id, entry)):
             continue
         if not prefetch_gpte(mmu, sp, entry, gpte):

@@ -8,7 +8,7 @@ many addresses at once; it leaves A/D bits alone, nothing in the model reads the
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -75,12 +75,12 @@ def read_gptes(memory: GuestMemory, gfn: int, indices: np.ndarray) -> np.ndarray
 class GuestWalker:
     """struct guest_walker: per level (index level - 1) the table gfn, the PTE and the access above it."""
 
-    level: int = PT64_ROOT_4LEVEL
-    gfn: int = 0
-    pte_access: int = ACC_ALL
-    table_gfn: list[int] = field(default_factory=lambda: [0] * PT64_ROOT_4LEVEL)
-    ptes: list[int] = field(default_factory=lambda: [0] * PT64_ROOT_4LEVEL)
-    pt_access: list[int] = field(default_factory=lambda: [ACC_ALL] * PT64_ROOT_4LEVEL)
+    level: int
+    gfn: int
+    pte_access: int
+    table_gfn: list[int]
+    ptes: list[int]
+    pt_access: list[int]
 
 
 def walk_addr(
@@ -88,18 +88,22 @@ def walk_addr(
 ) -> GuestWalker | None:
     """FNAME(walk_addr)(): None when the guest must get a #PF (not present, or a permission fault).
 
-    Without ``set_accessed_dirty`` it is the CPU's walk under EPT (see translate_gvas)."""
-    walker = GuestWalker()
+    Without ``set_accessed_dirty`` it is the CPU's walk under EPT (see translate_gvas). Every fault
+    walks, so the loop sticks to local names and Python ints."""
+    table_gfns = [0] * PT64_ROOT_4LEVEL
+    ptes = [0] * PT64_ROOT_4LEVEL
+    pt_access = [ACC_ALL] * PT64_ROOT_4LEVEL
+    read_pte = memory.read_pte
     table_gfn = root_gfn
     access = ACC_ALL
     level = PT64_ROOT_4LEVEL
     while True:
-        walker.table_gfn[level - 1] = table_gfn
-        walker.pt_access[level - 1] = access
-        gpte = memory.read_pte(table_gfn, pt_index(gva, level))
+        table_gfns[level - 1] = table_gfn
+        pt_access[level - 1] = access
+        gpte = read_pte(table_gfn, pt_index(gva, level))
         if not gpte & PT_PRESENT_MASK:
             return None
-        walker.ptes[level - 1] = gpte
+        ptes[level - 1] = gpte
         access &= gpte_access(gpte)
         if is_last_gpte(level, gpte):
             break
@@ -108,9 +112,14 @@ def walk_addr(
     if (write and not access & ACC_WRITE_MASK) or (user and not access & ACC_USER_MASK):
         return None
     pages = KVM_PAGES_PER_HPAGE(level)
-    walker.level = level
-    walker.gfn = (pte_gfn(gpte) & -pages) + ((gva >> PAGE_SHIFT) & (pages - 1))
-    walker.pte_access = access if write else protect_clean_gpte(access, gpte)
+    walker = GuestWalker(
+        level,
+        (pte_gfn(gpte) & -pages) + ((gva >> PAGE_SHIFT) & (pages - 1)),
+        access if write else protect_clean_gpte(access, gpte),
+        table_gfns,
+        ptes,
+        pt_access,
+    )
     if set_accessed_dirty:
         _update_accessed_dirty_bits(memory, walker, gva, write)
     return walker

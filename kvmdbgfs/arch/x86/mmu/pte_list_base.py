@@ -126,8 +126,18 @@ class PteListDesign(ABC):
     # -- scalar API: one head ------------------------------------------------------------
 
     def add(self, heads: np.ndarray, index: int, spte: int) -> int:
-        """pte_list_add: returns the count this design computes before the insert."""
-        return int(self.add_unique(heads, _one(index), _one(spte))[0])
+        """pte_list_add: returns the count this design computes before the insert.
+
+        One add is the common case (every fault's __rmap_add), so it runs on Python ints: numpy's
+        fixed cost per call is larger than the work of one add."""
+        value = heads.item(index)
+        if not value:
+            heads[index] = spte
+            return 0
+        if not value & 1:
+            self._make_pair(heads, index, value, spte)
+            return 1
+        return self._add_to_list(heads, index, value >> 1, spte)
 
     def remove(self, heads: np.ndarray, index: int, spte: int) -> None:
         """__pte_list_remove: raises RmapCorruption when ``spte`` is not in the list."""
@@ -192,15 +202,8 @@ class PteListDesign(ABC):
         return counts
 
     def _add_one(self, heads: np.ndarray, indices: np.ndarray, sptes: np.ndarray) -> np.ndarray:
-        """add_unique() of one head, its form read as a Python int (no numpy masks over one element)."""
-        value = heads.item(indices.item(0))
-        if not value:
-            heads[indices] = sptes
-            return np.zeros(1, np.int64)
-        if not value & 1:
-            self._make_pairs(heads, indices, _one(value), sptes)
-            return np.ones(1, np.int64)
-        return self._add_many(heads, indices, _one(value >> 1), sptes)
+        """add_unique() of one head: add()."""
+        return _one(self.add(heads, indices.item(0), sptes.item(0)))
 
     def remove_unique(self, heads: np.ndarray, indices: np.ndarray, sptes: np.ndarray) -> None:
         """__pte_list_remove on distinct heads; nothing changes if any spte is missing."""
@@ -281,6 +284,16 @@ class PteListDesign(ABC):
         self._placed(old, descs, np.zeros(len(descs), np.int64))
         self._placed(new, descs, np.ones(len(descs), np.int64))
         heads[indices] = desc_head(descs)
+
+    def _make_pair(self, heads: np.ndarray, index: int, old: int, new: int) -> None:
+        """_make_pairs() of one head, with Python ints."""
+        desc = self.pool.alloc_one()
+        self.pool.sptes[desc, :2] = (old, new)
+        self._set_used_one(desc, 2)
+        self.costs.slot_writes += 2
+        self._placed_one(old, desc, 0)
+        self._placed_one(new, desc, 1)
+        heads[index] = (desc << 1) | 1
 
     def _walk_chains(self, first: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Follow ``more`` from each first descriptor, one chain depth per step.
@@ -433,6 +446,13 @@ class PteListDesign(ABC):
     def _set_used(self, descs: np.ndarray, used: np.ndarray) -> None:
         self.pool.spte_count[descs] = used
 
+    def _used_one(self, desc: int) -> int:
+        """_used() of one descriptor, as a Python int."""
+        return self.pool.spte_count.item(desc)
+
+    def _set_used_one(self, desc: int, used: int) -> None:
+        self.pool.spte_count[desc] = used
+
     def _occupancy_reads(self, used: np.ndarray) -> int:
         """Slots read to learn how many entries descriptors hold (none: the counter says)."""
         return 0
@@ -444,6 +464,9 @@ class PteListDesign(ABC):
     def _placed(self, sptes: np.ndarray, descs: np.ndarray, slots: np.ndarray) -> None:
         """sptes were stored at (desc, slot); only D keeps track."""
 
+    def _placed_one(self, spte: int, desc: int, slot: int) -> None:
+        """_placed() of one spte."""
+
     def _dropped(self, sptes: np.ndarray) -> None:
         """sptes left their descriptors; only D keeps track."""
 
@@ -452,6 +475,10 @@ class PteListDesign(ABC):
         self, heads: np.ndarray, indices: np.ndarray, first: np.ndarray, sptes: np.ndarray
     ) -> np.ndarray:
         """pte_list_add on lists in descriptor form; returns the pre-insert counts."""
+
+    @abstractmethod
+    def _add_to_list(self, heads: np.ndarray, index: int, first: int, spte: int) -> int:
+        """_add_many() of one list, with Python ints."""
 
     @abstractmethod
     def _remove_many(

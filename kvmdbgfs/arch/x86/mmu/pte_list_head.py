@@ -50,6 +50,24 @@ class DesignC(PteListDesign):
         self._placed(sptes, head, slots)
         return counts
 
+    def _add_to_list(self, heads: np.ndarray, index: int, first: int, spte: int) -> int:
+        """_add_many() of one list."""
+        pool = self.pool
+        self.costs.desc_visits += 1
+        count = pool.tail_count.item(first) + pool.spte_count.item(first)
+        head = first
+        if pool.spte_count.item(head) == self.PTE_LIST_EXT:
+            head = pool.alloc_one()
+            pool.more[head] = first
+            pool.tail_count[head] = count
+            heads[index] = (head << 1) | 1
+        slot = pool.spte_count.item(head)
+        pool.sptes[head, slot] = spte
+        pool.spte_count[head] = slot + 1
+        self.costs.slot_writes += 1
+        self._placed_one(spte, head, slot)
+        return count
+
     def _remove_many(
         self, heads: np.ndarray, indices: np.ndarray, first: np.ndarray, sptes: np.ndarray
     ) -> None:
@@ -114,12 +132,22 @@ class DesignD(DesignC):
 
     def _placed(self, sptes: np.ndarray, descs: np.ndarray, slots: np.ndarray) -> None:
         keys = sptes >> 3
-        if len(keys) and keys.max() >= len(self.rmap_pos):
-            grown = np.zeros(max(2 * len(self.rmap_pos), int(keys.max()) + 1), np.int64)
-            grown[: len(self.rmap_pos)] = self.rmap_pos
-            self.rmap_pos = grown
+        if len(keys):
+            self._cover(int(keys.max()))
         self.rmap_pos[keys] = np.multiply(descs, POS_STRIDE, dtype=np.int64) + slots
         self.costs.slot_writes += len(keys)
+
+    def _placed_one(self, spte: int, desc: int, slot: int) -> None:
+        self._cover(spte >> 3)
+        self.rmap_pos[spte >> 3] = desc * POS_STRIDE + slot
+        self.costs.slot_writes += 1
+
+    def _cover(self, key: int) -> None:
+        """Grow ``rmap_pos`` (geometrically) until it has an entry for ``key``."""
+        if key >= len(self.rmap_pos):
+            grown = np.zeros(max(2 * len(self.rmap_pos), key + 1), np.int64)
+            grown[: len(self.rmap_pos)] = self.rmap_pos
+            self.rmap_pos = grown
 
     def _dropped(self, sptes: np.ndarray) -> None:
         self.rmap_pos[sptes >> 3] = 0

@@ -94,6 +94,18 @@ class DescPool:
         self.costs.allocs += k
         return ids
 
+    def alloc_one(self) -> int:
+        """alloc(1) with scalar reads and writes: the id it would return."""
+        if not self.nfree:
+            self._grow(1)
+        self.nfree -= 1
+        desc = self.free_ids.item(self.nfree)
+        self.sptes[desc] = 0
+        for name in self.meta:
+            getattr(self, name)[desc] = 0
+        self.costs.allocs += 1
+        return desc
+
     def free(self, ids: np.ndarray) -> None:
         """Return descriptors to the slab (mmu_free_pte_list_desc)."""
         self.free_ids[self.nfree : self.nfree + len(ids)] = ids

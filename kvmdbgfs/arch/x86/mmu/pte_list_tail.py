@@ -14,9 +14,29 @@ class TailAppendDesign(PteListDesign):
     of the same descriptor and frees the descriptor when it empties.
     """
 
+    def _fullness(self) -> tuple[np.ndarray, int]:
+        """What the add walk's loop tests: a descriptor is full when its entry in the array is at least the
+        number (here ``spte_count == PTE_LIST_EXT``)."""
+        return self.pool.spte_count, self.PTE_LIST_EXT
+
     def _is_full(self, descs: np.ndarray) -> np.ndarray:
-        """The add walk's loop condition (``spte_count == PTE_LIST_EXT``)."""
-        return self.pool.spte_count[descs] == self.PTE_LIST_EXT
+        """The add walk's loop condition."""
+        column, least = self._fullness()
+        return column[descs] >= least
+
+    def _walk_to_room(self, first: int) -> tuple[int, int, bool]:
+        """The add walk along one chain, with scalar reads: (the first non-full descriptor, or the tail if all
+        are full; how many descriptors were tested; whether that one has room). Long lists of the old designs
+        make this the hot loop of a fork, so it is kept to two reads a descriptor."""
+        column, least = self._fullness()
+        probe, more = column.item, self.pool.more.item
+        desc, visited = first, 1
+        while probe(desc) >= least:
+            nxt = more(desc)
+            if not nxt:
+                return desc, visited, False
+            desc, visited = nxt, visited + 1
+        return desc, visited, True
 
     def _is_full_reads(self, n: int) -> int:
         """Slots read to test ``n`` descriptors with _is_full() (none: the counter says)."""
@@ -69,6 +89,29 @@ class TailAppendDesign(PteListDesign):
         self.costs.slot_writes += len(first)
         return counts
 
+    def _add_to_list(self, heads: np.ndarray, index: int, first: int, spte: int) -> int:
+        """_add_many() of one list: the walk stops at the first non-full descriptor, or grows the tail."""
+        ext, costs, pool = self.PTE_LIST_EXT, self.costs, self.pool
+        desc, visited, room = self._walk_to_room(first)
+        costs.desc_visits += visited
+        costs.slot_reads += self._is_full_reads(visited)
+        costs.slot_writes += 1
+        if room:
+            used = self._used_one(desc)
+            costs.slot_reads += self._occupancy_reads_one(used)
+            pool.sptes[desc, used] = spte
+            self._set_used_one(desc, used + 1)
+            return (visited - 1) * ext + used
+        new = pool.alloc_one()
+        pool.more[desc] = new
+        pool.sptes[new, 0] = spte
+        self._set_used_one(new, 1)
+        return visited * ext
+
+    def _occupancy_reads_one(self, used: int) -> int:
+        """_occupancy_reads() of one descriptor."""
+        return 0
+
     def _add_walk_few(
         self,
         rows: np.ndarray,
@@ -79,25 +122,21 @@ class TailAppendDesign(PteListDesign):
         tail_rows: list[np.ndarray],
         tail_descs: list[np.ndarray],
     ) -> None:
-        """The rest of _add_many's pte_list_add walk for its last few lists, one list at a time: each chain is
-        read with scalar reads of ``more`` and tested with one _is_full() call, and the walk stops at its first
-        non-full descriptor as the numpy loop does. Same results, visits and reads; lists that reach their
-        tail are recorded in the order the numpy loop records them (by the depth they end at, then by row),
-        so the new descriptors go to the same lists."""
+        """The rest of _add_many's pte_list_add walk for its last few lists, one list at a time
+        (_walk_to_room), stopping at the first non-full descriptor as the numpy loop does. Same results,
+        visits and reads; lists that reach their tail are recorded in the order the numpy loop records
+        them (by the depth they end at, then by row), so the new descriptors go to the same lists."""
         ext = self.PTE_LIST_EXT
         visits = 0
         tails: list[tuple[int, int, int]] = []
         for row, desc in zip(rows.tolist(), descs.tolist()):
-            chain = self._chain(desc)
-            full = self._is_full(np.fromiter(chain, np.int64, len(chain)))
-            walked = int(full.argmin())  # the first non-full descriptor, if there is one
-            if not full[walked]:
-                stop[row], counts[row] = chain[walked], (depth + walked) * ext
-                visits += walked + 1
+            found, visited, room = self._walk_to_room(desc)
+            visits += visited
+            if room:
+                stop[row], counts[row] = found, (depth + visited - 1) * ext
             else:
-                tails.append((depth + len(chain), row, chain[-1]))
-                counts[row] = (depth + len(chain)) * ext
-                visits += len(chain)
+                tails.append((depth + visited, row, found))
+                counts[row] = (depth + visited) * ext
         self.costs.desc_visits += visits
         self.costs.slot_reads += self._is_full_reads(visits)
         if tails:
@@ -155,9 +194,15 @@ class DesignA(TailAppendDesign):
     def _set_used(self, descs: np.ndarray, used: np.ndarray) -> None:
         """No counter to keep: the NULL slots are the count."""
 
-    def _is_full(self, descs: np.ndarray) -> np.ndarray:
-        """``desc->sptes[PTE_LIST_EXT-1]`` is non-NULL."""
-        return self.pool.sptes[descs, self.PTE_LIST_EXT - 1] != 0
+    def _used_one(self, desc: int) -> int:
+        return self.PTE_LIST_EXT - self.pool.sptes[desc].tolist().count(0)
+
+    def _set_used_one(self, desc: int, used: int) -> None:
+        """No counter to keep."""
+
+    def _fullness(self) -> tuple[np.ndarray, int]:
+        """``desc->sptes[PTE_LIST_EXT-1]`` is non-NULL (sptes are positive)."""
+        return self.pool.sptes[:, self.PTE_LIST_EXT - 1], 1
 
     def _is_full_reads(self, n: int) -> int:
         """One slot read a descriptor."""
@@ -165,6 +210,9 @@ class DesignA(TailAppendDesign):
 
     def _occupancy_reads(self, used: np.ndarray) -> int:
         return self._null_scan_reads(used)
+
+    def _occupancy_reads_one(self, used: int) -> int:
+        return min(used + 1, self.PTE_LIST_EXT)
 
     def _miss_reads(self, used: np.ndarray) -> int:
         return self._null_scan_reads(used)

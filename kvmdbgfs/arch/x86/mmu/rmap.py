@@ -46,7 +46,16 @@ class KvmRmaps:
 
     def rmap_add(self, slot: KvmMemorySlot, gfn: int, level: int, spte: int) -> RmapAdds:
         """__rmap_add of one spte (its rmap part: no flush)."""
-        return self.rmap_add_batch(slot, np.array([gfn]), level, np.array([spte]))
+        count, recycled = self.rmap_add_one(slot, gfn, level, spte)
+        return RmapAdds(np.array([count]), [] if recycled is None else [recycled])
+
+    def rmap_add_one(self, slot: KvmMemorySlot, gfn: int, level: int, spte: int) -> tuple[int, np.ndarray | None]:
+        """rmap_add() on Python ints (the MMU adds one spte per fault): the pre-insert count, and the sptes
+        of the list if the add recycled it."""
+        heads, index = slot.gfn_to_rmap(gfn, level)
+        count = self.pte_list.add(heads, index, spte)
+        self._note_rmap_size(count)
+        return count, self._recycle(heads, index) if count > RMAP_RECYCLE_THRESHOLD else None
 
     def rmap_remove(self, slot: KvmMemorySlot, gfn: int, level: int, spte: int) -> None:
         """rmap_remove."""
@@ -99,9 +108,17 @@ class KvmRmaps:
         if not len(counts):
             return {}
         longest = int(np.maximum.reduce(counts))
-        if self.updates_max_rmap_size:
-            self.vm_stat.max_mmu_rmap_size = max(self.vm_stat.max_mmu_rmap_size, longest)
+        self._note_rmap_size(longest)
         if longest <= RMAP_RECYCLE_THRESHOLD:
             return {}
         over = pos[counts > RMAP_RECYCLE_THRESHOLD].tolist()
-        return {at: self.pte_list.zap_heads(heads, indices[at : at + 1]) for at in over}
+        return {at: self._recycle(heads, int(indices[at])) for at in over}
+
+    def _note_rmap_size(self, count: int) -> None:
+        """__rmap_add: max_mmu_rmap_size follows the longest pre-insert count."""
+        if self.updates_max_rmap_size and count > self.vm_stat.max_mmu_rmap_size:
+            self.vm_stat.max_mmu_rmap_size = count
+
+    def _recycle(self, heads: np.ndarray, index: int) -> np.ndarray:
+        """kvm_zap_all_rmap_sptes on a list an add took past RMAP_RECYCLE_THRESHOLD; returns its sptes."""
+        return self.pte_list.zap_heads(heads, np.array([index]))

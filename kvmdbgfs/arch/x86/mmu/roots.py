@@ -87,7 +87,7 @@ def vcpu_enter(mmu: KvmMmu, vcpu: MmuVcpu) -> None:
 
     A remote flush (KVM_REQ_TLB_FLUSH) also covers a pending flush of the current context; each
     flush done counts in tlb_flush."""
-    while vcpu.requests or _needs_root(mmu, vcpu):
+    while vcpu.requests or (vcpu.root is None and _needs_root(mmu, vcpu)):
         if vcpu.check_request(KVM_REQ_MMU_FREE_OBSOLETE_ROOTS):
             kvm_mmu_free_obsolete_roots(mmu, vcpu)
         if vcpu.check_request(KVM_REQ_MMU_SYNC):
