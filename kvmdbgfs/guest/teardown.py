@@ -81,12 +81,20 @@ class MmuGather:
                 self.mm, self.ctx.cpu, self.start, end, self.freed_tables or self.fullmm, stride
             )
         self.start, self.end, self.cleared_ptes = 1 << 64, 0, False
+        small: list[np.ndarray] = []  # consecutive small-page batches: one put() of them all drops them in order
         for pages in self.pages:
             if isinstance(pages, int):
+                self._put(small)
+                small = []
                 self.ctx.pages.put_huge(pages)
             else:
-                self.ctx.pages.put(pages)
+                small.append(pages)
+        self._put(small)
         self.pages, self.nr = [], 0
+
+    def _put(self, batches: list[np.ndarray]) -> None:
+        if batches:
+            self.ctx.pages.put(batches[0] if len(batches) == 1 else np.concatenate(batches))
 
     def finish(self) -> None:
         """tlb_finish_mmu: the last flush, then the batch pages and (after RCU) the page-table pages."""
