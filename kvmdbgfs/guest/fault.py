@@ -208,28 +208,33 @@ def _read_faults(ctx: KernelContext, vma: Vma, pt: int, base: int, indices: np.n
     """do_read_fault: do_fault_around maps the cached pages of the window, then __do_fault the page itself."""
     file = vma.file
     assert file is not None
+    pgoff = vma.pgoff_at(base)  # the file page PTE 0 of the PT page would map
     ptes = ctx.memory.table(pt).copy()
     prot = vma.page_prot()
     order: list[np.ndarray] = []
+    frames: list[np.ndarray] = []
     for index in indices.tolist():
-        if ptes[index] != 0:
+        if ptes.item(index):
             continue
         first, last = fault_around_window(vma, base, index)
-        window = np.arange(first, last)
+        window = np.arange(first, min(last, file.nr_pages - pgoff))  # the window's part inside the file
         window = window[ptes[window] == 0]
-        pgoffs = vma.pgoff_at(base) + window
-        window, pgoffs = window[pgoffs < file.nr_pages], pgoffs[pgoffs < file.nr_pages]
-        cached = file.pages[pgoffs] >= 0
-        order.append(window[cached])
-        ptes[window[cached]] = make_ptes(file.pages[pgoffs[cached]], prot)
-        if ptes[index] == 0:
-            if vma.pgoff_at(base) + index >= file.nr_pages:
+        gfns = file.pages[pgoff + window]
+        cached = gfns >= 0
+        window, gfns = window[cached], gfns[cached]
+        ptes[window] = make_ptes(gfns, prot)
+        order.append(window)
+        frames.append(gfns)
+        if not ptes.item(index):
+            if pgoff + index >= file.nr_pages:
                 raise GuestSegfault(f"access beyond the end of {file.name} (SIGBUS)")
-            ptes[index] = make_pte(ctx.cache.fault_page(file, vma.pgoff_at(base) + index), prot)
+            gfn = ctx.cache.fault_page(file, pgoff + index)
+            ptes[index] = make_pte(gfn, prot)
             order.append(np.array([index]))
+            frames.append(np.array([gfn]))
     mapped = np.concatenate(order) if order else np.zeros(0, np.int64)
     ctx.stores(pt, mapped, ptes[mapped])
-    ctx.pages.get(ptes_gfn(ptes[mapped]))
+    ctx.pages.get(np.concatenate(frames) if frames else np.zeros(0, np.int64))
 
 
 def _alloc_or_none(ctx: KernelContext, n: int) -> np.ndarray | None:
