@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_guest_helpers import TEST_VA, MiB, bare_process, hw, next_frames, small_kernel, user_pte
+from test_guest_helpers import TEST_VA, MiB, bare_process, hw, next_frames, pte_table, small_kernel, user_pte
 
 from kvmdbgfs.guest import allocator
 from kvmdbgfs.guest import pte as x86
@@ -52,6 +52,39 @@ def test_anonymous_write_fault_builds_the_tables_then_maps_a_zeroed_page() -> No
         ("access", page, va, True, True),
     ]
     assert task.mm.find_vma(va).anon_vma
+
+
+def test_touching_fresh_anonymous_pages_is_one_fault_each_in_order() -> None:
+    """A run of write faults on fresh anonymous pages (their pages allocated together) gives, page by page,
+    the accesses up to the faulting one, the clear and the PTE store; a page touched twice faults once."""
+    kernel = small_kernel()
+    task = bare_process(kernel)
+    task.mmap(MiB, addr=TEST_VA, name="anon")
+    task.touch(TEST_VA, TEST_VA + PAGE, write=True)  # the tables
+    pt = pte_table(kernel, task, TEST_VA)
+    vas = [TEST_VA + i * PAGE for i in (1, 2, 5, 3, 2)]
+    pages = next_frames(kernel, 3, allocator.PAGE_ANON)
+    start = len(hw(kernel).events)
+    task.touch_pages(np.array(vas[:3]), write=True)
+    expected: list[tuple[object, ...]] = []
+    for n, (va, page) in enumerate(zip(vas[:3], pages)):
+        expected += [("access", -1 if i == n else pages[i], vas[i], True, True) for i in range(max(n - 1, 0), n + 1)]
+        index = (va - TEST_VA) // PAGE
+        expected += [("access", page, dm(page), True, False), ("store", pt, index, x86.make_pte(page, USER_RW_DIRTY))]
+    expected.append(("access", pages[2], vas[2], True, True))
+    assert brief(hw(kernel).events[start:]) == expected
+    (page3,) = next_frames(kernel, 1, allocator.PAGE_ANON)
+    start = len(hw(kernel).events)
+    task.touch_pages(np.array(vas[3:] + vas[3:4]), write=True)  # 3, 2 (mapped), 3 again
+    assert brief(hw(kernel).events[start:]) == [
+        ("access", -1, vas[3], True, True),
+        ("access", page3, dm(page3), True, False),
+        ("store", pt, 3, x86.make_pte(page3, USER_RW_DIRTY)),
+        ("access", page3, vas[3], True, True),
+        ("access", pages[1], vas[4], True, True),
+        ("access", page3, vas[3], True, True),  # the access its (empty) fault was taken for
+        ("access", page3, vas[3], True, True),
+    ]
 
 
 def test_read_fault_maps_the_zero_page_and_a_write_then_copies_it() -> None:

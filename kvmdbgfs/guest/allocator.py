@@ -162,14 +162,14 @@ class PageAllocator:
         available = self.nr_free - zone_free * (not usable)
         if n > available:
             raise MemoryError(f"guest out of memory: {n} pages wanted, {available} free for them")
-        parts = [zone.free.pop(n) if zone is not None and usable else np.zeros(0, np.int64)]
-        got = len(parts[0])
+        parts = [zone.free.pop(n)] if zone is not None and usable else []
+        got = len(parts[0]) if parts else 0
         while got < n:
             if not self._lists[migratetype].top:
                 self._refill(migratetype)
             parts.append(self._lists[migratetype].pop(n - got))
             got += len(parts[-1])
-        gfns = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        gfns = parts[0] if len(parts) == 1 else np.concatenate(parts) if parts else np.zeros(0, np.int64)
         self.refcount[gfns] = 1
         self.kind[gfns] = kind
         return gfns

@@ -10,15 +10,25 @@ emits the PTE stores of the PT page as one batch when the kernel batches.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
-from kvmdbgfs.guest.allocator import PAGE_ANON
+from kvmdbgfs.guest.allocator import PAGE_ANON, distinct
 from kvmdbgfs.guest.huge import huge_fault, is_huge, pmd_entry, thp_enabled
 from kvmdbgfs.guest.kctx import KernelContext
 from kvmdbgfs.guest.mm import Mm
 from kvmdbgfs.guest.pgtable import PAGE_TABLE, U64, alloc_table_at, make_ptes, present, ptes_gfn
-from kvmdbgfs.guest.pte import PT64_ENT_PER_PAGE, PT_DIRTY_MASK, PT_PRESENT_MASK, PT_WRITABLE_MASK, make_pte, pte_gfn
-from kvmdbgfs.guest.vaddr import PAGE_SIZE, PMD_SIZE, direct_map
+from kvmdbgfs.guest.pte import (
+    PT64_ENT_PER_PAGE,
+    PT_DIRTY_MASK,
+    PT_PAGE_SIZE_MASK,
+    PT_PRESENT_MASK,
+    PT_WRITABLE_MASK,
+    make_pte,
+    pte_gfn,
+)
+from kvmdbgfs.guest.vaddr import PAGE_SIZE, PMD_SHIFT, PMD_SIZE, direct_map
 from kvmdbgfs.guest.vma import PROT_WRITE, Vma
 
 FAULT_AROUND_PAGES = 16  # fault_around_bytes = 64 KiB
@@ -37,9 +47,9 @@ def fault_around_window(vma: Vma, base: int, index: int) -> tuple[int, int]:
     return first, last
 
 
-def needs_fault(ctx: KernelContext, pgd: int, base: int, indices: np.ndarray, write: bool) -> np.ndarray:
-    """Which of the pages would fault: not present, or written through a read-only PTE (or THP PMD)."""
-    _, _, pmd = pmd_entry(ctx, pgd, base)
+def needs_fault(ctx: KernelContext, pmd: int, indices: np.ndarray, write: bool) -> np.ndarray:
+    """Which of the pages under the PMD entry ``pmd`` would fault: not present, or written through a
+    read-only PTE (or THP PMD)."""
     if is_huge(pmd):
         return np.full(len(indices), write and not pmd & PT_WRITABLE_MASK)
     if not pmd & PT_PRESENT_MASK:
@@ -53,14 +63,26 @@ def needs_fault(ctx: KernelContext, pgd: int, base: int, indices: np.ndarray, wr
 
 def handle_pt_faults(ctx: KernelContext, mm: Mm, vma: Vma, base: int, indices: np.ndarray, write: bool) -> None:
     """Faults on the pages base + indices * 4K (sorted) of one VMA and one PT page."""
-    indices = indices[needs_fault(ctx, mm.pgd, base, indices, write)]
+    pmd = pmd_entry(ctx, mm.pgd, base)
+    _handle_faults(ctx, mm, vma, base, indices[needs_fault(ctx, pmd[2], indices, write)], write, pmd)
+
+
+def _handle_faults(
+    ctx: KernelContext, mm: Mm, vma: Vma, base: int, indices: np.ndarray, write: bool, pmd: tuple[int, int, int]
+) -> None:
+    """handle_pt_faults() of pages known to fault, ``pmd`` being pmd_entry() of ``base``: a present PMD
+    pointing at a PT page is used as it is, else the THP paths or the missing tables come first."""
     if len(indices) == 0:
         return
     if write and not vma.prot & PROT_WRITE:
         raise GuestSegfault(f"write to {vma.name or 'a read-only mapping'} at {base + int(indices[0]) * PAGE_SIZE:#x}")
-    if huge_fault(ctx, mm, vma, base, write):
+    entry = pmd[2]
+    if entry & PT_PRESENT_MASK and not entry & PT_PAGE_SIZE_MASK:
+        pt = pte_gfn(entry)
+    elif huge_fault(ctx, mm, vma, base, write, pmd):
         return
-    pt = alloc_table_at(ctx, mm.pgd, base, 1, PAGE_TABLE)
+    else:
+        pt = alloc_table_at(ctx, mm.pgd, base, 1, PAGE_TABLE)
     if write and not vma.shared:
         _private_write_faults(ctx, mm, vma, pt, base, indices)
     elif write:
@@ -78,10 +100,7 @@ def _private_write_faults(ctx: KernelContext, mm: Mm, vma: Vma, pt: int, base: i
     mapped = present(ptes)
     any_mapped = bool(mapped.any())  # else (the common case) fresh memory: nothing to copy, reuse or flush
     if not any_mapped and vma.file is None:  # do_anonymous_page only: what the general path below reduces to
-        new = ctx.pages.alloc(len(indices), PAGE_ANON)
-        ctx.kernel_access(direct_map(new), write=True)  # clear_user_highpage
-        ctx.stores(pt, indices, make_ptes(new, vma.page_prot()) | WRITE_DIRTY)
-        vma.anon_vma = True
+        _map_anonymous(ctx, vma, pt, indices, ctx.pages.alloc(len(indices), PAGE_ANON))
         return
     src = np.where(mapped, ptes_gfn(ptes), -1)
     reuse = mapped & ctx.pages.exclusive_anon(np.maximum(src, 0)) if any_mapped else mapped
@@ -105,6 +124,42 @@ def _private_write_faults(ctx: KernelContext, mm: Mm, vma: Vma, pt: int, base: i
     ctx.stores(pt, indices[start:], values[start:])
     ctx.pages.put(src[copied & mapped])  # the old pages lose this mapping
     vma.anon_vma = True
+
+
+def _map_anonymous(
+    ctx: KernelContext,
+    vma: Vma,
+    pt: int,
+    indices: np.ndarray,
+    new: np.ndarray,
+    before_fault: Callable[[int], None] | None = None,
+) -> None:
+    """do_anonymous_page (write) once its pages ``new`` are allocated: each is cleared (clear_user_highpage),
+    then mapped writable and dirty at its index. Without ``before_fault`` the pages are one batch (one fault,
+    or populate); with it each is a fault of its own, ``before_fault(j)`` delivering the access that raises
+    fault j > 0."""
+    clears, values = direct_map(new), make_ptes(new, vma.page_prot()) | WRITE_DIRTY
+    vma.anon_vma = True
+    if before_fault is None:
+        ctx.kernel_access(clears, write=True)
+        ctx.stores(pt, indices, values)
+        return
+    for j in range(len(new)):
+        if j:
+            before_fault(j)
+        ctx.kernel_access(clears[j : j + 1], write=True)
+        ctx.stores(pt, indices[j : j + 1], values[j : j + 1])
+
+
+def _anonymous_run(ctx: KernelContext, vma: Vma, pmd: int, vas: np.ndarray, indices: np.ndarray, write: bool) -> int:
+    """How many of the next faults (at ``vas``, PTE ``indices`` of the PT page ``pmd`` points at) are, one after
+    the other, do_anonymous_page writes: private anonymous memory of ``vma`` without THP, PTEs not present."""
+    if not write or vma.file is not None or vma.shared or not vma.prot & PROT_WRITE or thp_enabled(ctx, vma):
+        return 0
+    if not pmd & PT_PRESENT_MASK or pmd & PT_PAGE_SIZE_MASK:
+        return 0
+    fresh = (vas >= vma.start) & (vas < vma.end) & ~present(ctx.memory.table(pte_gfn(pmd))[indices])
+    return len(fresh) if fresh.all() else int(fresh.argmin())
 
 
 def _cow_sources_in_order(
@@ -153,28 +208,42 @@ def _read_faults(ctx: KernelContext, vma: Vma, pt: int, base: int, indices: np.n
     """do_read_fault: do_fault_around maps the cached pages of the window, then __do_fault the page itself."""
     file = vma.file
     assert file is not None
+    pgoff = vma.pgoff_at(base)  # the file page PTE 0 of the PT page would map
     ptes = ctx.memory.table(pt).copy()
     prot = vma.page_prot()
     order: list[np.ndarray] = []
+    frames: list[np.ndarray] = []
     for index in indices.tolist():
-        if ptes[index] != 0:
+        if ptes.item(index):
             continue
         first, last = fault_around_window(vma, base, index)
-        window = np.arange(first, last)
+        window = np.arange(first, min(last, file.nr_pages - pgoff))  # the window's part inside the file
         window = window[ptes[window] == 0]
-        pgoffs = vma.pgoff_at(base) + window
-        window, pgoffs = window[pgoffs < file.nr_pages], pgoffs[pgoffs < file.nr_pages]
-        cached = file.pages[pgoffs] >= 0
-        order.append(window[cached])
-        ptes[window[cached]] = make_ptes(file.pages[pgoffs[cached]], prot)
-        if ptes[index] == 0:
-            if vma.pgoff_at(base) + index >= file.nr_pages:
+        gfns = file.pages[pgoff + window]
+        cached = gfns >= 0
+        window, gfns = window[cached], gfns[cached]
+        ptes[window] = make_ptes(gfns, prot)
+        order.append(window)
+        frames.append(gfns)
+        if not ptes.item(index):
+            if pgoff + index >= file.nr_pages:
                 raise GuestSegfault(f"access beyond the end of {file.name} (SIGBUS)")
-            ptes[index] = make_pte(ctx.cache.fault_page(file, vma.pgoff_at(base) + index), prot)
+            gfn = ctx.cache.fault_page(file, pgoff + index)
+            ptes[index] = make_pte(gfn, prot)
             order.append(np.array([index]))
+            frames.append(np.array([gfn]))
     mapped = np.concatenate(order) if order else np.zeros(0, np.int64)
     ctx.stores(pt, mapped, ptes[mapped])
-    ctx.pages.get(ptes_gfn(ptes[mapped]))
+    ctx.pages.get(np.concatenate(frames) if frames else np.zeros(0, np.int64))
+
+
+def _alloc_or_none(ctx: KernelContext, n: int) -> np.ndarray | None:
+    """``n`` anonymous pages, or None (nothing taken) when fewer are free: faulting one by one then finds out
+    where memory runs out."""
+    try:
+        return ctx.pages.alloc(n, PAGE_ANON)
+    except MemoryError:
+        return None
 
 
 def _vma_runs(mm: Mm, start: int, end: int) -> list[tuple[Vma, int, int]]:
@@ -215,25 +284,48 @@ def touch(ctx: KernelContext, mm: Mm, gvas: np.ndarray, write: bool, user: bool 
             ctx.kernel_access(pages.astype(np.uint64), write)
 
     gvas = np.asarray(gvas, np.int64) & ~(PAGE_SIZE - 1)
+    pmd_bases = gvas >> PMD_SHIFT
+    ends = (np.flatnonzero(pmd_bases[1:] != pmd_bases[:-1]) + 1).tolist() + [len(gvas)] if len(gvas) else []
     pending = pos = 0
-    while pos < len(gvas):
-        base = int(gvas[pos]) // PMD_SIZE * PMD_SIZE
-        run = pos + int(np.argmin(np.append(gvas[pos:] // PMD_SIZE * PMD_SIZE == base, False)))
+    vma: Vma | None = None
+    for run in ends:
+        base = int(pmd_bases[pos]) << PMD_SHIFT
         indices = (gvas[pos:run] - base) // PAGE_SIZE
-        need = np.flatnonzero(needs_fault(ctx, mm.pgd, base, indices, write))
+        pmd = pmd_entry(ctx, mm.pgd, base)
+        need = np.flatnonzero(needs_fault(ctx, pmd[2], indices, write))
+        repeats = not distinct(indices)  # a page touched again may have been mapped by its first touch's fault
         while len(need):
             at = pos + int(need[0])
             # The accesses up to the faulting one reach the hardware; the faulting one raises the
             # guest's #PF (which KVM sees and reflects under shadow paging) and is retried after it.
             access(gvas[pending : at + 1])
             pending = at
-            vma = mm.vma_for_fault(int(gvas[at]))
-            if vma is None:
-                raise GuestSegfault(f"no mapping at {int(gvas[at]):#x}")
-            handle_pt_faults(ctx, mm, vma, base, indices[need[:1]], write)
+            gva = int(gvas[at])
+            if vma is None or not vma.start <= gva < vma.end:
+                vma = mm.vma_for_fault(gva)
+                if vma is None:
+                    raise GuestSegfault(f"no mapping at {gva:#x}")
+            run_length = 0 if repeats else _anonymous_run(ctx, vma, pmd[2], gvas[pos + need], indices[need], write)
+            if run_length > 1 and (new := _alloc_or_none(ctx, run_length)) is not None:
+                # As many faults of their own, their pages allocated together (the same frames, in order).
+                def raise_fault(j: int, need: np.ndarray = need) -> None:
+                    nonlocal pending
+                    at = pos + int(need[j])
+                    access(gvas[pending : at + 1])
+                    pending = at
+
+                _map_anonymous(ctx, vma, pte_gfn(pmd[2]), indices[need[:run_length]], new, raise_fault)
+                need = need[run_length:]
+                continue
+            faulting = indices[need[:1]]
+            if repeats:
+                faulting = faulting[needs_fault(ctx, pmd[2], faulting, write)]
+            _handle_faults(ctx, mm, vma, base, faulting, write, pmd)
+            if not pmd[2] & PT_PRESENT_MASK or pmd[2] & PT_PAGE_SIZE_MASK:  # the fault may have changed the PMD
+                pmd = pmd_entry(ctx, mm.pgd, base)
             if vma.file is None and not thp_enabled(ctx, vma):  # an anonymous fault maps just its page
                 need = need[1:]
             else:  # fault-around or a THP may have mapped more
-                need = need[1:][needs_fault(ctx, mm.pgd, base, indices[need[1:]], write)]
+                need = need[1:][needs_fault(ctx, pmd[2], indices[need[1:]], write)]
         pos = run
     access(gvas[pending:])

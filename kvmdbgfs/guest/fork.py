@@ -56,7 +56,7 @@ def dup_mmap(ctx: KernelContext, parent: Mm, child: Mm) -> None:
             dup = copy(vma)  # vm_area_dup: a shallow copy
             if dup.file is not None:
                 dup.file.mappings += 1
-            child.insert(dup)
+            child.append(dup)
             if vma_needs_copy(vma):
                 copy_page_range(ctx, parent, child, vma)
     finally:

@@ -52,9 +52,10 @@ def is_huge(entry: int) -> bool:
     return bool(entry & PT_PRESENT_MASK and entry & PT_PAGE_SIZE_MASK)
 
 
-def huge_fault(ctx: KernelContext, mm: Mm, vma: Vma, base: int, write: bool) -> bool:
-    """create_huge_pmd / wp_huge_pmd for the PMD at ``base``; False when the fault goes on with 4K pages."""
-    pd, index, entry = pmd_entry(ctx, mm.pgd, base)
+def huge_fault(ctx: KernelContext, mm: Mm, vma: Vma, base: int, write: bool, pmd: tuple[int, int, int]) -> bool:
+    """create_huge_pmd / wp_huge_pmd for the PMD at ``base`` (``pmd``: its pmd_entry()); False when the fault
+    goes on with 4K pages."""
+    pd, index, entry = pmd
     if is_huge(entry):  # a write to a write-protected THP (do_huge_pmd_wp_page)
         page = pte_gfn(entry)
         if ctx.pages.exclusive_anon(np.arange(page, page + HPAGE_PMD_NR)).all():

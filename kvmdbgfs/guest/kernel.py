@@ -101,6 +101,7 @@ class GuestKernel:
         self.files: dict[str, File] = {}
         self._text_ranks: dict[tuple[str, str], np.ndarray] = {}
         self.tasks: dict[int, Task] = {}
+        self.children: dict[int, dict[int, Task]] = {}  # the live tasks whose parent has the pid, by their pid
         self.current: list[Task | None] = [None] * nr_vcpus
         self._next_pid = 1
         self._next_cpu = 0
@@ -194,6 +195,8 @@ class GuestKernel:
         )
         self._next_pid += 1
         self.tasks[task.pid] = task
+        if parent is not None:
+            self.children.setdefault(parent.pid, {})[task.pid] = task
         return task
 
     def kthread(self, comm: str) -> Task:
@@ -293,14 +296,17 @@ class GuestKernel:
         self.current[cpu] = None
         self._free_task(task)
         init = self.tasks.get(1)
-        for other in self.tasks.values():
-            if other.parent is task:
-                other.parent = init
+        for other in self.children.pop(task.pid, {}).values():
+            other.parent = init
+            if init is not None:
+                self.children.setdefault(init.pid, {})[other.pid] = other
 
     def _free_task(self, task: Task) -> None:
         """free_task: the kernel stack goes back (free_thread_stack), and the pid."""
         self.stacks.free(task.stack)
         del self.tasks[task.pid]
+        if task.parent is not None:
+            self.children[task.parent.pid].pop(task.pid)
 
     # -- stats -----------------------------------------------------------------------
     def stats(self) -> dict[str, int]:

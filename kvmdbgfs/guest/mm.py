@@ -96,6 +96,12 @@ class Mm:
         self.vmas.append(vma)
         self._reindex()
 
+    def append(self, vma: Vma) -> None:
+        """insert() of a VMA above all the others (dup_mmap copies them in address order): no re-sort."""
+        assert not self.vmas or self.vmas[-1].end <= vma.start
+        self.vmas.append(vma)
+        self._starts.append(vma.start)
+
     def remove(self, vmas: list[Vma]) -> None:
         gone = {id(vma) for vma in vmas}
         self.vmas = [vma for vma in self.vmas if id(vma) not in gone]

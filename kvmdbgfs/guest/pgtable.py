@@ -6,6 +6,7 @@ Levels are numbered as KVM numbers them: 4 = PML4 (pgd), 3 = PDPT (pud),
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -134,12 +135,22 @@ def walk(
     """Pre-order walk of the present non-leaf entries overlapping [start, end), levels 4 to 2.
 
     Yields (level, va, table gfn, index) for each entry, its subtree after it;
-    a level-2 entry points at a PT page or maps a THP (PS set). Iterative: a stack holds one
-    _WalkFrame per table being walked. A table's present entries are found when the walk
-    enters it, and each entry is read when its turn comes, after the subtrees before it.
+    a level-2 entry points at a PT page or maps a THP (PS set). See walk_ranges."""
+    return walk_ranges(ctx, table, [(start, end)], level, base)
+
+
+def walk_ranges(
+    ctx: KernelContext, table: int, ranges: list[tuple[int, int]], level: int = 4, base: int = 0
+) -> Iterator[tuple[int, int, int, int]]:
+    """walk() of the entries overlapping any of ``ranges`` (sorted, disjoint [start, end) pairs): as the
+    walks of each range one after the other would meet them, each entry once.
+
+    Iterative: a stack holds one _WalkFrame per table being walked. A table's present entries are found
+    when the walk enters it, and each entry is read when its turn comes, after the subtrees before it.
     """
     memory = ctx.memory
-    stack = [_WalkFrame(memory.table(table), table, level, base, start, end)]
+    ends = [end for _, end in ranges]
+    stack = [_WalkFrame(memory.table(table), table, level, base, ranges, ends)]
     while stack:
         frame = stack[-1]
         if not frame.todo:
@@ -154,15 +165,31 @@ def walk(
         yield level, va, frame.gfn, index
         if level > 2:
             child = pte_gfn(entry)
-            stack.append(_WalkFrame(memory.table(child), child, level - 1, va, start, end))
+            stack.append(_WalkFrame(memory.table(child), child, level - 1, va, ranges, ends))
+
+
+def overlapping(ranges: list[tuple[int, int]], ends: list[int], start: int, end: int) -> list[tuple[int, int]]:
+    """The ranges (sorted and disjoint, ``ends`` their ends) that overlap [start, end)."""
+    first = bisect.bisect_right(ends, start)
+    last = bisect.bisect_left(ranges, (end,), first)
+    return ranges[first:last]
 
 
 class _WalkFrame:
-    """One table on walk()'s stack: its entries, gfn, level and va, and its present indices in
-    [start, end) still to visit, the next one last."""
+    """One table on walk()'s stack: its entries, gfn, level and va, and its present indices overlapping the
+    ranges still to visit, the next one last."""
 
     __slots__ = ("base", "entries", "gfn", "level", "todo")
 
-    def __init__(self, entries: np.ndarray, gfn: int, level: int, base: int, start: int, end: int) -> None:
+    def __init__(
+        self, entries: np.ndarray, gfn: int, level: int, base: int, ranges: list[tuple[int, int]], ends: list[int]
+    ) -> None:
         self.entries, self.gfn, self.level, self.base = entries, gfn, level, base
-        self.todo = present_entries(entries, *entry_range(base, level, start, end))[::-1]
+        if len(ranges) == 1:
+            todo = present_entries(entries, *entry_range(base, level, *ranges[0]))
+        else:
+            todo = []
+            for start, end in overlapping(ranges, ends, base, base + level_span(level + 1)):
+                indices = present_entries(entries, *entry_range(base, level, start, end))
+                todo += indices[1:] if todo and indices and indices[0] == todo[-1] else indices
+        self.todo = todo[::-1]

@@ -15,8 +15,16 @@ from kvmdbgfs.guest.allocator import PAGE_KERNEL
 from kvmdbgfs.guest.huge import is_huge
 from kvmdbgfs.guest.kctx import KernelContext
 from kvmdbgfs.guest.mm import Mm
-from kvmdbgfs.guest.pgtable import entry_range, pgd_stores, present_entries, present_indices, ptes_gfn, walk
-from kvmdbgfs.guest.pte import PT_PAGE_SIZE_MASK, level_span, pte_gfn
+from kvmdbgfs.guest.pgtable import (
+    entry_range,
+    overlapping,
+    pgd_stores,
+    present_entries,
+    present_indices,
+    ptes_gfn,
+    walk_ranges,
+)
+from kvmdbgfs.guest.pte import PT_PAGE_SIZE_MASK, PT_PRESENT_MASK, level_span, pte_gfn
 from kvmdbgfs.guest.tlb import TLB_FLUSH_ALL
 from kvmdbgfs.guest.vaddr import MASK64, PAGE_SIZE, PMD_SIZE
 from kvmdbgfs.guest.vma import Vma
@@ -81,12 +89,20 @@ class MmuGather:
                 self.mm, self.ctx.cpu, self.start, end, self.freed_tables or self.fullmm, stride
             )
         self.start, self.end, self.cleared_ptes = 1 << 64, 0, False
+        small: list[np.ndarray] = []  # consecutive small-page batches: one put() of them all drops them in order
         for pages in self.pages:
             if isinstance(pages, int):
+                self._put(small)
+                small = []
                 self.ctx.pages.put_huge(pages)
             else:
-                self.ctx.pages.put(pages)
+                small.append(pages)
+        self._put(small)
         self.pages, self.nr = [], 0
+
+    def _put(self, batches: list[np.ndarray]) -> None:
+        if batches:
+            self.ctx.pages.put(batches[0] if len(batches) == 1 else np.concatenate(batches))
 
     def finish(self) -> None:
         """tlb_finish_mmu: the last flush, then the batch pages and (after RCU) the page-table pages."""
@@ -95,32 +111,48 @@ class MmuGather:
         self.ctx.free_tables(self.tables)
 
 
-def zap_range(ctx: KernelContext, tlb: MmuGather, mm: Mm, start: int, end: int) -> None:
-    """unmap_page_range / zap_pte_range: clear every present PTE of [start, end), gathering its page.
+def zap_vmas(ctx: KernelContext, tlb: MmuGather, mm: Mm, vmas: list[Vma], start: int, end: int) -> None:
+    """unmap_vmas: unmap_page_range of each VMA's part of [start, end), the VMAs in address order.
+
+    One walk of the tables serves them all: it meets each PT page once, and zaps there the part of each
+    VMA it holds, VMA after VMA, as walking the VMAs one after the other would."""
+    ranges = [(max(start, vma.start), min(end, vma.end)) for vma in vmas]
+    ranges = [(lo, hi) for lo, hi in ranges if lo < hi]
+    ends = [hi for _, hi in ranges]
+    for level, va, table, index in walk_ranges(ctx, mm.pgd, ranges):
+        if level == 2:
+            for lo, hi in overlapping(ranges, ends, va, va + PMD_SIZE):
+                zap_pmd(ctx, tlb, mm, va, table, index, lo, hi)
+
+
+def zap_pmd(ctx: KernelContext, tlb: MmuGather, mm: Mm, va: int, pd: int, index: int, start: int, end: int) -> None:
+    """zap_pmd_range / zap_pte_range for one PMD (at ``va``, entry ``index`` of ``pd``): clear every present
+    PTE of [start, end), gathering its page, or the THP it maps.
 
     When the gather is full the PT page is finished up to that PTE, the TLB flushed
     and the pages freed (force_flush), then the rest of the PT page is zapped."""
-    for level, va, table, index in walk(ctx, mm.pgd, start, end):
-        if level != 2:
-            continue
-        entry = ctx.memory.table(table).item(index)
-        if is_huge(entry):
-            zap_huge_pmd(ctx, tlb, mm, va, table, index)
-            continue
-        pt = pte_gfn(entry)
-        i0, i1 = entry_range(va, 1, start, end)
-        ptes = ctx.memory.table(pt)
-        indices = present_indices(ptes, i0, i1)
-        gfns = ptes_gfn(ptes[indices])
-        normal = gfns != ctx.zero_pfn  # vm_normal_page: the zero page is not gathered
-        while len(indices):
-            cut = _gather_cut(normal, tlb.room())
-            ctx.stores(pt, indices[:cut], np.zeros(cut, np.uint64))
-            tlb.adjust_range(va + int(indices[0]) * PAGE_SIZE, va + (int(indices[cut - 1]) + 1) * PAGE_SIZE)
-            tlb.remove_pages(gfns[:cut][normal[:cut]])
-            if tlb.room() == 0:
-                tlb.flush_mmu()
-            indices, gfns, normal = indices[cut:], gfns[cut:], normal[cut:]
+    entry = ctx.memory.table(pd).item(index)
+    if not entry & PT_PRESENT_MASK:  # a THP an earlier part of the range already zapped
+        return
+    if is_huge(entry):
+        zap_huge_pmd(ctx, tlb, mm, va, pd, index)
+        return
+    pt = pte_gfn(entry)
+    i0, i1 = entry_range(va, 1, start, end)
+    ptes = ctx.memory.table(pt)
+    indices = present_indices(ptes, i0, i1)
+    if not len(indices):
+        return
+    gfns = ptes_gfn(ptes[indices])
+    normal = gfns != ctx.zero_pfn  # vm_normal_page: the zero page is not gathered
+    while len(indices):
+        cut = _gather_cut(normal, tlb.room())
+        ctx.stores(pt, indices[:cut], np.zeros(cut, np.uint64))
+        tlb.adjust_range(va + int(indices[0]) * PAGE_SIZE, va + (int(indices[cut - 1]) + 1) * PAGE_SIZE)
+        tlb.remove_pages(gfns[:cut][normal[:cut]])
+        if tlb.room() == 0:
+            tlb.flush_mmu()
+        indices, gfns, normal = indices[cut:], gfns[cut:], normal[cut:]
 
 
 def _gather_cut(normal: np.ndarray, room: int) -> int:
@@ -215,8 +247,7 @@ def unmap_region(
 ) -> None:
     """unmap_region / exit_mmap: zap [start, end) of ``vmas``, free their page tables, flush, free."""
     tlb = MmuGather(ctx, mm, fullmm)
-    for vma in vmas:
-        zap_range(ctx, tlb, mm, max(start, vma.start), min(end, vma.end))
+    zap_vmas(ctx, tlb, mm, vmas, start, end)
     free_pgtables(ctx, tlb, mm, vmas, floor, ceiling)
     tlb.finish()
     for vma in vmas:

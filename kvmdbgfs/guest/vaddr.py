@@ -12,7 +12,8 @@ import numpy as np
 from kvmdbgfs.guest.pte import PAGE_SHIFT
 
 PAGE_SIZE = 1 << PAGE_SHIFT
-PMD_SIZE = 1 << 21
+PMD_SHIFT = 21
+PMD_SIZE = 1 << PMD_SHIFT
 MASK64 = (1 << 64) - 1
 
 # Kernel half (PML4 entries 256..511).
