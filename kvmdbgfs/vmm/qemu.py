@@ -44,9 +44,9 @@ IDLE_SLICE_NS = 50_000_000  # guest time idled between two yields to readers
 # A realtime clock is always a little ahead: an idle VM catches up with it at each multiple of this much host
 # time, or it would spin on microsecond slices (a core's worth of CPU for an idle host). Readers see the
 # counters move in 20 ms steps. The boundaries are the host's, not each VM's: every idle VM's thread wakes at
-# the same instant and they emulate in one burst, one after the other. Each burst starts on a core whose
-# caches other processes have had meanwhile, which about doubled the CPU an idle VM's 20 ms costs when each
-# VM woke on its own (measured in `make bench BENCHES=running`).
+# the same instant and they emulate in one burst, one after the other, instead of each VM waking on its own.
+# A burst starts with caches other processes have had meanwhile: the same 20 ms of an idle guest cost about
+# twice the CPU run after a 20 ms sleep as run back to back (measured on the 2-core bench machine).
 REALTIME_QUANTUM_NS = 20_000_000
 MANUAL_WAIT_S = 1.0
 # Waiters on a workload's progress are woken at most this often: a wake-up per step (every ~2 ms of
