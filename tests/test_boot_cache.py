@@ -82,6 +82,16 @@ def test_a_restored_boot_gives_the_same_bytes_and_the_same_behaviour(cache: Boot
     assert filled[1][0].keys() == cold[0].keys() and filled[1][0]["exits"] == cold[0]["exits"]
 
 
+def test_a_boot_saved_and_restored_in_many_pieces_is_the_same(tmp_path: Path, cold, monkeypatch) -> None:
+    """The payload is deflated, inflated and unpickled RESTORE_CHUNK bytes per call (each call holds the
+    interpreter lock): with pieces of 4 KiB the restored host is the same."""
+    monkeypatch.setattr(bootcache, "RESTORE_CHUNK", 4096)
+    cache = BootCache(tmp_path / "cache")
+    run_host(1, cache)
+    assert cache.restored == 0 and len(cache.entries()) == 1
+    assert run_host(2, cache) == cold and cache.restored == 1
+
+
 def test_a_changed_key_misses(cache: BootCache, fresh_vm: QemuProcess, monkeypatch) -> None:
     (entry,) = cache.entries()
     assert cache.key(fresh_vm, "idle", BOOT) == entry.name
@@ -100,13 +110,15 @@ def test_a_vm_that_ran_is_no_longer_fresh(cache: BootCache, fresh_vm: QemuProces
     assert cache.key(fresh_vm, "idle", BOOT) is None
 
 
-@pytest.mark.parametrize("damage", ["payload", "header", "another key's entry"])
+@pytest.mark.parametrize("damage", ["payload", "truncated", "header", "another key's entry"])
 def test_a_bad_entry_is_ignored_with_a_warning(cache: BootCache, fresh_vm: QemuProcess, caplog, damage: str) -> None:
     (entry,) = cache.entries()
     path = Path(entry.path)
     data = bytearray(path.read_bytes())
     if damage == "payload":
         data[-100] ^= 0xFF
+    elif damage == "truncated":
+        del data[-1000:]
     elif damage == "header":
         data[:10] = b"not json!!"
     else:

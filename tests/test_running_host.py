@@ -3,6 +3,7 @@ realtime through a real mount)."""
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
@@ -17,7 +18,8 @@ from conftest import Mount, mount_with_scenario, wait_until
 from inprocess import cat, walk_files, write
 
 from kvmdbgfs.kvm.stats import HALT_POLL_HIST_COUNT
-from kvmdbgfs.vmm.qemu import QemuProcess
+from kvmdbgfs.sched import emulation_held
+from kvmdbgfs.vmm.qemu import REALTIME_QUANTUM_NS, QemuProcess, WorkloadJob
 from kvmdbgfs.vmm.vmm import Vmm
 from kvmdbgfs.workloads import run_workload, start_workload, wait_workload
 
@@ -106,6 +108,46 @@ def test_tdp_guest_halts_without_shadow_paging_exits(vmm: Vmm) -> None:
     assert counters(vm, SHADOW_ONLY) == shadow_before
     after = counters(vm, ("halt_exits", "irq_injections"))
     assert all(after[name] > before[name] for name in after)
+
+
+def test_idle_vms_catch_up_on_the_realtime_clocks_boundaries() -> None:
+    """Idle VMs run up to multiples of REALTIME_QUANTUM_NS of host time, every VM the same ones: their threads
+    wake together and emulate in one burst."""
+    host = Vmm(seed=9, clock="realtime")
+    try:
+        vms = [host.create_vm(host.host.make_config(memory="512M", vcpus=1, seed=seed)) for seed in (1, 2)]
+        assert wait_until(lambda: all(vm.guest_ns >= 3 * REALTIME_QUANTUM_NS for vm in vms), 10)
+        with emulation_held(10):
+            ends = [vm.created_ns + vm.guest_ns for vm in vms]
+        assert [end % REALTIME_QUANTUM_NS for end in ends] == [0, 0]
+    finally:
+        host.shutdown()
+
+
+def test_the_vms_state_is_frozen_from_the_collector_only_while_no_vm_is_busy(vmm: Vmm) -> None:
+    """Once no VM runs or awaits a workload, what is alive is out of the cyclic collector's sight (a full
+    collection holds the interpreter lock for every object it walks); a destroyed VM's objects are handed back."""
+    gc.unfreeze()
+    release = threading.Event()
+
+    def hold(_vm: QemuProcess, progress) -> dict:
+        while not release.is_set():
+            progress(0, 1)
+            time.sleep(0.001)
+        return {}
+
+    busy = vmm.create_vm(vmm.host.make_config(memory="256M", vcpus=1, seed=4))
+    job = busy.submit(WorkloadJob("hold", hold))
+    try:
+        booting = vmm.create_vm(vmm.host.make_config(memory="256M", vcpus=1, seed=3))
+        run_workload(booting, "idle", {"uptime": 0, "workers": 1, "logins": 1})  # ends while the other VM is busy
+        assert gc.get_freeze_count() == 0
+    finally:
+        release.set()
+    assert job.done.wait(30) and job.error is None
+    assert wait_until(lambda: gc.get_freeze_count() > 0, 10)
+    vmm.destroy_vm(busy.name)
+    assert gc.get_freeze_count() == 0
 
 
 def tree_bytes(vmm: Vmm) -> dict[str, str]:

@@ -125,8 +125,10 @@ def start_loads(served: Served) -> dict[str, str]:
         submit(served, name, workload, LOADS[workload])
         submit(served, name, workload, LOADS[workload])
         loads[name] = workload
+    # Polled as the keeper polls: each control request holds the guests' emulation back for a moment
+    # (kvmdbgfs.sched), and polling every 10 ms slowed the loaded VMs' boots past the timeout.
     wait_for(lambda: all(vm["workload"] == loads[vm["name"]] for vm in served.vms() if vm["name"] in loads),
-             LOAD_START_TIMEOUT_S, "the load workloads to start")
+             LOAD_START_TIMEOUT_S, "the load workloads to start", period=LIST_PERIOD_S)
     return loads
 
 

@@ -45,6 +45,12 @@ log = logging.getLogger(__name__)
 FORMAT = "kvmdbgfs-boot-snapshot 1"
 DEFAULT_MAX_BYTES = 1 << 30
 COMPRESS_LEVEL = 1  # a 6 GiB guest's 92 MiB pickle becomes 3 MiB in 0.3 s; higher levels gain little
+# Saving and restoring run on the VM's thread while the host serves readers. zlib and the unpickler hold the
+# interpreter lock for a whole call (a 92 MiB payload: 0.25-0.6 s each, during which no FUSE or control request
+# was answered; bench running, issue 10), so the payload is deflated, inflated and read back in pieces of at
+# most this many bytes, each piece a call the interpreter can switch threads after. (The pickler calls
+# persistent_id, Python code, for each object: it lets other threads in already.)
+RESTORE_CHUNK = 1 << 20
 SOURCE_ROOT = Path(__file__).resolve().parents[1]  # the kvmdbgfs package (workloads installs inside it)
 WORKLOADS_ROOT = SOURCE_ROOT.parent / "workloads"  # in a checkout, workloads/ sits beside the package
 _LOCK_TYPES = (type(threading.Lock()), type(threading.RLock()), threading.Condition, threading.Event)
@@ -53,7 +59,7 @@ _LOCK_TYPES = (type(threading.Lock()), type(threading.RLock()), threading.Condit
 KEEP: dict[str, frozenset[str]] = {
     "vm": frozenset(
         {"kvm", "pid", "fd", "name", "seed", "memory", "nr_vcpus", "clock", "created_ns", "vcpus", "jobs",
-         "current", "boot_cache", "_lock", "_stopping", "_thread", "guest_name", "vcpu_tids", "standin"}
+         "current", "boot_cache", "on_job_end", "_lock", "_stopping", "_thread", "guest_name", "vcpu_tids", "standin"}
     ),
     "kvm": frozenset(
         {"host", "config", "profile", "name", "users_count", "creator_ref_dropped", "debugfs_dentry", "vcpus",
@@ -117,6 +123,44 @@ class _Saver(pickle.Pickler):
         if isinstance(obj, (KvmHost, threading.Thread)):
             raise SnapshotError(f"the VM's state holds a {type(obj).__name__}")
         return None
+
+
+def _deflate(payload: bytes) -> bytes:
+    """zlib.compress() at COMPRESS_LEVEL, RESTORE_CHUNK bytes of input per call."""
+    deflater = zlib.compressobj(COMPRESS_LEVEL)
+    view = memoryview(payload)
+    pieces = [deflater.compress(view[start:start + RESTORE_CHUNK]) for start in range(0, len(view), RESTORE_CHUNK)]
+    pieces.append(deflater.flush())
+    return b"".join(pieces)
+
+
+def _inflate(compressed: bytes) -> bytes:
+    """zlib.decompress(), RESTORE_CHUNK bytes of output per call."""
+    inflater = zlib.decompressobj()
+    pieces = [inflater.decompress(compressed, RESTORE_CHUNK)]
+    while inflater.unconsumed_tail:
+        pieces.append(inflater.decompress(inflater.unconsumed_tail, RESTORE_CHUNK))
+    pieces.append(inflater.flush())
+    if not inflater.eof:
+        raise zlib.error("incomplete or truncated stream")
+    return b"".join(pieces)
+
+
+class _ChunkedReader:
+    """The payload as a file the unpickler reads through Python calls of at most RESTORE_CHUNK bytes."""
+
+    def __init__(self, payload: bytes) -> None:
+        self._file = io.BytesIO(payload)
+
+    def read(self, size: int = -1) -> bytes:
+        pieces = []
+        while size and (piece := self._file.read(RESTORE_CHUNK if size < 0 else min(size, RESTORE_CHUNK))):
+            pieces.append(piece)
+            size -= len(piece) if size > 0 else 0
+        return b"".join(pieces)
+
+    def readline(self) -> bytes:
+        return self._file.readline()
 
 
 class _Loader(pickle.Unpickler):
@@ -184,7 +228,7 @@ class BootCache:
             log.warning("boot cache: ignoring %s: %s", path, exc)
             return None
         try:
-            summary, states = _Loader(io.BytesIO(payload), vm).load()
+            summary, states = _Loader(_ChunkedReader(payload), vm).load()
             self._apply(vm, states)
         except Exception as exc:  # an entry that cannot be applied is not trusted any further
             log.warning("boot cache: ignoring %s: %s", path, exc)
@@ -206,7 +250,7 @@ class BootCache:
             if not isinstance(header, dict) or header.get("format") != FORMAT or header.get("key") != key:
                 raise ValueError("written for another key or format")
             compressed = handle.read()
-        payload = zlib.decompress(compressed)
+        payload = _inflate(compressed)
         if len(payload) != header.get("size") or hashlib.sha256(payload).hexdigest() != header.get("sha256"):
             raise ValueError("its payload does not match its digest (corrupt)")
         return payload
@@ -239,7 +283,7 @@ class BootCache:
             payload = buffer.getvalue()
             header = {"format": FORMAT, "key": key, "size": len(payload),
                       "sha256": hashlib.sha256(payload).hexdigest()}
-            self._write(key, json.dumps(header).encode() + b"\n" + zlib.compress(payload, COMPRESS_LEVEL))
+            self._write(key, json.dumps(header).encode() + b"\n" + _deflate(payload))
             self.evict()
         except (OSError, SnapshotError, pickle.PicklingError, TypeError, AttributeError) as exc:
             log.warning("boot cache: not saving %s: %s", vm.name, exc)

@@ -26,6 +26,7 @@ from kvmdbgfs.kvm.profiles import DEFAULT_PROFILE
 from kvmdbgfs.kvm.vm import VmConfig
 from kvmdbgfs.vmm.bootcache import BootCache
 from kvmdbgfs.vmm.clock import HostClock
+from kvmdbgfs.vmm.collector import freeze_long_lived, release_frozen
 from kvmdbgfs.vmm.qemu import QemuProcess, WorkloadJob
 from kvmdbgfs.vmm.standin import StandinProcess
 
@@ -83,7 +84,8 @@ class Vmm:
                 kvm = self.host.kvm_create_vm(config, f"{pid}-{fd}")
                 assert config.seed is not None
                 vm = QemuProcess(
-                    kvm, pid, fd, config.seed, self.clock, guest, vcpu_tids, jobs, self.boot_cache, standin
+                    kvm, pid, fd, config.seed, self.clock, guest, vcpu_tids, jobs, self.boot_cache, standin,
+                    on_job_end=self._job_ended,
                 )
                 self.vms[kvm.name] = vm
         except BaseException:
@@ -91,6 +93,13 @@ class Vmm:
                 standin.stop()
             raise
         return vm
+
+    def _job_ended(self) -> None:
+        """A VM's workload has ended: once no VM runs or awaits one, the VMs' state is long-lived."""
+        with self._lock:
+            vms = list(self.vms.values())
+        if not any(vm.busy() for vm in vms):
+            freeze_long_lived()
 
     def _alloc_pid(self, threads: int) -> int:
         """A pid no running QEMU uses, leaving room for its threads' pids."""
@@ -121,6 +130,7 @@ class Vmm:
             raise LookupError(f"no VM named {name!r}")
         vm.stop()
         vm.kvm.kvm_vm_release()
+        release_frozen()
         return vm
 
     def advance_clock(self, ns: int, timeout: float = CLOCK_WAIT_S) -> int:
