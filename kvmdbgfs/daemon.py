@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kvmdbgfs.control.client import RequestError, request
+from kvmdbgfs.control.client import RequestError, poll_periods, request
 from kvmdbgfs.control.paths import UnsafeRuntimeDir, find_socket
 from kvmdbgfs.mountpoint import MountpointError, detach, fusermount_command, mount_type
 
@@ -67,6 +67,7 @@ def wait_ready(
     """The server's status once it serves (and, with ``wait_booted``, once its guests have booted). ServerFailed
     with the server's own last line when it exits first, or when ``timeout`` seconds pass (it is then stopped)."""
     deadline = time.monotonic() + timeout
+    periods = poll_periods()
     while True:
         if process.poll() is not None:
             raise ServerFailed(last_line(log))
@@ -83,7 +84,7 @@ def wait_ready(
             kill(process)
             what = "serve its tree" if not status.get("served") else "boot its guests"
             raise ServerFailed(f"the server did not {what} within {timeout:g} s (its log: {log})")
-        time.sleep(POLL_S)
+        time.sleep(next(periods))
 
 
 def kill(process: subprocess.Popen, timeout: float = STOP_TIMEOUT_S) -> None:

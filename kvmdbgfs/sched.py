@@ -23,11 +23,12 @@ from collections.abc import Iterator
 GRACE_S = 0.002
 MAX_WAIT_S = 0.05
 RUN_QUANTUM_S = 0.01
-SLICE_S = 0.005
+SLICE_S = 0.05
 
 _lock = threading.Lock()
 _in_flight = 0
 _quiet_after = 0.0  # monotonic time from which no reader is expected
+_arrivals: dict[int, float] = {}  # id of each Arrival still awaiting its request -> when it stops holding back
 # Per emulation thread: run_until (no yielding to readers before), on_cpu and slice_end (see _Cpu).
 _emulation = threading.local()
 
@@ -45,7 +46,7 @@ class _Serving:
         global _in_flight, _quiet_after
         with _lock:
             _in_flight -= 1
-            _quiet_after = max(_quiet_after, time.monotonic() + GRACE_S)  # never cuts an arrival's window short
+            _quiet_after = max(_quiet_after, time.monotonic() + GRACE_S)  # another request may have ended later
 
 
 _SERVING = _Serving()
@@ -56,23 +57,43 @@ def serving() -> _Serving:
     return _SERVING
 
 
-def reader_arriving(within_s: float) -> None:
-    """A reader has arrived whose request is not yet known (a control connection just accepted): the emulation
-    yields as if a request were in flight, for at most ``within_s``, while its thread starts and reads it."""
-    global _quiet_after
-    with _lock:
-        _quiet_after = max(_quiet_after, time.monotonic() + within_s)
+class Arrival:
+    """A reader that has arrived but whose request is not yet known (a control connection just accepted): the
+    emulation yields as if a request were in flight until ``known()`` (the request is read, or the connection
+    refused or gone), and for at most ``within_s``, so that a client polling `status` does not slow the guests
+    for longer than its requests take."""
+
+    def __init__(self, within_s: float) -> None:
+        with _lock:
+            _arrivals[id(self)] = time.monotonic() + within_s
+
+    def known(self) -> None:
+        """The request is read (its serving() takes over) or there will be none. Idempotent."""
+        with _lock:
+            _arrivals.pop(id(self), None)
+
+
+def reader_arriving(within_s: float) -> Arrival:
+    """A reader has arrived (see Arrival); call ``known()`` on the result once its request is read."""
+    return Arrival(within_s)
 
 
 def readers_waiting(now: float | None = None) -> bool:
-    """True while a request is being served or has just been (``now``: the monotonic time, if just read)."""
-    return _in_flight > 0 or (time.monotonic() if now is None else now) < _quiet_after
+    """True while a request is being served or has just been, or an arrival's request is awaited (``now``: the
+    monotonic time, if just read)."""
+    if _in_flight > 0:
+        return True
+    now = time.monotonic() if now is None else now
+    return now < _quiet_after or (bool(_arrivals) and now < max(_arrivals.values(), default=0.0))
 
 
 class _Cpu:
     """The one emulation CPU: the VMs' threads take turns on it, SLICE_S at a time, so that a reader needing the
     interpreter lock competes with one emulation thread rather than all of them (several CPU-bound threads
-    hand the lock among themselves and kept a reader out for 40-130 ms at a time)."""
+    hand the lock among themselves and kept a reader out for 40-130 ms at a time). A slice is long (readers do
+    not wait for its end: cond_resched() checks them first) since a VM's emulation runs slower for a while after
+    another VM's has run (cold caches): the default scenario booted in 15-16 s with 50 ms slices, 17-19 s with
+    5 ms ones."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()

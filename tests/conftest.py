@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from kvmdbgfs.control.client import request
+from kvmdbgfs.control.client import poll_periods, request
 from kvmdbgfs.mountpoint import MountpointError, detach, mounted_paths
 
 REPO = Path(__file__).resolve().parent.parent
@@ -134,6 +134,7 @@ def wait_served(mount: Mount, booted: bool = True) -> Mount:
     """Wait until a file inside the mount can be stat'ed and its control socket exists, and with ``booted``
     until `status` says the scenario's guests have booted (they boot while the tree is served)."""
     deadline = time.monotonic() + START_TIMEOUT
+    periods = poll_periods()
     while time.monotonic() < deadline:
         if mount.process.poll() is not None:
             raise AssertionError(f"mount.py exited with {mount.process.returncode}: {mount.stderr()}")
@@ -144,7 +145,7 @@ def wait_served(mount: Mount, booted: bool = True) -> Mount:
                     return mount
             except OSError:
                 pass
-        time.sleep(0.05)
+        time.sleep(next(periods))
     mount.stop()
     raise AssertionError("mount.py did not come up in time")
 

@@ -15,7 +15,7 @@ import time
 from kvmdbgfs.bench.mounts import REPO, Served, mounted, wait_for
 from kvmdbgfs.bench.report import Figure, at_most
 from kvmdbgfs.bench.running import idle_vm_scenario, spread, spread_text
-from kvmdbgfs.control.client import request
+from kvmdbgfs.control.client import poll_periods, request
 
 TITLE = "issue 11: a suspended client during a workload (real FUSE mount)"
 TARGET_S = 1.0
@@ -40,7 +40,7 @@ def suspended_client_times(served: Served) -> dict[str, list[float]]:
     times: dict[str, list[float]] = {"cat mmu_rmaps_stat": [], "cat exits": [], "vm.list request": [],
                                      "CLI vm list": []}
     try:
-        wait_for(lambda: served.vms()[0]["workload"] == WORKLOAD[0], 60, f"{WORKLOAD[0]} to start")
+        wait_for(lambda: served.vms()[0]["workload"] == WORKLOAD[0], 60, f"{WORKLOAD[0]} to start", poll_periods())
         client.send_signal(signal.SIGSTOP)
         end = time.monotonic() + SUSPENDED_S
         while time.monotonic() < end:

@@ -5,17 +5,18 @@ unmounted."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kvmdbgfs.control.client import request
+from kvmdbgfs.control.client import poll_periods, request
 from kvmdbgfs.daemon import kill
 from kvmdbgfs.mountpoint import MountpointError, detach, mounted_paths
 
@@ -44,20 +45,23 @@ def is_mounted(path: Path) -> bool:
     return os.path.realpath(path) in mounted_paths()
 
 
-def wait_for(condition: Callable[[], object], timeout: float, what: str, period: float = 0.01) -> None:
-    """Poll ``condition`` every ``period`` seconds; TimeoutError naming ``what`` after ``timeout`` seconds."""
+def wait_for(condition: Callable[[], object], timeout: float, what: str,
+             periods: Iterable[float] = itertools.repeat(0.01)) -> None:
+    """Poll ``condition``, sleeping each of ``periods`` in turn (a control request's condition: poll_periods(),
+    since each request makes the guests yield); TimeoutError naming ``what`` after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
-    while not condition():
+    for period in periods:
+        if condition():
+            return
         if time.monotonic() > deadline:
             raise TimeoutError(f"waited {timeout:.0f} s for {what}")
         time.sleep(period)
 
 
 def wait_booted(served: Served) -> None:
-    """The scenario's guests have booted (`status`). Polled every 50 ms: each control request makes the guests'
-    emulation yield for a moment (kvmdbgfs.sched)."""
+    """The scenario's guests have booted (`status`)."""
     wait_for(lambda: request(served.control, "status")["booted"], START_TIMEOUT_S, "the scenario's guests to boot",
-             period=0.05)
+             poll_periods())
 
 
 def read_file(path: Path | str) -> bytes:

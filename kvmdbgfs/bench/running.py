@@ -24,7 +24,7 @@ import numpy as np
 
 from kvmdbgfs.bench.mounts import REPO, Served, mounted, read_file, wait_booted, wait_for
 from kvmdbgfs.bench.report import Figure, at_most
-from kvmdbgfs.control.client import request
+from kvmdbgfs.control.client import poll_periods, request
 
 TITLE = "issue 10: a running host (real FUSE mount, realtime clock)"
 STOP_TIMEOUT_S, LOAD_START_TIMEOUT_S = 20.0, 90.0
@@ -125,10 +125,10 @@ def start_loads(served: Served) -> dict[str, str]:
         submit(served, name, workload, LOADS[workload])
         submit(served, name, workload, LOADS[workload])
         loads[name] = workload
-    # Polled as the keeper polls: each control request holds the guests' emulation back for a moment
-    # (kvmdbgfs.sched), and polling every 10 ms slowed the loaded VMs' boots past the timeout.
+    # Each control request holds the guests' emulation back for a moment (kvmdbgfs.sched): polling every 10 ms
+    # slowed the loaded VMs' boots past the timeout.
     wait_for(lambda: all(vm["workload"] == loads[vm["name"]] for vm in served.vms() if vm["name"] in loads),
-             LOAD_START_TIMEOUT_S, "the load workloads to start", period=LIST_PERIOD_S)
+             LOAD_START_TIMEOUT_S, "the load workloads to start", poll_periods())
     return loads
 
 

@@ -27,7 +27,7 @@ from kvmdbgfs.control.paths import write_pointer
 from kvmdbgfs.control.server import ClientGone, ControlHandlers, answer, is_read_request
 from kvmdbgfs.control.socketfile import FileId, bind_socket, file_id, remove_if_made
 from kvmdbgfs.control.wire import LineReader, LineTooLong, peer_uid, send_message
-from kvmdbgfs.sched import reader_arriving, serving
+from kvmdbgfs.sched import Arrival, reader_arriving, serving
 
 MAX_REQUEST_BYTES = 1 << 20
 REQUEST_TIMEOUT_S = 5.0
@@ -145,19 +145,20 @@ class ControlServer:
                 pause = min(2 * pause, ACCEPT_BACKOFF_S[1])
                 continue
             pause = ACCEPT_BACKOFF_S[0]
-            reader_arriving(ARRIVAL_S)
-            self._admit(sock)
+            self._admit(sock, reader_arriving(ARRIVAL_S))
 
-    def _admit(self, sock: socket.socket) -> None:
+    def _admit(self, sock: socket.socket, arrival: Arrival) -> None:
         """Serve the connection on a thread of its own, or refuse it with one line and close it."""
         refusal = self._refusal(sock)
         if refusal is None:
             try:
-                threading.Thread(target=self._serve, args=(sock,), name="control connection", daemon=True).start()
+                threading.Thread(target=self._serve, args=(sock, arrival), name="control connection",
+                                 daemon=True).start()
                 return
             except RuntimeError:  # out of threads
                 self._first_line_done()
                 refusal = BUSY
+        arrival.known()
         with sock, contextlib.suppress(OSError):
             send_message(sock, {"ok": False, "error": refusal}, timeout=0)
 
@@ -176,13 +177,14 @@ class ControlServer:
         with self._lock:
             self._waiting -= 1
 
-    def _serve(self, sock: socket.socket) -> None:
+    def _serve(self, sock: socket.socket, arrival: Arrival) -> None:
         """Answer request lines until the client closes, sends too much, is too slow, or cannot be written to."""
         reader = LineReader(sock)
         try:
             try:
                 line = reader.readline(MAX_REQUEST_BYTES, REQUEST_TIMEOUT_S)
             finally:
+                arrival.known()
                 self._first_line_done()
             while line:
                 self._answer(sock, line)
