@@ -43,11 +43,13 @@ log = logging.getLogger(__name__)
 IDLE_SLICE_NS = 50_000_000  # guest time idled between two yields to readers
 # A realtime clock is always a little ahead: an idle VM catches up with it at each multiple of this much host
 # time, or it would spin on microsecond slices (a core's worth of CPU for an idle host). Readers see the
-# counters move in 20 ms steps. The boundaries are the host's, not each VM's: every idle VM's thread wakes at
-# the same instant and they emulate in one burst, one after the other, instead of each VM waking on its own.
-# A burst starts with caches other processes have had meanwhile: the same 20 ms of an idle guest cost about
-# twice the CPU run after a 20 ms sleep as run back to back (measured on the 2-core bench machine).
-REALTIME_QUANTUM_NS = 20_000_000
+# counters move in 50 ms steps (a 1 s sampler's deltas within 5% of the rate). The boundaries are the host's,
+# not each VM's: every idle VM's thread wakes at the same instant and they emulate in one burst, one after the
+# other, instead of each VM waking on its own. A burst starts with caches other processes have had meanwhile:
+# the same 20 ms of an idle guest cost about twice the CPU run after a 20 ms sleep as run back to back, so
+# fewer, longer bursts cost less. The default scenario's idle guests (mount.py, 10 s means, quiet 2-core
+# machine): 20 ms steps 9.5-11.8% of a core, 50 ms steps 8.5-9.4% (issue 10's limit: 10%).
+REALTIME_QUANTUM_NS = 50_000_000
 MANUAL_WAIT_S = 1.0
 # Waiters on a workload's progress are woken at most this often: a wake-up per step (every ~2 ms of
 # rmap_fork) costs the workload an interpreter-lock hand-over each time, for a progress bar that cannot show it.
