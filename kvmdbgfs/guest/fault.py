@@ -22,10 +22,10 @@ from kvmdbgfs.guest.pgtable import PAGE_TABLE, U64, alloc_table_at, make_ptes, p
 from kvmdbgfs.guest.pte import (
     PT64_ENT_PER_PAGE,
     PT_DIRTY_MASK,
-    PT_PAGE_SIZE_MASK,
     PT_PRESENT_MASK,
     PT_WRITABLE_MASK,
     make_pte,
+    points_to_table,
     pte_gfn,
 )
 from kvmdbgfs.guest.vaddr import PAGE_SIZE, PMD_SHIFT, PMD_SIZE, direct_map
@@ -77,7 +77,7 @@ def _handle_faults(
     if write and not vma.prot & PROT_WRITE:
         raise GuestSegfault(f"write to {vma.name or 'a read-only mapping'} at {base + int(indices[0]) * PAGE_SIZE:#x}")
     entry = pmd[2]
-    if entry & PT_PRESENT_MASK and not entry & PT_PAGE_SIZE_MASK:
+    if points_to_table(entry):
         pt = pte_gfn(entry)
     elif huge_fault(ctx, mm, vma, base, write, pmd):
         return
@@ -156,7 +156,7 @@ def _anonymous_run(ctx: KernelContext, vma: Vma, pmd: int, vas: np.ndarray, indi
     the other, do_anonymous_page writes: private anonymous memory of ``vma`` without THP, PTEs not present."""
     if not write or vma.file is not None or vma.shared or not vma.prot & PROT_WRITE or thp_enabled(ctx, vma):
         return 0
-    if not pmd & PT_PRESENT_MASK or pmd & PT_PAGE_SIZE_MASK:
+    if not points_to_table(pmd):
         return 0
     fresh = (vas >= vma.start) & (vas < vma.end) & ~present(ctx.memory.table(pte_gfn(pmd))[indices])
     return len(fresh) if fresh.all() else int(fresh.argmin())
@@ -321,7 +321,7 @@ def touch(ctx: KernelContext, mm: Mm, gvas: np.ndarray, write: bool, user: bool 
             if repeats:
                 faulting = faulting[needs_fault(ctx, pmd[2], faulting, write)]
             _handle_faults(ctx, mm, vma, base, faulting, write, pmd)
-            if not pmd[2] & PT_PRESENT_MASK or pmd[2] & PT_PAGE_SIZE_MASK:  # the fault may have changed the PMD
+            if not points_to_table(pmd[2]):  # the fault may have changed the PMD
                 pmd = pmd_entry(ctx, mm.pgd, base)
             if vma.file is None and not thp_enabled(ctx, vma):  # an anonymous fault maps just its page
                 need = need[1:]

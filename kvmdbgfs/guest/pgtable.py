@@ -26,6 +26,7 @@ from kvmdbgfs.guest.pte import (
     PT_WRITABLE_MASK,
     level_span,
     make_pte,
+    points_to_table,
     pt_index,
     pte_gfn,
 )
@@ -86,7 +87,7 @@ def table_at(ctx: KernelContext, pgd: int, gva: int, level: int) -> int:
     gfn = pgd
     for lvl in range(4, level, -1):
         entry = ctx.memory.table(gfn).item(pt_index(gva, lvl))
-        if not entry & PT_PRESENT_MASK or entry & PT_PAGE_SIZE_MASK:
+        if not points_to_table(entry):
             return -1
         gfn = pte_gfn(entry)
     return gfn

@@ -37,6 +37,11 @@ def is_large(pte: int) -> bool:
     return bool(pte & PT_PAGE_SIZE_MASK)
 
 
+def points_to_table(entry: int) -> bool:
+    """A present non-leaf entry (PS clear): it points at the next level's table (pmd_present && !pmd_leaf)."""
+    return entry & (PT_PRESENT_MASK | PT_PAGE_SIZE_MASK) == PT_PRESENT_MASK
+
+
 def pt_index(gva: int, level: int) -> int:
     """PT64_INDEX(): the index of ``gva`` in the table at ``level`` (1 = PT ... 4 = PML4)."""
     return (gva >> (PAGE_SHIFT + (level - 1) * PT64_LEVEL_BITS)) & (PT64_ENT_PER_PAGE - 1)
