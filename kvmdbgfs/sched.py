@@ -73,11 +73,6 @@ class Arrival:
             _arrivals.pop(id(self), None)
 
 
-def reader_arriving(within_s: float) -> Arrival:
-    """A reader has arrived (see Arrival); call ``known()`` on the result once its request is read."""
-    return Arrival(within_s)
-
-
 def readers_waiting(now: float | None = None) -> bool:
     """True while a request is being served or has just been, or an arrival's request is awaited (``now``: the
     monotonic time, if just read)."""

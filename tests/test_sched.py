@@ -12,9 +12,9 @@ from kvmdbgfs.control.client import request
 
 
 def test_an_arriving_reader_holds_the_emulation_back_for_a_bounded_time() -> None:
-    """reader_arriving() makes readers_waiting() true at once and false again after its window; an emulation
+    """An Arrival makes readers_waiting() true at once and false again after its window; an emulation
     thread's cond_resched() meanwhile waits, at most MAX_WAIT_S."""
-    arrival = sched.reader_arriving(0.03)
+    arrival = sched.Arrival(0.03)
     assert sched.readers_waiting()
     waited: list[float] = []
 
@@ -69,7 +69,7 @@ def wait_until(condition, timeout: float = 5.0) -> bool:
 def test_a_request_ending_keeps_an_arrivals_window_until_its_own_request_is_known() -> None:
     """A request that ends while another connection's request is still awaited leaves that arrival in place;
     the arrival ends when its own request is known."""
-    arrival = sched.reader_arriving(0.3)
+    arrival = sched.Arrival(0.3)
     with sched.serving():
         pass
     time.sleep(0.05)  # past GRACE_S, well inside the arrival's window

@@ -27,7 +27,7 @@ from kvmdbgfs.control.paths import write_pointer
 from kvmdbgfs.control.server import ClientGone, ControlHandlers, answer, is_read_request
 from kvmdbgfs.control.socketfile import FileId, bind_socket, file_id, remove_if_made
 from kvmdbgfs.control.wire import LineReader, LineTooLong, peer_uid, send_message
-from kvmdbgfs.sched import Arrival, reader_arriving, serving
+from kvmdbgfs.sched import Arrival, serving
 
 MAX_REQUEST_BYTES = 1 << 20
 REQUEST_TIMEOUT_S = 5.0
@@ -145,7 +145,7 @@ class ControlServer:
                 pause = min(2 * pause, ACCEPT_BACKOFF_S[1])
                 continue
             pause = ACCEPT_BACKOFF_S[0]
-            self._admit(sock, reader_arriving(ARRIVAL_S))
+            self._admit(sock, Arrival(ARRIVAL_S))
 
     def _admit(self, sock: socket.socket, arrival: Arrival) -> None:
         """Serve the connection on a thread of its own, or refuse it with one line and close it."""
