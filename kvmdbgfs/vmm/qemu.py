@@ -173,12 +173,16 @@ class QemuProcess:
     def busy(self) -> bool:
         """A workload runs or waits on this VM."""
         with self._lock:
-            return self.current is not None or bool(self.jobs)
+            return self._busy()
+
+    def _busy(self) -> bool:
+        """busy(), with ``_lock`` held."""
+        return self.current is not None or bool(self.jobs)
 
     def caught_up(self, target_ns: int) -> bool:
         """True once the VM's guest time has reached ``target_ns`` with no workload waiting."""
         with self._lock:
-            return self.guest_ns >= target_ns and not self.jobs and self.current is None
+            return self.guest_ns >= target_ns and not self._busy()
 
     def cancel_workload(self, timeout: float = CANCEL_WAIT_S) -> str:
         """`kvmdbgfs cancel`: the running workload stops at its next safe point and tears down what it started
