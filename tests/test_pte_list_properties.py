@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import copy
 import functools
+import pickle
 from collections import Counter
+from collections.abc import Callable
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
@@ -49,6 +52,10 @@ def check_heads(design: PteListDesign, heads: np.ndarray, model: list[Counter]) 
             )
             if "spte_count" in pool.meta:
                 assert [int(pool.spte_count[d]) for d in chain] == used
+            if "room" in pool.zeroed and pool.room_depth[chain[0]]:
+                depth = int(pool.room_depth[chain[0]])
+                assert chain[depth - 1] == pool.room[chain[0]], "the hint names a descriptor of its list"
+                assert all(u == design.PTE_LIST_EXT for u in used[: depth - 1]), "all before the hint are full"
             if "tail_count" in pool.meta:
                 assert all(u == design.PTE_LIST_EXT for u in used[1:]), "non-head descriptors are full"
                 assert [int(pool.tail_count[d]) for d in chain] == [
@@ -72,8 +79,15 @@ def check_lists(design: PteListDesign, arrays: list[tuple[np.ndarray, list[Count
         assert all(design.rmap_pos[s >> 3] == d * 16 + k for s, (d, k) in in_descs.items())
 
 
+def forget_hints(design: PteListDesign) -> None:
+    """Drop every hint the design keeps for speed (0 = no hint), so its next call works from the heads."""
+    for name in design.POOL_HINTS:
+        getattr(design.pool, name)[:] = 0
+
+
 class PteListMachine(RuleBasedStateMachine):
-    """Random add / remove / zap, scalar and batch, on a few heads of one design."""
+    """Random add / remove / zap, scalar and batch, on a few heads of one design; every call is also made on
+    a twin whose hints are dropped before each call, and must give the same result, lists and counters."""
 
     design_name = "C"
 
@@ -81,9 +95,31 @@ class PteListMachine(RuleBasedStateMachine):
         super().__init__()
         self.design = make_pte_list(self.design_name)
         self.heads = np.zeros(NHEADS, np.int64)
+        self.twin = make_pte_list(self.design_name)
+        self.twin_heads = np.zeros(NHEADS, np.int64)
         self.model = [Counter() for _ in range(NHEADS)]
         self.next_spte = 1
         self.gone: list[int] = []
+
+    def both(self, call: Callable[[PteListDesign, np.ndarray], Any]) -> Any:
+        """``call(design, heads)`` on the design and on its hintless twin: the same outcome (a result, or
+        RmapCorruption, re-raised), the same heads (descriptor ids included) and the same work counted."""
+        forget_hints(self.twin)
+        outcomes, work = [], []
+        for design, heads in ((self.design, self.heads), (self.twin, self.twin_heads)):
+            before = design.costs.as_dict()
+            try:
+                result = call(design, heads)
+                outcomes.append(result.tolist() if isinstance(result, np.ndarray) else result)
+            except RmapCorruption:
+                outcomes.append(RmapCorruption)
+            work.append(({name: n - before[name] for name, n in design.costs.as_dict().items()}, design.live_descs))
+        assert outcomes[0] == outcomes[1]
+        assert self.heads.tolist() == self.twin_heads.tolist()
+        assert work[0] == work[1]
+        if outcomes[0] is RmapCorruption:
+            raise RmapCorruption("as the twin")
+        return result
 
     def fresh(self, n: int) -> np.ndarray:
         self.next_spte += n
@@ -100,13 +136,13 @@ class PteListMachine(RuleBasedStateMachine):
     @rule(index=st.integers(0, NHEADS - 1))
     def add(self, index: int) -> None:
         spte = int(self.fresh(1)[0])
-        self.check_count(index, self.design.add(self.heads, index, spte))
+        self.check_count(index, self.both(lambda design, heads: design.add(heads, index, spte)))
         self.model[index][spte] += 1
 
     @rule(indices=st.lists(st.integers(0, NHEADS - 1), min_size=1, max_size=48))
     def add_batch(self, indices: list[int]) -> None:
         sptes = self.fresh(len(indices))
-        counts = self.design.add_batch(self.heads, np.array(indices), sptes)
+        counts = self.both(lambda design, heads: design.add_batch(heads, np.array(indices), sptes))
         for index, spte, count in zip(indices, sptes.tolist(), counts.tolist()):
             self.check_count(index, count)
             self.model[index][spte] += 1
@@ -120,7 +156,7 @@ class PteListMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def remove(self, data: st.DataObject) -> None:
         index, spte = data.draw(st.sampled_from(self.entries()))
-        self.design.remove(self.heads, index, spte)
+        self.both(lambda design, heads: design.remove(heads, index, spte))
         self.model[index][spte] -= 1
         self.model[index] += Counter()  # drop zero counts
         self.gone.append(spte)
@@ -130,8 +166,10 @@ class PteListMachine(RuleBasedStateMachine):
     def remove_batch(self, data: st.DataObject) -> None:
         picked = data.draw(st.lists(st.sampled_from(self.entries()), min_size=1, max_size=40, unique=True))
         picked = data.draw(st.permutations(picked))
-        self.design.remove_batch(
-            self.heads, np.array([i for i, _ in picked]), np.array([s for _, s in picked])
+        self.both(
+            lambda design, heads: design.remove_batch(
+                heads, np.array([i for i, _ in picked]), np.array([s for _, s in picked])
+            )
         )
         for index, spte in picked:
             self.model[index][spte] -= 1
@@ -142,22 +180,27 @@ class PteListMachine(RuleBasedStateMachine):
     def remove_absent(self, index: int, data: st.DataObject) -> None:
         spte = data.draw(st.sampled_from([*self.gone, int(self.fresh(1)[0])]))
         with pytest.raises(RmapCorruption):
-            self.design.remove(self.heads, index, spte)
+            self.both(lambda design, heads: design.remove(heads, index, spte))
 
     @rule(index=st.integers(0, NHEADS - 1))
     def zap(self, index: int) -> None:
-        assert Counter(self.design.zap(self.heads, index).tolist()) == self.model[index]
+        assert Counter(self.both(lambda design, heads: design.zap(heads, index))) == self.model[index]
         self.gone += list(self.model[index])
         self.model[index] = Counter()
 
     @rule(indices=st.lists(st.integers(0, NHEADS - 1), max_size=8))
     def zap_batch(self, indices: list[int]) -> None:
-        assert self.design.zap_batch(self.heads, np.array(indices, np.int64)) == sum(
+        assert self.both(lambda design, heads: design.zap_batch(heads, np.array(indices, np.int64))) == sum(
             sum(self.model[i].values()) for i in set(indices)
         )
         for index in set(indices):
             self.gone += list(self.model[index])
             self.model[index] = Counter()
+
+    @rule()
+    def pickle_and_restore(self) -> None:
+        """The boot cache pickles VMs: a restored design (hints included) goes on as the original would."""
+        self.design = pickle.loads(pickle.dumps(self.design))
 
     @invariant()
     def lists_agree_with_the_model(self) -> None:

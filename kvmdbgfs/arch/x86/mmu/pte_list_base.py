@@ -114,10 +114,11 @@ class PteListDesign(ABC):
     PTE_LIST_EXT: ClassVar[int]
     DESC_BYTES: ClassVar[int]  # sizeof(struct pte_list_desc) in the kernel version mirrored
     POOL_META: ClassVar[tuple[str, ...]]
+    POOL_HINTS: ClassVar[tuple[str, ...]] = ()  # per-descriptor arrays the emulation keeps for speed
 
     def __init__(self) -> None:
         self.costs = RmapCosts()
-        self.pool = DescPool(self.PTE_LIST_EXT, self.POOL_META, self.costs)
+        self.pool = DescPool(self.PTE_LIST_EXT, self.POOL_META, self.costs, hints=self.POOL_HINTS)
 
     @property
     def live_descs(self) -> int:
@@ -348,15 +349,17 @@ class PteListDesign(ABC):
     def _find(self, first: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, ...]:
         """The search loop of __pte_list_remove: walk each chain until its target is found.
 
-        Returns (desc, slot, previous desc or 0, entries in desc) of each hit; raises
-        RmapCorruption, before anything changes, when a chain ends without it. Slots past
-        a descriptor's entries are always 0, and sptes never are, so whole rows compare.
+        Returns (desc, slot, previous desc or 0, entries in desc, position of desc in its chain
+        counted from 1) of each hit; raises RmapCorruption, before anything changes, when a chain
+        ends without it. Slots past a descriptor's entries are always 0, and sptes never are, so
+        whole rows compare.
         """
         n = len(first)
-        hits = hit_desc, hit_slot, hit_prev, hit_used = tuple(np.zeros(n, np.int64) for _ in range(4))
+        hits = hit_desc, hit_slot, hit_prev, hit_used, hit_depth = tuple(np.zeros(n, np.int64) for _ in range(5))
         rows, descs, prev, wanted = (np.arange(n), first, np.zeros(n, np.int64), targets[:, None])
+        depth = 1
         while len(rows):
-            if len(rows) <= SCALAR_WALK_ROWS and self._find_few(rows, descs, prev, wanted[:, 0], hits):
+            if len(rows) <= SCALAR_WALK_ROWS and self._find_few(rows, descs, prev, wanted[:, 0], depth, hits):
                 break
             self.costs.desc_visits += len(rows)
             used = self._used(descs)
@@ -365,51 +368,64 @@ class PteListDesign(ABC):
             if hit.any():
                 slot = match[hit].argmax(axis=1)
                 found = rows[hit]
-                hit_desc[found], hit_slot[found], hit_prev[found], hit_used[found] = (
+                hit_desc[found], hit_slot[found], hit_prev[found], hit_used[found], hit_depth[found] = (
                     descs[hit],
                     slot,
                     prev[hit],
                     used[hit],
+                    depth,
                 )
                 self.costs.slot_reads += int(slot.sum()) + len(slot)
                 miss = ~hit
                 rows, descs, used, wanted = (rows[miss], descs[miss], used[miss], wanted[miss])
             self.costs.slot_reads += self._miss_reads(used)
             prev, descs = descs, self.pool.more[descs]
+            depth += 1
             if not descs.all():
                 raise RmapCorruption("__pte_list_remove: spte not in its rmap")
-        return hit_desc, hit_slot, hit_prev, hit_used
+        return hits
 
     def _find_few(
-        self, rows: np.ndarray, descs: np.ndarray, prev: np.ndarray, targets: np.ndarray, hits: tuple[np.ndarray, ...]
+        self,
+        rows: np.ndarray,
+        descs: np.ndarray,
+        prev: np.ndarray,
+        targets: np.ndarray,
+        depth: int,
+        hits: tuple[np.ndarray, ...],
     ) -> bool:
-        """The rest of _find's search once few chains are left, one chain at a time in Python (scalar reads of
-        slots and ``more``); records the same hits and counts the same visits and reads. Returns False, having
-        changed nothing, when a chain ends without its target: the numpy loop then raises as it counts."""
+        """The rest of _find's search once few chains are left (``descs`` at chain position ``depth``), one
+        chain at a time in Python (scalar reads of slots and ``more``); records the same hits and counts the
+        same visits and reads. Returns False, having changed nothing, when a chain ends without its target:
+        the numpy loop then raises as it counts."""
         table, more = self.pool.sptes, self.pool.more
         walked: list[int] = []  # every descriptor searched, chain by chain
-        found: list[tuple[int, int, int, int, int]] = []  # (row, desc, slot, prev, position in walked) of each hit
+        found: list[tuple[int, int, int, int, int, int]] = []  # (row, desc, slot, prev, position in walked, depth)
         for row, desc, before, target in zip(rows.tolist(), descs.tolist(), prev.tolist(), targets.tolist()):
+            at = depth
             while True:
                 if not desc:
                     return False
                 walked.append(desc)
                 slots = table[desc].tolist()
                 if target in slots:
-                    found.append((row, desc, slots.index(target), before, len(walked) - 1))
+                    found.append((row, desc, slots.index(target), before, len(walked) - 1, at))
                     break
-                before, desc = desc, more.item(desc)
+                before, desc, at = desc, more.item(desc), at + 1
         used = self._used(np.array(walked, np.int64))
-        found_rows, found_descs, found_slots, found_prev, at = (np.array(column, np.int64) for column in zip(*found))
+        found_rows, found_descs, found_slots, found_prev, walked_at, found_depth = (
+            np.array(column, np.int64) for column in zip(*found)
+        )
         missed = np.ones(len(walked), bool)
-        missed[at] = False
-        hit_desc, hit_slot, hit_prev, hit_used = hits
+        missed[walked_at] = False
+        hit_desc, hit_slot, hit_prev, hit_used, hit_depth = hits
         hit_desc[found_rows], hit_slot[found_rows], hit_prev[found_rows], hit_used[found_rows] = (
             found_descs,
             found_slots,
             found_prev,
-            used[at],
+            used[walked_at],
         )
+        hit_depth[found_rows] = found_depth
         self.costs.desc_visits += len(walked)
         self.costs.slot_reads += int(found_slots.sum()) + len(found) + self._miss_reads(used[missed])
         return True

@@ -72,7 +72,7 @@ class DesignC(PteListDesign):
         self, heads: np.ndarray, indices: np.ndarray, first: np.ndarray, sptes: np.ndarray
     ) -> None:
         """__pte_list_remove, descriptor form: linear search from the head."""
-        descs, slots, _, _ = self._find(first, sptes)
+        descs, slots = self._find(first, sptes)[:2]
         self._fill_from_head(heads, indices, first, descs, slots)
 
     def _fill_from_head(

@@ -39,21 +39,28 @@ class DescPool:
     """Descriptors of one VM: ``sptes[id, 0:ext]`` plus int32 metadata arrays named by ``meta``.
 
     ``meta`` is a subset of ("more", "spte_count", "tail_count"); each becomes an attribute.
-    Descriptor 0 is never handed out, so a zero ``more`` is the NULL pointer. Free ids sit
-    on an int32 stack; when it runs dry every array doubles (geometric growth). Descriptors
-    are zeroed when allocated, like objects from the kernel's zeroing memory cache.
+    ``hints`` names further int32 arrays, one entry per descriptor, that a design keeps for the
+    emulation's own speed (no kernel memory: they are left out of ``nbytes``). Descriptor 0 is
+    never handed out, so a zero ``more`` is the NULL pointer. Free ids sit on an int32 stack;
+    when it runs dry every array doubles (geometric growth). Descriptors are zeroed when
+    allocated, like objects from the kernel's zeroing memory cache, and so are their hints.
     """
 
     more: np.ndarray
     spte_count: np.ndarray
     tail_count: np.ndarray
+    room: np.ndarray  # hints of the tail designs (pte_list_tail.py)
+    room_depth: np.ndarray
 
-    def __init__(self, ext: int, meta: tuple[str, ...], costs: RmapCosts, capacity: int = 64) -> None:
+    def __init__(
+        self, ext: int, meta: tuple[str, ...], costs: RmapCosts, capacity: int = 64, hints: tuple[str, ...] = ()
+    ) -> None:
         self.ext = ext
         self.meta = meta
+        self.zeroed = meta + hints  # the int32 arrays cleared on alloc and grown with the pool
         self.costs = costs
         self.sptes = np.zeros((capacity, ext), np.int64)
-        for name in meta:
+        for name in self.zeroed:
             setattr(self, name, np.zeros(capacity, np.int32))
         self.free_ids = np.arange(capacity - 1, 0, -1, dtype=np.int32)
         self.nfree = capacity - 1
@@ -89,7 +96,7 @@ class DescPool:
         ids = self.free_ids[self.nfree - k : self.nfree][::-1].astype(np.int64)
         self.nfree -= k
         self.sptes[ids] = 0
-        for name in self.meta:
+        for name in self.zeroed:
             getattr(self, name)[ids] = 0
         self.costs.allocs += k
         return ids
@@ -101,7 +108,7 @@ class DescPool:
         self.nfree -= 1
         desc = self.free_ids.item(self.nfree)
         self.sptes[desc] = 0
-        for name in self.meta:
+        for name in self.zeroed:
             getattr(self, name)[desc] = 0
         self.costs.allocs += 1
         return desc
@@ -120,7 +127,7 @@ class DescPool:
         if new - 1 > DESC_ID_MAX:
             raise MemoryError(f"pte_list_desc pool cannot exceed {DESC_ID_MAX} descriptors")
         self.sptes = np.concatenate([self.sptes, np.zeros((new - old, self.ext), np.int64)])
-        for name in self.meta:
+        for name in self.zeroed:
             setattr(self, name, np.concatenate([getattr(self, name), np.zeros(new - old, np.int32)]))
         free_ids = np.empty(new - 1, np.int32)
         free_ids[: new - old] = np.arange(new - 1, old - 1, -1)

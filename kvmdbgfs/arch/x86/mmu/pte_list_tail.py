@@ -12,7 +12,19 @@ class TailAppendDesign(PteListDesign):
     non-full one (a fresh tail descriptor if none), so its count stops there and can
     under-estimate a fragmented list; __pte_list_remove fills the hole with the last entry
     of the same descriptor and frees the descriptor when it empties.
+
+    The add walk is what a fork costs on these designs (lists of hundreds of descriptors), and
+    the emulation need not repeat it: each list keeps, indexed by its first descriptor, where
+    its last walk ended (``room``) and that descriptor's position in the chain counted from 1
+    (``room_depth``, 0 = no hint). Every descriptor before that point is full, so the walk from
+    there ends where the walk from the head would, and the full descriptors it skips are counted
+    as visited (and, in A, read) as the kernel visits them. Adds only fill descriptors and append
+    tails, so a hint stays true; a removal at or before it moves it back to the descriptor that
+    now has room (to the one before, if that descriptor emptied and left the chain). A freshly
+    allocated descriptor has no hint, so a list whose first descriptor changes starts without one.
     """
+
+    POOL_HINTS = ("room", "room_depth")
 
     def _fullness(self) -> tuple[np.ndarray, int]:
         """What the add walk's loop tests: a descriptor is full when its entry in the array is at least the
@@ -25,12 +37,21 @@ class TailAppendDesign(PteListDesign):
         return column[descs] >= least
 
     def _walk_to_room(self, first: int) -> tuple[int, int, bool]:
-        """The add walk along one chain, with scalar reads: (the first non-full descriptor, or the tail if all
-        are full; how many descriptors were tested; whether that one has room). Long lists of the old designs
-        make this the hot loop of a fork, so it is kept to two reads a descriptor."""
+        """The add walk along one chain, resumed from the list's hint: (the first non-full descriptor, or the
+        tail if all are full; its position in the chain, i.e. how many descriptors the kernel tests; whether
+        that one has room). Leaves the hint at the descriptor it returns."""
+        pool = self.pool
+        hinted = pool.room_depth.item(first)
+        desc, visited, room = self._walk_from(pool.room.item(first) if hinted else first, hinted or 1)
+        pool.room[first] = desc
+        pool.room_depth[first] = visited
+        return desc, visited, room
+
+    def _walk_from(self, desc: int, visited: int) -> tuple[int, int, bool]:
+        """The add walk's loop, with scalar reads, from ``desc`` at chain position ``visited``: (where it
+        stops, its position, whether it has room). Two reads a descriptor."""
         column, least = self._fullness()
         probe, more = column.item, self.pool.more.item
-        desc, visited = first, 1
         while probe(desc) >= least:
             nxt = more(desc)
             if not nxt:
@@ -49,45 +70,65 @@ class TailAppendDesign(PteListDesign):
     def _add_many(
         self, heads: np.ndarray, indices: np.ndarray, first: np.ndarray, sptes: np.ndarray
     ) -> np.ndarray:
-        """pte_list_add, descriptor form: the count is PTE_LIST_EXT per full descriptor walked."""
-        ext = self.PTE_LIST_EXT
-        counts = np.zeros(len(first), np.int64)
-        stop = np.zeros(len(first), np.int64)
-        tail_rows, tail_descs = [], []
-        rows, descs, depth = np.arange(len(first)), first, 0
+        """pte_list_add, descriptor form, each walk resumed from its list's hint: the count is PTE_LIST_EXT per
+        full descriptor walked."""
+        ext, pool = self.PTE_LIST_EXT, self.pool
+        n = len(first)
+        end_desc, end_depth, room = np.zeros(n, np.int64), np.zeros(n, np.int64), np.zeros(n, bool)
+        hinted = pool.room_depth[first].astype(np.int64)
+        descs, depth = np.where(hinted > 0, pool.room[first], first), np.maximum(hinted, 1)
+        skipped = int(depth.sum()) - n
+        self.costs.desc_visits += skipped
+        self.costs.slot_reads += self._is_full_reads(skipped)
+        rows = np.arange(n)
         while len(rows):
             if len(rows) <= SCALAR_WALK_ROWS:
-                self._add_walk_few(rows, descs, depth, stop, counts, tail_rows, tail_descs)
+                self._add_walk_few(rows, descs, depth, end_desc, end_depth, room)
                 break
             self.costs.desc_visits += len(rows)
             self.costs.slot_reads += self._is_full_reads(len(rows))
             full = self._is_full(descs)
-            if not full.all():
-                stop[rows[~full]], counts[rows[~full]] = descs[~full], depth * ext
-                rows, descs = rows[full], descs[full]
-            nxt = self.pool.more[descs]
-            depth += 1
-            if not nxt.all():
-                end = nxt == 0
-                tail_rows.append(rows[end])
-                tail_descs.append(descs[end])
-                counts[rows[end]] = depth * ext
-                rows, nxt = rows[~end], nxt[~end]
-            descs = nxt
-        kept = np.flatnonzero(stop)
-        used = self._used(stop[kept])
+            nxt = pool.more[descs]
+            done = ~full | (nxt == 0)
+            ended = rows[done]
+            end_desc[ended], end_depth[ended], room[ended] = descs[done], depth[done], ~full[done]
+            going = ~done
+            rows, descs, depth = rows[going], nxt[going], depth[going] + 1
+        pool.room[first], pool.room_depth[first] = end_desc, end_depth
+        counts = (end_depth - room) * ext
+        stop = end_desc[room]
+        used = self._used(stop)
         self.costs.slot_reads += self._occupancy_reads(used)
-        counts[kept] += used
-        self.pool.sptes[stop[kept], used] = sptes[kept]
-        self._set_used(stop[kept], used + 1)
-        if tail_rows:
-            grown = np.concatenate(tail_rows)
-            new = self.pool.alloc(len(grown))
-            self.pool.more[np.concatenate(tail_descs)] = new
-            self.pool.sptes[new, 0] = sptes[grown]
+        counts[room] += used
+        pool.sptes[stop, used] = sptes[room]
+        self._set_used(stop, used + 1)
+        grown = np.flatnonzero(~room)
+        if len(grown):
+            new = pool.alloc(len(grown))
+            pool.more[end_desc[grown]] = new
+            pool.sptes[new, 0] = sptes[grown]
             self._set_used(new, np.ones(len(new), np.int64))
-        self.costs.slot_writes += len(first)
+        self.costs.slot_writes += n
         return counts
+
+    def _add_walk_few(
+        self,
+        rows: np.ndarray,
+        descs: np.ndarray,
+        depth: np.ndarray,
+        end_desc: np.ndarray,
+        end_depth: np.ndarray,
+        room: np.ndarray,
+    ) -> None:
+        """The rest of _add_many's walks for its last few lists, one list at a time with scalar reads (from
+        ``descs``, at chain positions ``depth``); records where each ends and counts the same visits and
+        reads as the numpy loop."""
+        visits = 0
+        for row, desc, start in zip(rows.tolist(), descs.tolist(), depth.tolist()):
+            end_desc[row], end_depth[row], room[row] = found = self._walk_from(desc, start)
+            visits += found[1] - start + 1
+        self.costs.desc_visits += visits
+        self.costs.slot_reads += self._is_full_reads(visits)
 
     def _add_to_list(self, heads: np.ndarray, index: int, first: int, spte: int) -> int:
         """_add_many() of one list: the walk stops at the first non-full descriptor, or grows the tail."""
@@ -112,43 +153,11 @@ class TailAppendDesign(PteListDesign):
         """_occupancy_reads() of one descriptor."""
         return 0
 
-    def _add_walk_few(
-        self,
-        rows: np.ndarray,
-        descs: np.ndarray,
-        depth: int,
-        stop: np.ndarray,
-        counts: np.ndarray,
-        tail_rows: list[np.ndarray],
-        tail_descs: list[np.ndarray],
-    ) -> None:
-        """The rest of _add_many's pte_list_add walk for its last few lists, one list at a time
-        (_walk_to_room), stopping at the first non-full descriptor as the numpy loop does. Same results,
-        visits and reads; lists that reach their tail are recorded in the order the numpy loop records
-        them (by the depth they end at, then by row), so the new descriptors go to the same lists."""
-        ext = self.PTE_LIST_EXT
-        visits = 0
-        tails: list[tuple[int, int, int]] = []
-        for row, desc in zip(rows.tolist(), descs.tolist()):
-            found, visited, room = self._walk_to_room(desc)
-            visits += visited
-            if room:
-                stop[row], counts[row] = found, (depth + visited - 1) * ext
-            else:
-                tails.append((depth + visited, row, found))
-                counts[row] = (depth + visited) * ext
-        self.costs.desc_visits += visits
-        self.costs.slot_reads += self._is_full_reads(visits)
-        if tails:
-            tails.sort()
-            tail_rows.append(np.array([row for _, row, _ in tails], np.int64))
-            tail_descs.append(np.array([desc for _, _, desc in tails], np.int64))
-
     def _remove_many(
         self, heads: np.ndarray, indices: np.ndarray, first: np.ndarray, sptes: np.ndarray
     ) -> None:
         """__pte_list_remove + pte_list_desc_remove_entry, descriptor form."""
-        descs, slots, prev, used = self._find(first, sptes)
+        descs, slots, prev, used, depth = self._find(first, sptes)
         last = used - 1
         table = self.pool.sptes
         table[descs, slots] = table[descs, last]
@@ -157,8 +166,21 @@ class TailAppendDesign(PteListDesign):
         self.costs.slot_reads += self._last_slot_reads(last)
         self.costs.slot_writes += 2 * len(descs)
         emptied = last == 0
+        self._room_after_remove(first, descs, prev, depth, emptied)
         if emptied.any():
             self._unlink(heads, indices[emptied], descs[emptied], prev[emptied])
+
+    def _room_after_remove(
+        self, first: np.ndarray, descs: np.ndarray, prev: np.ndarray, depth: np.ndarray, emptied: np.ndarray
+    ) -> None:
+        """Keep the hints true after removals from ``descs`` (at chain positions ``depth``, after ``prev``): one
+        at or before a list's hint moves it back to that descriptor, or to the one before it if it emptied
+        (no hint if that was the first descriptor)."""
+        back = depth <= self.pool.room_depth[first]
+        if back.any():
+            lists, emptied = first[back], emptied[back]
+            self.pool.room[lists] = np.where(emptied, prev[back], descs[back])
+            self.pool.room_depth[lists] = depth[back] - emptied
 
     def _unlink(self, heads: np.ndarray, indices: np.ndarray, descs: np.ndarray, prev: np.ndarray) -> None:
         """Free emptied descriptors, splicing them out of their chains (head or ``prev->more``)."""
