@@ -73,6 +73,10 @@ def check_lists(design: PteListDesign, arrays: list[tuple[np.ndarray, list[Count
     assert design.costs.allocs - design.costs.frees == design.live_descs
     free = set(pool.free_ids[: pool.nfree].tolist())
     assert free.isdisjoint(reachable) and len(free) + len(reachable) == pool.capacity - 1
+    idle = sorted(free | {0})
+    assert not pool.sptes[idle].any() and not any(getattr(pool, name)[idle].any() for name in pool.zeroed), (
+        "free descriptors are zeroed, hints included"
+    )
     if design.name == "D":
         in_descs = {int(s): (d, k) for d in reachable for k, s in enumerate(pool.sptes[d]) if s}
         assert np.count_nonzero(design.rmap_pos) == len(in_descs)
@@ -85,9 +89,21 @@ def forget_hints(design: PteListDesign) -> None:
         getattr(design.pool, name)[:] = 0
 
 
+def numpy_only(design: PteListDesign) -> PteListDesign:
+    """``design`` with its Python-int paths for one list routed to the numpy paths they stand for."""
+
+    def add_to_list(heads: np.ndarray, index: int, first: int, spte: int) -> int:
+        return int(design._add_many(heads, np.array([index]), np.array([first]), np.array([spte]))[0])
+
+    design._add_to_list = add_to_list  # type: ignore[method-assign]
+    design._remove_few = lambda heads, indices, sptes: False  # type: ignore[method-assign]
+    return design
+
+
 class PteListMachine(RuleBasedStateMachine):
     """Random add / remove / zap, scalar and batch, on a few heads of one design; every call is also made on
-    a twin whose hints are dropped before each call, and must give the same result, lists and counters."""
+    a twin that takes the numpy paths only and has its hints dropped before each call, and must give the same
+    result, lists (descriptor ids included) and counted work."""
 
     design_name = "C"
 
@@ -95,15 +111,15 @@ class PteListMachine(RuleBasedStateMachine):
         super().__init__()
         self.design = make_pte_list(self.design_name)
         self.heads = np.zeros(NHEADS, np.int64)
-        self.twin = make_pte_list(self.design_name)
+        self.twin = numpy_only(make_pte_list(self.design_name))
         self.twin_heads = np.zeros(NHEADS, np.int64)
         self.model = [Counter() for _ in range(NHEADS)]
         self.next_spte = 1
         self.gone: list[int] = []
 
     def both(self, call: Callable[[PteListDesign, np.ndarray], Any]) -> Any:
-        """``call(design, heads)`` on the design and on its hintless twin: the same outcome (a result, or
-        RmapCorruption, re-raised), the same heads (descriptor ids included) and the same work counted."""
+        """``call(design, heads)`` on the design and on its twin: the same outcome (a result, or RmapCorruption,
+        re-raised), the same heads (descriptor ids included) and the same work counted."""
         forget_hints(self.twin)
         outcomes, work = [], []
         for design, heads in ((self.design, self.heads), (self.twin, self.twin_heads)):

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import numpy as np
 
@@ -100,6 +100,18 @@ def by_row(rows: list[np.ndarray], sptes: list[np.ndarray]) -> tuple[np.ndarray,
     return all_rows[order], all_sptes[order]
 
 
+class Hit(NamedTuple):
+    """Where __pte_list_remove's search found an spte, and the work the search took."""
+
+    desc: int
+    slot: int
+    prev: int  # the descriptor before ``desc`` in its chain, 0 if ``desc`` is the first
+    used: int  # entries in ``desc``
+    depth: int  # position of ``desc`` in its chain, counted from 1
+    visits: int  # descriptors visited
+    reads: int  # slots read
+
+
 def _one(value: int) -> np.ndarray:
     return np.array([value], np.int64)
 
@@ -142,7 +154,8 @@ class PteListDesign(ABC):
 
     def remove(self, heads: np.ndarray, index: int, spte: int) -> None:
         """__pte_list_remove: raises RmapCorruption when ``spte`` is not in the list."""
-        self.remove_unique(heads, _one(index), _one(spte))
+        if not self._remove_few(heads, [index], [spte]):
+            self._remove_rows(heads, _one(index), _one(spte))
 
     def count(self, heads: np.ndarray, index: int) -> int:
         """pte_list_count."""
@@ -169,6 +182,10 @@ class PteListDesign(ABC):
     def remove_batch(self, heads: np.ndarray, indices: np.ndarray, sptes: np.ndarray) -> None:
         """__pte_list_remove for each (index, spte) in order."""
         indices, sptes = np.asarray(indices, np.int64), np.asarray(sptes, np.int64)
+        if len(indices) <= SCALAR_WALK_ROWS:  # the usual batch: a few distinct heads, one round
+            few = indices.tolist()
+            if len(set(few)) == len(few) and self._remove_few(heads, few, sptes.tolist()):
+                return
         for pos in occurrence_rounds(indices):
             self.remove_unique(heads, indices[pos], sptes[pos])
 
@@ -208,9 +225,11 @@ class PteListDesign(ABC):
 
     def remove_unique(self, heads: np.ndarray, indices: np.ndarray, sptes: np.ndarray) -> None:
         """__pte_list_remove on distinct heads; nothing changes if any spte is missing."""
-        if len(indices) == 1:
-            self._remove_one(heads, indices, sptes)
-            return
+        if len(indices) > SCALAR_WALK_ROWS or not self._remove_few(heads, indices.tolist(), sptes.tolist()):
+            self._remove_rows(heads, indices, sptes)
+
+    def _remove_rows(self, heads: np.ndarray, indices: np.ndarray, sptes: np.ndarray) -> None:
+        """remove_unique() with numpy over the rows; the path that raises RmapCorruption."""
         values = heads[indices]
         many = (values & 1) == 1
         if ((values == 0) | (sptes <= 0) | (~many & (values != sptes))).any():
@@ -219,15 +238,26 @@ class PteListDesign(ABC):
             self._remove_many(heads, indices[many], values[many] >> 1, sptes[many])
         heads[indices[~many]] = 0
 
-    def _remove_one(self, heads: np.ndarray, indices: np.ndarray, sptes: np.ndarray) -> None:
-        """remove_unique() of one head, its form read as a Python int."""
-        value, spte = heads.item(indices.item(0)), sptes.item(0)
-        if not value or spte <= 0 or (not value & 1 and value != spte):
-            raise RmapCorruption("__pte_list_remove: spte not in its rmap")
-        if value & 1:
-            self._remove_many(heads, indices, _one(value >> 1), sptes)
-        else:
-            heads[indices] = 0
+    def _remove_few(self, heads: np.ndarray, indices: list[int], sptes: list[int]) -> bool:
+        """remove_unique() of a few distinct heads with Python ints: every spte is searched for first
+        (_locate), then each is removed in turn (_remove_at), with the work _remove_rows would count.
+        Returns False, having changed and counted nothing, when an spte is missing: _remove_rows then
+        raises as it counts."""
+        found = []
+        for index, spte in zip(indices, sptes):
+            value = heads.item(index)
+            if not value or spte <= 0 or (not value & 1 and value != spte):
+                return False
+            hit = self._locate(value >> 1, spte) if value & 1 else None
+            if value & 1 and hit is None:
+                return False
+            found.append((index, value >> 1, spte, hit))
+        for index, first, spte, hit in found:
+            if hit is None:
+                heads[index] = 0
+            else:
+                self._remove_at(heads, index, first, spte, hit)
+        return True
 
     def count_heads(self, values: np.ndarray) -> np.ndarray:
         """pte_list_count for an array of head values."""
@@ -289,7 +319,9 @@ class PteListDesign(ABC):
     def _make_pair(self, heads: np.ndarray, index: int, old: int, new: int) -> None:
         """_make_pairs() of one head, with Python ints."""
         desc = self.pool.alloc_one()
-        self.pool.sptes[desc, :2] = (old, new)
+        table = self.pool.sptes
+        table[desc, 0] = old
+        table[desc, 1] = new
         self._set_used_one(desc, 2)
         self.costs.slot_writes += 2
         self._placed_one(old, desc, 0)
@@ -395,40 +427,42 @@ class PteListDesign(ABC):
         hits: tuple[np.ndarray, ...],
     ) -> bool:
         """The rest of _find's search once few chains are left (``descs`` at chain position ``depth``), one
-        chain at a time in Python (scalar reads of slots and ``more``); records the same hits and counts the
-        same visits and reads. Returns False, having changed nothing, when a chain ends without its target:
-        the numpy loop then raises as it counts."""
-        table, more = self.pool.sptes, self.pool.more
-        walked: list[int] = []  # every descriptor searched, chain by chain
-        found: list[tuple[int, int, int, int, int, int]] = []  # (row, desc, slot, prev, position in walked, depth)
+        chain at a time with _search; records the same hits and counts the same visits and reads. Returns
+        False, having changed nothing, when a chain ends without its target: the numpy loop then raises as it
+        counts."""
+        found = []
         for row, desc, before, target in zip(rows.tolist(), descs.tolist(), prev.tolist(), targets.tolist()):
-            at = depth
-            while True:
-                if not desc:
-                    return False
-                walked.append(desc)
-                slots = table[desc].tolist()
-                if target in slots:
-                    found.append((row, desc, slots.index(target), before, len(walked) - 1, at))
-                    break
-                before, desc, at = desc, more.item(desc), at + 1
-        used = self._used(np.array(walked, np.int64))
-        found_rows, found_descs, found_slots, found_prev, walked_at, found_depth = (
-            np.array(column, np.int64) for column in zip(*found)
-        )
-        missed = np.ones(len(walked), bool)
-        missed[walked_at] = False
-        hit_desc, hit_slot, hit_prev, hit_used, hit_depth = hits
-        hit_desc[found_rows], hit_slot[found_rows], hit_prev[found_rows], hit_used[found_rows] = (
-            found_descs,
-            found_slots,
-            found_prev,
-            used[walked_at],
-        )
-        hit_depth[found_rows] = found_depth
-        self.costs.desc_visits += len(walked)
-        self.costs.slot_reads += int(found_slots.sum()) + len(found) + self._miss_reads(used[missed])
+            hit = self._search(desc, before, depth, target)
+            if hit is None:
+                return False
+            found.append((row, *hit))
+        found_rows, *columns, visits, reads = (np.array(column, np.int64) for column in zip(*found))
+        for hit_column, column in zip(hits, columns):
+            hit_column[found_rows] = column
+        self.costs.desc_visits += int(visits.sum())
+        self.costs.slot_reads += int(reads.sum())
         return True
+
+    def _search(self, desc: int, prev: int, depth: int, target: int) -> Hit | None:
+        """__pte_list_remove's search along one chain with scalar reads, from ``desc`` (after ``prev``, at chain
+        position ``depth``) to the first slot holding ``target``; None if the chain ends first. Counts nothing:
+        the hit carries the descriptors visited and slots read."""
+        table, more, ext = self.pool.sptes, self.pool.more.item, self.PTE_LIST_EXT
+        visits = reads = 0
+        while desc:
+            visits += 1
+            slots = table[desc].tolist()
+            used = ext - slots.count(0)  # entries are a prefix of non-zero sptes
+            if target in slots:
+                slot = slots.index(target)
+                return Hit(desc, slot, prev, used, depth, visits, reads + slot + 1)
+            reads += self._miss_reads_one(used)
+            prev, desc, depth = desc, more(desc), depth + 1
+        return None
+
+    def _locate(self, first: int, spte: int) -> Hit | None:
+        """Where __pte_list_remove finds ``spte`` in the list starting at descriptor ``first``: its search."""
+        return self._search(first, 0, 1, spte)
 
     def _null_scan_reads(self, used: np.ndarray) -> int:
         """Slots read by a scan that stops at the first NULL or the end of the array."""
@@ -477,6 +511,10 @@ class PteListDesign(ABC):
         """Slots compared in descriptors searched without a hit (``i < spte_count``)."""
         return int(used.sum())
 
+    def _miss_reads_one(self, used: int) -> int:
+        """_miss_reads() of one descriptor."""
+        return used
+
     def _placed(self, sptes: np.ndarray, descs: np.ndarray, slots: np.ndarray) -> None:
         """sptes were stored at (desc, slot); only D keeps track."""
 
@@ -495,6 +533,10 @@ class PteListDesign(ABC):
     @abstractmethod
     def _add_to_list(self, heads: np.ndarray, index: int, first: int, spte: int) -> int:
         """_add_many() of one list, with Python ints."""
+
+    @abstractmethod
+    def _remove_at(self, heads: np.ndarray, index: int, first: int, spte: int, hit: Hit) -> None:
+        """_remove_many() of one list, with Python ints: ``spte`` was found at ``hit`` (_locate)."""
 
     @abstractmethod
     def _remove_many(

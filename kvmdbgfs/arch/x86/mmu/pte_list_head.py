@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from kvmdbgfs.arch.x86.mmu.pte_list_base import PteListDesign, RmapCorruption, desc_head
+from kvmdbgfs.arch.x86.mmu.pte_list_base import Hit, PteListDesign, RmapCorruption, desc_head
 
 # Design D's back-pointer: desc id * POS_STRIDE + slot (0 = not in a descriptor).
 POS_STRIDE = 16
@@ -52,19 +52,18 @@ class DesignC(PteListDesign):
 
     def _add_to_list(self, heads: np.ndarray, index: int, first: int, spte: int) -> int:
         """_add_many() of one list."""
-        pool = self.pool
-        self.costs.desc_visits += 1
-        count = pool.tail_count.item(first) + pool.spte_count.item(first)
-        head = first
-        if pool.spte_count.item(head) == self.PTE_LIST_EXT:
-            head = pool.alloc_one()
+        pool, costs = self.pool, self.costs
+        costs.desc_visits += 1
+        costs.slot_writes += 1
+        head, slot = first, pool.spte_count.item(first)
+        count = pool.tail_count.item(first) + slot
+        if slot == self.PTE_LIST_EXT:
+            head, slot = pool.alloc_one(), 0
             pool.more[head] = first
             pool.tail_count[head] = count
             heads[index] = (head << 1) | 1
-        slot = pool.spte_count.item(head)
         pool.sptes[head, slot] = spte
         pool.spte_count[head] = slot + 1
-        self.costs.slot_writes += 1
         self._placed_one(spte, head, slot)
         return count
 
@@ -74,6 +73,12 @@ class DesignC(PteListDesign):
         """__pte_list_remove, descriptor form: linear search from the head."""
         descs, slots = self._find(first, sptes)[:2]
         self._fill_from_head(heads, indices, first, descs, slots)
+
+    def _remove_at(self, heads: np.ndarray, index: int, first: int, spte: int, hit: Hit) -> None:
+        """_remove_many() of one list, with Python ints."""
+        self.costs.desc_visits += hit.visits
+        self.costs.slot_reads += hit.reads
+        self._fill_from_head_one(heads, index, first, hit.desc, hit.slot)
 
     def _fill_from_head(
         self, heads: np.ndarray, indices: np.ndarray, first: np.ndarray, descs: np.ndarray, slots: np.ndarray
@@ -94,6 +99,24 @@ class DesignC(PteListDesign):
             nxt = self.pool.more[gone]
             heads[indices[emptied]] = np.where(nxt != 0, desc_head(nxt), 0)
             self.pool.free(gone)
+
+
+    def _fill_from_head_one(self, heads: np.ndarray, index: int, first: int, desc: int, slot: int) -> None:
+        """_fill_from_head() of one list, with Python ints."""
+        pool, costs = self.pool, self.costs
+        table, last = pool.sptes, pool.spte_count.item(first) - 1
+        moved = table.item(first, last)
+        table[desc, slot] = moved
+        table[first, last] = 0
+        pool.spte_count[first] = last
+        costs.desc_visits += desc != first
+        costs.slot_reads += 1
+        costs.slot_writes += 2
+        self._placed_one(moved, desc, slot)
+        if not last:
+            nxt = pool.more.item(first)
+            heads[index] = (nxt << 1) | 1 if nxt else 0
+            pool.free([first])
 
 
 class DesignD(DesignC):
@@ -152,6 +175,21 @@ class DesignD(DesignC):
     def _dropped(self, sptes: np.ndarray) -> None:
         self.rmap_pos[sptes >> 3] = 0
         self.costs.slot_writes += len(sptes)
+
+    def _locate(self, first: int, spte: int) -> Hit | None:
+        """The back-pointer names the slot (one visit, one read), if it holds ``spte``."""
+        key = spte >> 3
+        pos = self.rmap_pos.item(key) if key < len(self.rmap_pos) else 0
+        desc, slot = divmod(pos, POS_STRIDE)
+        if not pos or self.pool.sptes.item(desc, slot) != spte:
+            return None
+        return Hit(desc, slot, 0, 0, 0, 1, 1)
+
+    def _remove_at(self, heads: np.ndarray, index: int, first: int, spte: int, hit: Hit) -> None:
+        """_remove_many() of one spte, with Python ints."""
+        super()._remove_at(heads, index, first, spte, hit)
+        self.rmap_pos[spte >> 3] = 0  # _dropped()
+        self.costs.slot_writes += 1
 
     def _remove_many(
         self, heads: np.ndarray, indices: np.ndarray, first: np.ndarray, sptes: np.ndarray

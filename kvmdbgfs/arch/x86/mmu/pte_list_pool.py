@@ -42,8 +42,10 @@ class DescPool:
     ``hints`` names further int32 arrays, one entry per descriptor, that a design keeps for the
     emulation's own speed (no kernel memory: they are left out of ``nbytes``). Descriptor 0 is
     never handed out, so a zero ``more`` is the NULL pointer. Free ids sit on an int32 stack;
-    when it runs dry every array doubles (geometric growth). Descriptors are zeroed when
-    allocated, like objects from the kernel's zeroing memory cache, and so are their hints.
+    when it runs dry every array doubles (geometric growth). An allocated descriptor is all
+    zeros, hints included, like an object from the kernel's zeroing memory cache: the pool
+    clears descriptors when they are freed (new ones are zeros), so that the common scalar
+    allocation is one pop.
     """
 
     more: np.ndarray
@@ -57,7 +59,7 @@ class DescPool:
     ) -> None:
         self.ext = ext
         self.meta = meta
-        self.zeroed = meta + hints  # the int32 arrays cleared on alloc and grown with the pool
+        self.zeroed = meta + hints  # the int32 arrays cleared on free and grown with the pool
         self.costs = costs
         self.sptes = np.zeros((capacity, ext), np.int64)
         for name in self.zeroed:
@@ -95,26 +97,22 @@ class DescPool:
             self._grow(k)
         ids = self.free_ids[self.nfree - k : self.nfree][::-1].astype(np.int64)
         self.nfree -= k
-        self.sptes[ids] = 0
-        for name in self.zeroed:
-            getattr(self, name)[ids] = 0
         self.costs.allocs += k
         return ids
 
     def alloc_one(self) -> int:
-        """alloc(1) with scalar reads and writes: the id it would return."""
+        """alloc(1) with a scalar read: the id it would return."""
         if not self.nfree:
             self._grow(1)
         self.nfree -= 1
-        desc = self.free_ids.item(self.nfree)
-        self.sptes[desc] = 0
-        for name in self.zeroed:
-            getattr(self, name)[desc] = 0
         self.costs.allocs += 1
-        return desc
+        return self.free_ids.item(self.nfree)
 
     def free(self, ids: np.ndarray) -> None:
-        """Return descriptors to the slab (mmu_free_pte_list_desc)."""
+        """Return descriptors to the slab (mmu_free_pte_list_desc), cleared for their next allocation."""
+        self.sptes[ids] = 0
+        for name in self.zeroed:
+            getattr(self, name)[ids] = 0
         self.free_ids[self.nfree : self.nfree + len(ids)] = ids
         self.nfree += len(ids)
         self.costs.frees += len(ids)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import numpy as np
 
-from kvmdbgfs.arch.x86.mmu.pte_list_base import SCALAR_WALK_ROWS, PteListDesign, desc_head
+from kvmdbgfs.arch.x86.mmu.pte_list_base import SCALAR_WALK_ROWS, Hit, PteListDesign, desc_head
 
 
 class TailAppendDesign(PteListDesign):
@@ -25,6 +27,7 @@ class TailAppendDesign(PteListDesign):
     """
 
     POOL_HINTS = ("room", "room_depth")
+    FULL_TEST_READS: ClassVar[int] = 0  # slots the add walk reads to test a descriptor (none: the counter says)
 
     def _fullness(self) -> tuple[np.ndarray, int]:
         """What the add walk's loop tests: a descriptor is full when its entry in the array is at least the
@@ -35,17 +38,6 @@ class TailAppendDesign(PteListDesign):
         """The add walk's loop condition."""
         column, least = self._fullness()
         return column[descs] >= least
-
-    def _walk_to_room(self, first: int) -> tuple[int, int, bool]:
-        """The add walk along one chain, resumed from the list's hint: (the first non-full descriptor, or the
-        tail if all are full; its position in the chain, i.e. how many descriptors the kernel tests; whether
-        that one has room). Leaves the hint at the descriptor it returns."""
-        pool = self.pool
-        hinted = pool.room_depth.item(first)
-        desc, visited, room = self._walk_from(pool.room.item(first) if hinted else first, hinted or 1)
-        pool.room[first] = desc
-        pool.room_depth[first] = visited
-        return desc, visited, room
 
     def _walk_from(self, desc: int, visited: int) -> tuple[int, int, bool]:
         """The add walk's loop, with scalar reads, from ``desc`` at chain position ``visited``: (where it
@@ -59,13 +51,13 @@ class TailAppendDesign(PteListDesign):
             desc, visited = nxt, visited + 1
         return desc, visited, True
 
-    def _is_full_reads(self, n: int) -> int:
-        """Slots read to test ``n`` descriptors with _is_full() (none: the counter says)."""
-        return 0
-
     def _last_slot_reads(self, last: np.ndarray) -> int:
         """Slots read to find each descriptor's last entry (the counter gives it: one read to move it)."""
         return len(last)
+
+    def _last_slot_reads_one(self, last: int) -> int:
+        """_last_slot_reads() of one descriptor."""
+        return 1
 
     def _add_many(
         self, heads: np.ndarray, indices: np.ndarray, first: np.ndarray, sptes: np.ndarray
@@ -79,14 +71,14 @@ class TailAppendDesign(PteListDesign):
         descs, depth = np.where(hinted > 0, pool.room[first], first), np.maximum(hinted, 1)
         skipped = int(depth.sum()) - n
         self.costs.desc_visits += skipped
-        self.costs.slot_reads += self._is_full_reads(skipped)
+        self.costs.slot_reads += skipped * self.FULL_TEST_READS
         rows = np.arange(n)
         while len(rows):
             if len(rows) <= SCALAR_WALK_ROWS:
                 self._add_walk_few(rows, descs, depth, end_desc, end_depth, room)
                 break
             self.costs.desc_visits += len(rows)
-            self.costs.slot_reads += self._is_full_reads(len(rows))
+            self.costs.slot_reads += len(rows) * self.FULL_TEST_READS
             full = self._is_full(descs)
             nxt = pool.more[descs]
             done = ~full | (nxt == 0)
@@ -128,14 +120,18 @@ class TailAppendDesign(PteListDesign):
             end_desc[row], end_depth[row], room[row] = found = self._walk_from(desc, start)
             visits += found[1] - start + 1
         self.costs.desc_visits += visits
-        self.costs.slot_reads += self._is_full_reads(visits)
+        self.costs.slot_reads += visits * self.FULL_TEST_READS
 
     def _add_to_list(self, heads: np.ndarray, index: int, first: int, spte: int) -> int:
-        """_add_many() of one list: the walk stops at the first non-full descriptor, or grows the tail."""
+        """_add_many() of one list: the walk, resumed from the list's hint (left where it stops), stops at the
+        first non-full descriptor, or grows the tail."""
         ext, costs, pool = self.PTE_LIST_EXT, self.costs, self.pool
-        desc, visited, room = self._walk_to_room(first)
+        hinted = pool.room_depth.item(first)
+        desc, visited, room = self._walk_from(pool.room.item(first) if hinted else first, hinted or 1)
+        pool.room[first] = desc
+        pool.room_depth[first] = visited
         costs.desc_visits += visited
-        costs.slot_reads += self._is_full_reads(visited)
+        costs.slot_reads += visited * self.FULL_TEST_READS
         costs.slot_writes += 1
         if room:
             used = self._used_one(desc)
@@ -169,6 +165,27 @@ class TailAppendDesign(PteListDesign):
         self._room_after_remove(first, descs, prev, depth, emptied)
         if emptied.any():
             self._unlink(heads, indices[emptied], descs[emptied], prev[emptied])
+
+    def _remove_at(self, heads: np.ndarray, index: int, first: int, spte: int, hit: Hit) -> None:
+        """_remove_many() of one list, with Python ints."""
+        pool, costs = self.pool, self.costs
+        table, desc, last = pool.sptes, hit.desc, hit.used - 1
+        table[desc, hit.slot] = table.item(desc, last)
+        table[desc, last] = 0
+        self._set_used_one(desc, last)
+        costs.desc_visits += hit.visits
+        costs.slot_reads += hit.reads + self._last_slot_reads_one(last)
+        costs.slot_writes += 2
+        if hit.depth <= pool.room_depth.item(first):  # as _room_after_remove
+            pool.room[first] = desc if last else hit.prev
+            pool.room_depth[first] = hit.depth if last else hit.depth - 1
+        if not last:  # as _unlink
+            nxt = pool.more.item(desc)
+            if hit.prev:
+                pool.more[hit.prev] = nxt
+            else:
+                heads[index] = (nxt << 1) | 1 if nxt else 0
+            pool.free([desc])
 
     def _room_after_remove(
         self, first: np.ndarray, descs: np.ndarray, prev: np.ndarray, depth: np.ndarray, emptied: np.ndarray
@@ -204,6 +221,7 @@ class DesignA(TailAppendDesign):
     PTE_LIST_EXT = 3
     DESC_BYTES = 32
     POOL_META = ("more",)
+    FULL_TEST_READS = 1
 
     def _used(self, descs: np.ndarray) -> np.ndarray:
         """Non-NULL slots, summed column by column (numpy reduces a 3-wide axis slowly)."""
@@ -226,10 +244,6 @@ class DesignA(TailAppendDesign):
         """``desc->sptes[PTE_LIST_EXT-1]`` is non-NULL (sptes are positive)."""
         return self.pool.sptes[:, self.PTE_LIST_EXT - 1], 1
 
-    def _is_full_reads(self, n: int) -> int:
-        """One slot read a descriptor."""
-        return n
-
     def _occupancy_reads(self, used: np.ndarray) -> int:
         return self._null_scan_reads(used)
 
@@ -239,9 +253,15 @@ class DesignA(TailAppendDesign):
     def _miss_reads(self, used: np.ndarray) -> int:
         return self._null_scan_reads(used)
 
+    def _miss_reads_one(self, used: int) -> int:
+        return min(used + 1, self.PTE_LIST_EXT)
+
     def _last_slot_reads(self, last: np.ndarray) -> int:
         """The backward scan from slot PTE_LIST_EXT-1 down to the last non-NULL slot."""
         return int((self.PTE_LIST_EXT - last).sum())
+
+    def _last_slot_reads_one(self, last: int) -> int:
+        return self.PTE_LIST_EXT - last
 
     def _zap_many(
         self, heads: np.ndarray, indices: np.ndarray, first: np.ndarray
