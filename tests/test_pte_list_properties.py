@@ -97,6 +97,7 @@ def numpy_only(design: PteListDesign) -> PteListDesign:
 
     design._add_to_list = add_to_list  # type: ignore[method-assign]
     design._remove_few = lambda heads, indices, sptes: False  # type: ignore[method-assign]
+    design.zap = lambda heads, index: design.zap_heads(heads, np.array([index]))  # type: ignore[method-assign]
     return design
 
 

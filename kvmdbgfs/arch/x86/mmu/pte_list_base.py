@@ -162,8 +162,13 @@ class PteListDesign(ABC):
         return int(self.count_heads(heads[index : index + 1])[0])
 
     def zap(self, heads: np.ndarray, index: int) -> np.ndarray:
-        """Zap the whole list (kvm_zap_rmap); returns the removed sptes in removal order."""
-        return self.zap_heads(heads, _one(index))
+        """Zap the whole list (kvm_zap_rmap); returns the removed sptes in removal order. An empty or
+        single-entry head is read and cleared as a Python int."""
+        value = heads.item(index)
+        if value & 1:
+            return self.zap_heads(heads, _one(index))
+        heads[index] = 0
+        return np.array([value] if value else [], np.int64)
 
     def iterate(self, heads: np.ndarray, index: int) -> Iterator[int]:
         """for_each_rmap_spte."""

@@ -161,7 +161,8 @@ class DesignD(DesignC):
         self.costs.slot_writes += len(keys)
 
     def _placed_one(self, spte: int, desc: int, slot: int) -> None:
-        self._cover(spte >> 3)
+        if spte >> 3 >= len(self.rmap_pos):
+            self._cover(spte >> 3)
         self.rmap_pos[spte >> 3] = desc * POS_STRIDE + slot
         self.costs.slot_writes += 1
 
