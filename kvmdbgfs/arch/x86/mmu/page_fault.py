@@ -123,13 +123,28 @@ def paging64_fetch(
                 mmu_sync_children(mmu, child)
             link_shadow_page(mmu, sp, index, child)
         sp, level, shift = child, level - 1, shift - 9
-    fault = kvm_mmu_hugepage_adjust(mmu.memslots, ms, gw.gfn, gw.level, fetch, mmu.nx_huge_pages)
+    base_gfn = gw.gfn
+    if level > PG_LEVEL_4K:  # below a 4K guest leaf, kvm_mmu_hugepage_adjust() has nothing to adjust
+        sp, index, base_gfn = paging64_fetch_direct(mmu, sp, gva, gw, ms, fetch)
+    ret = mmu_set_spte(mmu, ms, sp, index, gw.pte_access, base_gfn, prefetch=False, write_fault=write)
+    if ret != RET_PF_SPURIOUS:
+        paging64_pte_prefetch(mmu, sp, index)
+    return ret
+
+
+def paging64_fetch_direct(
+    mmu: KvmMmu, sp: KvmMmuPage, gva: int, gw: GuestWalker, ms: MmuSlot, fetch: bool
+) -> tuple[KvmMmuPage, int, int]:
+    """FNAME(fetch)() below a guest huge leaf (``sp`` is at its level): kvm_mmu_hugepage_adjust(), then direct
+    pages down to the goal level. Returns the page, the index and the base gfn of the leaf to set."""
+    level = sp.level
+    fault = kvm_mmu_hugepage_adjust(mmu.memslots, ms, gw.gfn, level, fetch, mmu.nx_huge_pages)
     while True:
         index = spte_index(gva, level)
         nx_disallowed_hugepage_adjust(mmu, fault, sp, index, level)
         base_gfn = gfn_round_for_level(gw.gfn, level)
         if level == fault.goal_level:
-            break
+            return sp, index, base_gfn
         validate_direct_spte(mmu, sp, index, gw.pte_access)
         child, linked = kvm_mmu_get_child_sp(mmu, sp, index, base_gfn, True, gw.pte_access)
         if not linked:
@@ -137,10 +152,6 @@ def paging64_fetch(
             if fault.huge_page_disallowed:
                 account_nx_huge_page(mmu, child, fault.req_level >= level)
         sp, level = child, level - 1
-    ret = mmu_set_spte(mmu, ms, sp, index, gw.pte_access, base_gfn, prefetch=False, write_fault=write)
-    if ret != RET_PF_SPURIOUS:
-        paging64_pte_prefetch(mmu, sp, index)
-    return ret
 
 
 def nx_disallowed_hugepage_adjust(mmu: KvmMmu, fault: HugePageFault, sp: KvmMmuPage, index: int, level: int) -> None:

@@ -87,17 +87,15 @@ def walk_addr(
     Without ``set_accessed_dirty`` it is the CPU's walk under EPT (see translate_gvas). Every fault
     walks, so the loop sticks to local names and Python ints: pt_index(), gpte_access(), the last-level
     test and pte_gfn() are written out in it."""
-    table_gfns = [0] * PT64_ROOT_4LEVEL
-    ptes = [0] * PT64_ROOT_4LEVEL
-    pt_access = [ACC_ALL] * PT64_ROOT_4LEVEL
+    table_gfns = [0, 0, 0, root_gfn]  # PT64_ROOT_4LEVEL entries
+    ptes = [0, 0, 0, 0]
+    pt_access = [ACC_ALL, ACC_ALL, ACC_ALL, ACC_ALL]
     read_pte = memory.read_pte
     table_gfn = root_gfn
     access = ACC_ALL
     level = PT64_ROOT_4LEVEL
     shift = PAGE_SHIFT + (PT64_ROOT_4LEVEL - 1) * 9
     while True:
-        table_gfns[level - 1] = table_gfn
-        pt_access[level - 1] = access
         gpte = read_pte(table_gfn, (gva >> shift) & 511)
         if not gpte & PT_PRESENT_MASK:
             return None
@@ -108,6 +106,8 @@ def walk_addr(
         table_gfn = (gpte & PT64_BASE_ADDR_MASK) >> PAGE_SHIFT
         level -= 1
         shift -= 9
+        table_gfns[level - 1] = table_gfn
+        pt_access[level - 1] = access
     if (write and not access & ACC_WRITE_MASK) or (user and not access & ACC_USER_MASK):
         return None
     pages = KVM_PAGES_PER_HPAGE(level)
