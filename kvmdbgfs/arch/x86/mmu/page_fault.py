@@ -44,6 +44,7 @@ from kvmdbgfs.arch.x86.mmu.spte import (
     is_last_spte,
     is_shadow_present_pte,
     spte_index,
+    spte_to_pfn,
 )
 from kvmdbgfs.arch.x86.mmu.sync import mmu_sync_children
 from kvmdbgfs.arch.x86.mmu.zap import make_mmu_pages_available
@@ -97,9 +98,9 @@ def shadow_page_table_clear_flood(mmu: KvmMmu, vcpu: MmuVcpu, gva: int) -> None:
     sp = vcpu.root
     while sp is not None:
         sp.write_flooding_count = 0
-        index = spte_index(gva, sp.level)
-        spte = mmu.pool.get(sp.id, index)
-        sp = None if not is_shadow_present_pte(spte) or is_last_spte(spte, sp.level) else child_sp(mmu, sp, index)
+        spte = mmu.pool.get(sp.id, spte_index(gva, sp.level))
+        linked = is_shadow_present_pte(spte) and not is_last_spte(spte, sp.level)
+        sp = mmu.sps.by_id[spte_to_pfn(spte)] if linked else None  # spte_to_child_sp()
 
 
 def paging64_fetch(

@@ -79,20 +79,26 @@ class GuestWalker:
     pt_access: list[int]
 
 
+PT_ACCESSED_SHIFT = PT_ACCESSED_MASK.bit_length() - 1
+PT_DIRTY_SHIFT = PT_DIRTY_MASK.bit_length() - 1
+
+
 def walk_addr(
     memory: GuestMemory, root_gfn: int, gva: int, write: bool, user: bool, set_accessed_dirty: bool = True
 ) -> GuestWalker | None:
     """FNAME(walk_addr)(): None when the guest must get a #PF (not present, or a permission fault).
 
-    Without ``set_accessed_dirty`` it is the CPU's walk under EPT (see translate_gvas). Every fault
-    walks, so the loop sticks to local names and Python ints: pt_index(), gpte_access(), the last-level
-    test and pte_gfn() are written out in it."""
+    Without ``set_accessed_dirty`` it is the CPU's walk under EPT (see translate_gvas). As in the kernel,
+    A/D bits are written only when a PTE walked lacks A or a write's leaf lacks D. Every fault walks, so
+    the loop sticks to local names and Python ints: pt_index(), gpte_access(), the last-level test and
+    pte_gfn() are written out in it."""
     table_gfns = [0, 0, 0, root_gfn]  # PT64_ROOT_4LEVEL entries
     ptes = [0, 0, 0, 0]
     pt_access = [ACC_ALL, ACC_ALL, ACC_ALL, ACC_ALL]
     read_pte = memory.read_pte
     table_gfn = root_gfn
     access = ACC_ALL
+    accessed_dirty = PT_ACCESSED_MASK  # cleared by a PTE without A (or a write's leaf without D)
     level = PT64_ROOT_4LEVEL
     shift = PAGE_SHIFT + (PT64_ROOT_4LEVEL - 1) * 9
     while True:
@@ -100,6 +106,7 @@ def walk_addr(
         if not gpte & PT_PRESENT_MASK:
             return None
         ptes[level - 1] = gpte
+        accessed_dirty &= gpte
         access &= (gpte & (ACC_WRITE_MASK | ACC_USER_MASK)) | (0 if gpte & PT64_NX_MASK else ACC_EXEC_MASK)
         if level == PG_LEVEL_4K or (level <= PG_LEVEL_1G and gpte & PT_PAGE_SIZE_MASK):
             break
@@ -119,7 +126,9 @@ def walk_addr(
         ptes,
         pt_access,
     )
-    if set_accessed_dirty:
+    if write:  # fold the leaf's D into A
+        accessed_dirty &= gpte >> (PT_DIRTY_SHIFT - PT_ACCESSED_SHIFT)
+    if set_accessed_dirty and not accessed_dirty:
         _update_accessed_dirty_bits(memory, walker, gva, write)
     return walker
 

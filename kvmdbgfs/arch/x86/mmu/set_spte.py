@@ -16,22 +16,13 @@ from kvmdbgfs.arch.x86.mmu.mmu_memslots import MmuSlot
 from kvmdbgfs.arch.x86.mmu.nx_huge_pages import huge_page_access
 from kvmdbgfs.arch.x86.mmu.shadow_page import KvmMmuPage
 from kvmdbgfs.arch.x86.mmu.spte import (
-    ACC_EXEC_MASK,
-    ACC_USER_MASK,
     ACC_WRITE_MASK,
-    PAGE_SHIFT,
     PG_LEVEL_4K,
-    PT64_NX_MASK,
-    PT_ACCESSED_MASK,
     PT_DIRTY_MASK,
-    PT_PRESENT_MASK,
-    PT_USER_MASK,
     PT_WRITABLE_MASK,
-    SPTE_HOST_WRITEABLE,
-    SPTE_MMU_PRESENT_MASK,
     SPTE_ENT_PER_PAGE,
+    SPTE_MMU_PRESENT_MASK,
     SPTE_MMU_WRITEABLE,
-    U64,
     is_large_pte,
     leaf_spte_bits,
     spte_to_pfn,
@@ -123,22 +114,19 @@ def mmu_set_spte(
 def make_sptes_synchronizing(
     mmu: KvmMmu, gfns: np.ndarray, pte_access: np.ndarray, old_sptes: np.ndarray
 ) -> np.ndarray:
-    """make_spte() with synchronizing=true (FNAME(sync_spte)) for level-1 entries, vectorised.
+    """make_spte() with synchronizing=true (FNAME(sync_spte)) for level-1 entries.
 
-    A gfn with shadow pages never gets W back while syncing (mmu_try_to_unsync_pages refuses)."""
-    access = pte_access.astype(np.uint64)
-    spte = (
-        U64(SPTE_MMU_PRESENT_MASK | PT_PRESENT_MASK | SPTE_HOST_WRITEABLE | PT_ACCESSED_MASK)
-        | (gfns.astype(np.uint64) << U64(PAGE_SHIFT))
-        | np.where(access & U64(ACC_EXEC_MASK), U64(0), U64(PT64_NX_MASK))
-        | np.where(access & U64(ACC_USER_MASK), U64(PT_USER_MASK), U64(0))
-    )
-    wants_w = (access & U64(ACC_WRITE_MASK)) != 0
-    keeps_w = wants_w & ((old_sptes & U64(PT_WRITABLE_MASK)) != 0)
-    check = np.flatnonzero(wants_w & ~keeps_w)
-    shadowed = np.array([mmu.sps.has_gptes(gfn) for gfn in gfns[check].tolist()], bool)
-    granted = keeps_w.copy()
-    granted[check[~shadowed]] = True
-    spte[granted] |= U64(PT_WRITABLE_MASK | SPTE_MMU_WRITEABLE)
-    spte[granted & ~keeps_w] |= U64(PT_DIRTY_MASK)
-    return spte
+    A gfn with shadow pages never gets W back while syncing (mmu_try_to_unsync_pages refuses). A sync remakes
+    one entry nearly always (a few hundred at most), so this runs on Python ints: numpy's fixed cost per
+    call was larger than the work."""
+    has_gptes = mmu.sps.has_gptes
+    sptes = []
+    for gfn, access, old in zip(gfns.tolist(), pte_access.tolist(), old_sptes.tolist()):
+        spte = leaf_spte_bits(access, PG_LEVEL_4K, gfn, accessed=True)
+        if access & ACC_WRITE_MASK:
+            if old & PT_WRITABLE_MASK:
+                spte |= PT_WRITABLE_MASK | SPTE_MMU_WRITEABLE
+            elif not has_gptes(gfn):
+                spte |= PT_WRITABLE_MASK | SPTE_MMU_WRITEABLE | PT_DIRTY_MASK
+        sptes.append(spte)
+    return np.array(sptes, np.uint64)
