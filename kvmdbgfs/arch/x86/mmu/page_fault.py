@@ -207,8 +207,9 @@ def direct_pte_prefetch(mmu: KvmMmu, sp: KvmMmuPage, index: int) -> None:
     """__direct_pte_prefetch(): map each run of empty entries of the 8-entry block by gfn."""
     first = index & ~(PTE_PREFETCH_NUM - 1)
     start = None
+    pool, sp_id = mmu.pool, sp.id
     for entry in range(first, first + PTE_PREFETCH_NUM):
-        if entry == index or is_shadow_present_pte(mmu.pool.get(sp.id, entry)):
+        if entry == index or pool.spt.item(sp_id, entry) & SPTE_MMU_PRESENT_MASK:
             if start is None:
                 continue
             if not direct_pte_prefetch_many(mmu, sp, start, entry):
