@@ -54,12 +54,15 @@ class KvmMemorySlot:
 
     def gfn_to_rmap(self, gfn: int | np.ndarray, level: int) -> tuple[np.ndarray, int | np.ndarray]:
         """gfn_to_rmap: the level's head array and the index (or indices) of ``gfn``'s head."""
-        if self.rmap is None:
+        rmap = self.rmap
+        if rmap is None:
             raise ValueError(f"memslot {self.as_id}:{self.id} has no rmaps allocated")
-        if isinstance(gfn, int):  # one gfn: no numpy round trip for the bounds check
-            if not self.contains(gfn):
+        if type(gfn) is int:  # one gfn (every fault's rmap_add): Python ints only, gfn_to_index() written out
+            base_gfn = self.base_gfn
+            if not base_gfn <= gfn < base_gfn + self.npages:
                 raise IndexError(f"gfn outside memslot {self.as_id}:{self.id}")
-            return self.rmap[level - 1], gfn_to_index(gfn, self.base_gfn, level)
+            shift = (level - PG_LEVEL_4K) * 9
+            return rmap[level - 1], (gfn >> shift) - (base_gfn >> shift)
         gfns = np.asarray(gfn)
         if gfns.size:  # ufunc reductions: no Python-level dispatch as in ndarray.min/max
             lowest, highest = int(np.minimum.reduce(gfns, axis=None)), int(np.maximum.reduce(gfns, axis=None))

@@ -23,7 +23,14 @@ from kvmdbgfs.arch.x86.mmu.paging_tmpl import (
     protect_clean_gpte,
     walk_addr,
 )
-from kvmdbgfs.arch.x86.mmu.set_spte import RetPf, mmu_set_spte
+from kvmdbgfs.arch.x86.mmu.set_spte import (
+    RET_PF_EMULATE,
+    RET_PF_FIXED,
+    RET_PF_RETRY,
+    RET_PF_SPURIOUS,
+    RetPf,
+    mmu_set_spte,
+)
 from kvmdbgfs.arch.x86.mmu.shadow_page import KvmMmuPage
 from kvmdbgfs.arch.x86.mmu.spte import (
     ACC_ALL,
@@ -31,10 +38,13 @@ from kvmdbgfs.arch.x86.mmu.spte import (
     PAGE_SHIFT,
     PG_LEVEL_4K,
     PTE_PREFETCH_NUM,
+    SPTE_ENT_PER_PAGE,
+    SPTE_MMU_PRESENT_MASK,
     gfn_round_for_level,
     is_last_spte,
     is_shadow_present_pte,
     spte_index,
+    spte_to_pfn,
 )
 from kvmdbgfs.arch.x86.mmu.sync import mmu_sync_children
 from kvmdbgfs.arch.x86.mmu.zap import make_mmu_pages_available
@@ -57,11 +67,11 @@ def kvm_mmu_do_page_fault(
         ret = direct_page_fault(mmu, vcpu, addr >> PAGE_SHIFT, write, fetch)
     else:
         ret = paging64_page_fault(mmu, vcpu, addr, write, user, present, fetch)
-    if ret == RetPf.FIXED:
+    if ret == RET_PF_FIXED:
         stat.pf_fixed += 1
-    elif ret == RetPf.EMULATE:
+    elif ret == RET_PF_EMULATE:
         stat.pf_emulate += 1
-    elif ret == RetPf.SPURIOUS:
+    elif ret == RET_PF_SPURIOUS:
         stat.pf_spurious += 1
     return ret
 
@@ -74,11 +84,11 @@ def paging64_page_fault(
     walker = walk_addr(mmu.memory, vcpu.cr3, gva, write, user)
     if walker is None:
         vcpu.stat.pf_guest += 1  # kvm_inject_emulated_page_fault()
-        return RetPf.RETRY
+        return RET_PF_RETRY
     ms = mmu.memslots.fault_slot(walker.gfn)
     if present and write and kvm_gfn_is_write_tracked(ms, walker.gfn):
         shadow_page_table_clear_flood(mmu, vcpu, gva)  # page_fault_handle_page_track()
-        return RetPf.EMULATE
+        return RET_PF_EMULATE
     make_mmu_pages_available(mmu)
     return paging64_fetch(mmu, vcpu, gva, walker, ms, write, fetch)
 
@@ -88,9 +98,9 @@ def shadow_page_table_clear_flood(mmu: KvmMmu, vcpu: MmuVcpu, gva: int) -> None:
     sp = vcpu.root
     while sp is not None:
         sp.write_flooding_count = 0
-        index = spte_index(gva, sp.level)
-        spte = mmu.pool.get(sp.id, index)
-        sp = None if not is_shadow_present_pte(spte) or is_last_spte(spte, sp.level) else child_sp(mmu, sp, index)
+        spte = mmu.pool.get(sp.id, spte_index(gva, sp.level))
+        linked = is_shadow_present_pte(spte) and not is_last_spte(spte, sp.level)
+        sp = mmu.sps.by_id[spte_to_pfn(spte)] if linked else None  # spte_to_child_sp()
 
 
 def paging64_fetch(
@@ -102,39 +112,47 @@ def paging64_fetch(
     sp = vcpu.root
     assert sp is not None
     level = sp.level
+    shift = PAGE_SHIFT + (level - 1) * 9
     while True:
-        index = spte_index(gva, level)
+        index = (gva >> shift) & (SPTE_ENT_PER_PAGE - 1)  # spte_index()
         sp.write_flooding_count = 0  # clear_sp_write_flooding_count()
         if level == gw.level:
             break
-        child = kvm_mmu_get_child_sp(mmu, sp, index, gw.table_gfn[level - 2], False, gw.pt_access[level - 2])
-        if child is None:
-            child = child_sp(mmu, sp, index)
-        else:
+        child, linked = kvm_mmu_get_child_sp(mmu, sp, index, gw.table_gfn[level - 2], False, gw.pt_access[level - 2])
+        if not linked:
             if child.unsync_children:
                 mmu_sync_children(mmu, child)
             link_shadow_page(mmu, sp, index, child)
-        sp, level = child, level - 1
-    fault = kvm_mmu_hugepage_adjust(mmu.memslots, ms, gw.gfn, gw.level, fetch, mmu.nx_huge_pages)
+        sp, level, shift = child, level - 1, shift - 9
+    base_gfn = gw.gfn
+    if level > PG_LEVEL_4K:  # below a 4K guest leaf, kvm_mmu_hugepage_adjust() has nothing to adjust
+        sp, index, base_gfn = paging64_fetch_direct(mmu, sp, gva, gw, ms, fetch)
+    ret = mmu_set_spte(mmu, ms, sp, index, gw.pte_access, base_gfn, prefetch=False, write_fault=write)
+    if ret != RET_PF_SPURIOUS:
+        paging64_pte_prefetch(mmu, sp, index)
+    return ret
+
+
+def paging64_fetch_direct(
+    mmu: KvmMmu, sp: KvmMmuPage, gva: int, gw: GuestWalker, ms: MmuSlot, fetch: bool
+) -> tuple[KvmMmuPage, int, int]:
+    """FNAME(fetch)() below a guest huge leaf (``sp`` is at its level): kvm_mmu_hugepage_adjust(), then direct
+    pages down to the goal level. Returns the page, the index and the base gfn of the leaf to set."""
+    level = sp.level
+    fault = kvm_mmu_hugepage_adjust(mmu.memslots, ms, gw.gfn, level, fetch, mmu.nx_huge_pages)
     while True:
         index = spte_index(gva, level)
         nx_disallowed_hugepage_adjust(mmu, fault, sp, index, level)
         base_gfn = gfn_round_for_level(gw.gfn, level)
         if level == fault.goal_level:
-            break
+            return sp, index, base_gfn
         validate_direct_spte(mmu, sp, index, gw.pte_access)
-        child = kvm_mmu_get_child_sp(mmu, sp, index, base_gfn, True, gw.pte_access)
-        if child is None:
-            child = child_sp(mmu, sp, index)
-        else:
+        child, linked = kvm_mmu_get_child_sp(mmu, sp, index, base_gfn, True, gw.pte_access)
+        if not linked:
             link_shadow_page(mmu, sp, index, child)
             if fault.huge_page_disallowed:
                 account_nx_huge_page(mmu, child, fault.req_level >= level)
         sp, level = child, level - 1
-    ret = mmu_set_spte(mmu, ms, sp, index, gw.pte_access, base_gfn, prefetch=False, write_fault=write)
-    if ret != RetPf.SPURIOUS:
-        paging64_pte_prefetch(mmu, sp, index)
-    return ret
 
 
 def nx_disallowed_hugepage_adjust(mmu: KvmMmu, fault: HugePageFault, sp: KvmMmuPage, index: int, level: int) -> None:
@@ -151,7 +169,10 @@ def nx_disallowed_hugepage_adjust(mmu: KvmMmu, fault: HugePageFault, sp: KvmMmuP
 
 def paging64_pte_prefetch(mmu: KvmMmu, sp: KvmMmuPage, index: int) -> None:
     """FNAME(pte_prefetch)(): map the other accessed guest PTEs of the 8-entry block, stopping at the first
-    one that cannot be; present entries are skipped. Direct pages prefetch by gfn instead."""
+    one that cannot be; present entries are skipped. Direct pages prefetch by gfn instead.
+
+    The block's guest PTEs are read once, its sptes one at a time (an entry is only looked at after the
+    prefetch of the ones before it, which may have recycled an rmap)."""
     if sp.level > PG_LEVEL_4K:
         return
     if sp.direct:
@@ -161,8 +182,9 @@ def paging64_pte_prefetch(mmu: KvmMmu, sp: KvmMmuPage, index: int) -> None:
     if not mmu.memory.holds_table(sp.gfn):  # a page the guest never wrote: no PTE to prefetch
         return
     gptes = mmu.memory.table(sp.gfn)[first : first + PTE_PREFETCH_NUM].tolist()
+    pool, sp_id = mmu.pool, sp.id
     for entry, gpte in enumerate(gptes, start=first):
-        if entry == index or is_shadow_present_pte(mmu.pool.get(sp.id, entry)):
+        if entry == index or pool.spt.item(sp_id, entry) & SPTE_MMU_PRESENT_MASK:
             continue
         if not prefetch_gpte(mmu, sp, entry, gpte):
             break
@@ -173,10 +195,10 @@ def prefetch_gpte(mmu: KvmMmu, sp: KvmMmuPage, index: int, gpte: int) -> bool:
     if not gpte_valid_for_prefetch(gpte):
         return False
     gfn = pte_gfn(gpte)
-    pte_access = protect_clean_gpte(sp.access & gpte_access(gpte), gpte)
     ms = mmu.memslots.lookup(gfn)
     if ms is None:
         return False
+    pte_access = protect_clean_gpte(sp.access & gpte_access(gpte), gpte)
     mmu_set_spte(mmu, ms, sp, index, pte_access, gfn, prefetch=True, write_fault=False)
     return True
 
@@ -185,8 +207,9 @@ def direct_pte_prefetch(mmu: KvmMmu, sp: KvmMmuPage, index: int) -> None:
     """__direct_pte_prefetch(): map each run of empty entries of the 8-entry block by gfn."""
     first = index & ~(PTE_PREFETCH_NUM - 1)
     start = None
+    pool, sp_id = mmu.pool, sp.id
     for entry in range(first, first + PTE_PREFETCH_NUM):
-        if entry == index or is_shadow_present_pte(mmu.pool.get(sp.id, entry)):
+        if entry == index or pool.spt.item(sp_id, entry) & SPTE_MMU_PRESENT_MASK:
             if start is None:
                 continue
             if not direct_pte_prefetch_many(mmu, sp, start, entry):
@@ -230,15 +253,13 @@ def direct_map(mmu: KvmMmu, vcpu: MmuVcpu, gfn: int, ms: MmuSlot, write: bool, f
         base_gfn = gfn_round_for_level(gfn, level)
         if level == fault.goal_level:
             break
-        child = kvm_mmu_get_child_sp(mmu, sp, index, base_gfn, True, ACC_ALL)
-        if child is None:
-            child = child_sp(mmu, sp, index)
-        else:
+        child, linked = kvm_mmu_get_child_sp(mmu, sp, index, base_gfn, True, ACC_ALL)
+        if not linked:
             link_shadow_page(mmu, sp, index, child)
             if fault.huge_page_disallowed:
                 account_nx_huge_page(mmu, child, fault.req_level >= level)
         sp, level = child, level - 1
     ret = mmu_set_spte(mmu, ms, sp, index, ACC_ALL, base_gfn, prefetch=False, write_fault=write)
-    if ret != RetPf.SPURIOUS and sp.level == PG_LEVEL_4K:
+    if ret != RET_PF_SPURIOUS and sp.level == PG_LEVEL_4K:
         direct_pte_prefetch(mmu, sp, index)
     return ret

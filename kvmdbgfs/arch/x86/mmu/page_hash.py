@@ -9,7 +9,11 @@ import numpy as np
 from kvmdbgfs.arch.x86.mmu.page_track import account_shadowed
 from kvmdbgfs.arch.x86.mmu.shadow_page import KvmMmuPage, mmu_page_role
 from kvmdbgfs.arch.x86.mmu.spte import (
+    PAGE_SHIFT,
     PG_LEVEL_4K,
+    PT_PAGE_SIZE_MASK,
+    SPTE_BASE_ADDR_MASK,
+    SPTE_MMU_PRESENT_MASK,
     is_large_pte,
     is_shadow_present_pte,
     make_nonleaf_spte,
@@ -76,12 +80,14 @@ def kvm_mmu_get_shadow_page(mmu: KvmMmu, gfn: int, role: int) -> KvmMmuPage:
 
 def kvm_mmu_get_child_sp(
     mmu: KvmMmu, parent: KvmMmuPage, index: int, gfn: int, direct: bool, access: int
-) -> KvmMmuPage | None:
-    """kvm_mmu_get_child_sp(): None (-EEXIST) when the entry already links a child, else the page to link."""
-    spte = mmu.pool.get(parent.id, index)
-    if is_shadow_present_pte(spte) and not is_large_pte(spte):
-        return None
-    return kvm_mmu_get_shadow_page(mmu, gfn, mmu_page_role(parent.level - 1, direct, access))
+) -> tuple[KvmMmuPage, bool]:
+    """kvm_mmu_get_child_sp(): (the child, True) when the entry already links one (the kernel's -EEXIST, after
+    which the caller follows the link: spte_to_child_sp()), else (the page to link, False). The entry is
+    read once, for both."""
+    spte = mmu.pool.spt.item(parent.id, index)
+    if spte & (SPTE_MMU_PRESENT_MASK | PT_PAGE_SIZE_MASK) == SPTE_MMU_PRESENT_MASK:
+        return mmu.sps.by_id[(spte & SPTE_BASE_ADDR_MASK) >> PAGE_SHIFT], True
+    return kvm_mmu_get_shadow_page(mmu, gfn, mmu_page_role(parent.level - 1, direct, access)), False
 
 
 def child_sp(mmu: KvmMmu, parent: KvmMmuPage, index: int) -> KvmMmuPage:

@@ -55,10 +55,6 @@ def gptes_access(gptes: np.ndarray, protect_clean: bool) -> np.ndarray:
     return access.astype(np.uint8)
 
 
-def is_last_gpte(level: int, gpte: int) -> bool:
-    return level == PG_LEVEL_4K or (level <= PG_LEVEL_1G and bool(gpte & PT_PAGE_SIZE_MASK))
-
-
 def gpte_valid_for_prefetch(gpte: int) -> bool:
     """Not FNAME(prefetch_invalid_gpte)(): present and accessed (only accessed entries are prefetched)."""
     return gpte & (PT_PRESENT_MASK | PT_ACCESSED_MASK) == PT_PRESENT_MASK | PT_ACCESSED_MASK
@@ -83,32 +79,42 @@ class GuestWalker:
     pt_access: list[int]
 
 
+PT_ACCESSED_SHIFT = PT_ACCESSED_MASK.bit_length() - 1
+PT_DIRTY_SHIFT = PT_DIRTY_MASK.bit_length() - 1
+
+
 def walk_addr(
     memory: GuestMemory, root_gfn: int, gva: int, write: bool, user: bool, set_accessed_dirty: bool = True
 ) -> GuestWalker | None:
     """FNAME(walk_addr)(): None when the guest must get a #PF (not present, or a permission fault).
 
-    Without ``set_accessed_dirty`` it is the CPU's walk under EPT (see translate_gvas). Every fault
-    walks, so the loop sticks to local names and Python ints."""
-    table_gfns = [0] * PT64_ROOT_4LEVEL
-    ptes = [0] * PT64_ROOT_4LEVEL
-    pt_access = [ACC_ALL] * PT64_ROOT_4LEVEL
+    Without ``set_accessed_dirty`` it is the CPU's walk under EPT (see translate_gvas). As in the kernel,
+    A/D bits are written only when a PTE walked lacks A or a write's leaf lacks D. Every fault walks, so
+    the loop sticks to local names and Python ints: pt_index(), gpte_access(), the last-level test and
+    pte_gfn() are written out in it."""
+    table_gfns = [0, 0, 0, root_gfn]  # PT64_ROOT_4LEVEL entries
+    ptes = [0, 0, 0, 0]
+    pt_access = [ACC_ALL, ACC_ALL, ACC_ALL, ACC_ALL]
     read_pte = memory.read_pte
     table_gfn = root_gfn
     access = ACC_ALL
+    accessed_dirty = PT_ACCESSED_MASK  # cleared by a PTE without A (or a write's leaf without D)
     level = PT64_ROOT_4LEVEL
+    shift = PAGE_SHIFT + (PT64_ROOT_4LEVEL - 1) * 9
     while True:
-        table_gfns[level - 1] = table_gfn
-        pt_access[level - 1] = access
-        gpte = read_pte(table_gfn, pt_index(gva, level))
+        gpte = read_pte(table_gfn, (gva >> shift) & 511)
         if not gpte & PT_PRESENT_MASK:
             return None
         ptes[level - 1] = gpte
-        access &= gpte_access(gpte)
-        if is_last_gpte(level, gpte):
+        accessed_dirty &= gpte
+        access &= (gpte & (ACC_WRITE_MASK | ACC_USER_MASK)) | (0 if gpte & PT64_NX_MASK else ACC_EXEC_MASK)
+        if level == PG_LEVEL_4K or (level <= PG_LEVEL_1G and gpte & PT_PAGE_SIZE_MASK):
             break
-        table_gfn = pte_gfn(gpte)
+        table_gfn = (gpte & PT64_BASE_ADDR_MASK) >> PAGE_SHIFT
         level -= 1
+        shift -= 9
+        table_gfns[level - 1] = table_gfn
+        pt_access[level - 1] = access
     if (write and not access & ACC_WRITE_MASK) or (user and not access & ACC_USER_MASK):
         return None
     pages = KVM_PAGES_PER_HPAGE(level)
@@ -120,21 +126,24 @@ def walk_addr(
         ptes,
         pt_access,
     )
-    if set_accessed_dirty:
+    if write:  # fold the leaf's D into A
+        accessed_dirty &= gpte >> (PT_DIRTY_SHIFT - PT_ACCESSED_SHIFT)
+    if set_accessed_dirty and not accessed_dirty:
         _update_accessed_dirty_bits(memory, walker, gva, write)
     return walker
 
 
 def _update_accessed_dirty_bits(memory: GuestMemory, walker: GuestWalker, gva: int, write: bool) -> None:
     """FNAME(update_accessed_dirty_bits)(): A on every PTE walked, D on the leaf of a write."""
+    ptes = walker.ptes
     for level in range(PT64_ROOT_4LEVEL, walker.level - 1, -1):
-        pte = walker.ptes[level - 1]
+        pte = ptes[level - 1]
         new = pte | PT_ACCESSED_MASK
         if level == walker.level and write:
             new |= PT_DIRTY_MASK
         if new != pte:
             memory.store_pte(walker.table_gfn[level - 1], pt_index(gva, level), new)
-            walker.ptes[level - 1] = new
+            ptes[level - 1] = new
 
 
 def _gather(memory: GuestMemory, tables: np.ndarray, indices: np.ndarray) -> np.ndarray:
