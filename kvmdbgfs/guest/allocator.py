@@ -157,6 +157,17 @@ class PageAllocator:
         """alloc_pages() ``n`` times: the frames, in allocation order, each with one reference.
         Movable kinds come from the movable zone while it has free pages, then from the others."""
         migratetype, zone = gfp_migratetype(kind), self.movable
+        own = self._lists[migratetype]
+        if zone is None and n <= own.top:  # the common case: the type's free list has them all
+            gfns = own.pop(n)
+        else:
+            gfns = self._take(n, migratetype, zone)
+        self.refcount[gfns] = 1
+        self.kind[gfns] = kind
+        return gfns
+
+    def _take(self, n: int, migratetype: int, zone: MovableZone | None) -> np.ndarray:
+        """alloc()'s frames when they come from several lists, or there are too few of them."""
         zone_free = zone.free.top if zone is not None else 0
         usable = zone is not None and migratetype == MIGRATE_MOVABLE and not zone.isolated
         available = self.nr_free - zone_free * (not usable)
@@ -169,10 +180,7 @@ class PageAllocator:
                 self._refill(migratetype)
             parts.append(self._lists[migratetype].pop(n - got))
             got += len(parts[-1])
-        gfns = parts[0] if len(parts) == 1 else np.concatenate(parts) if parts else np.zeros(0, np.int64)
-        self.refcount[gfns] = 1
-        self.kind[gfns] = kind
-        return gfns
+        return parts[0] if len(parts) == 1 else np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
     def peek(self, n: int, kind: int) -> np.ndarray:
         """The frames the next alloc(n, kind) hands out, as long as its free list and fresh memory suffice."""
@@ -286,11 +294,13 @@ class PageAllocator:
         gfns = np.asarray(gfns, np.int64)
         if len(gfns) == 0:
             return gfns
-        if np.minimum.reduce(self.refcount[gfns]) <= 0:
+        counts = self.refcount[gfns]
+        if np.minimum.reduce(counts) <= 0:
             raise ValueError("put_page on a page without references")
         if distinct(gfns):
-            self.refcount[gfns] -= 1
-            freed = gfns[self.refcount[gfns] == 0]
+            counts -= 1
+            self.refcount[gfns] = counts
+            freed = gfns[counts == 0]
         else:  # a page dropped several times is freed at its last drop
             np.subtract.at(self.refcount, gfns, 1)
             _, first_from_end = np.unique(gfns[::-1], return_index=True)

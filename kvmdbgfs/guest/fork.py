@@ -9,9 +9,15 @@ import numpy as np
 from kvmdbgfs.guest.huge import copy_huge_pmd, is_huge
 from kvmdbgfs.guest.kctx import KernelContext
 from kvmdbgfs.guest.mm import Mm
-from kvmdbgfs.guest.pgtable import PAGE_TABLE, U64, alloc_table_at, entry_range, present_indices, ptes_gfn, walk
+from kvmdbgfs.guest.pgtable import PAGE_TABLE, entry_range, present_indices, ptes_gfn, table_alloc, walk
 from kvmdbgfs.guest.pte import PT_ACCESSED_MASK, PT_DIRTY_MASK, PT_WRITABLE_MASK, pte_gfn
+from kvmdbgfs.guest.vaddr import MASK64, u64
 from kvmdbgfs.guest.vma import Vma
+
+_WRITABLE = u64(PT_WRITABLE_MASK)
+_WRPROTECT = u64(MASK64 ^ PT_WRITABLE_MASK)
+_CHILD_PRIVATE = u64(MASK64 ^ (PT_WRITABLE_MASK | PT_ACCESSED_MASK))  # write-protected and old
+_CHILD_SHARED = u64(MASK64 ^ (PT_ACCESSED_MASK | PT_DIRTY_MASK))  # old and clean
 
 
 def vma_needs_copy(vma: Vma) -> bool:
@@ -26,10 +32,11 @@ def copy_pte_range(ctx: KernelContext, vma: Vma, src_pt: int, dst_pt: int, va: i
     src = ctx.memory.table(src_pt)
     indices = present_indices(src, i0, i1)
     ptes = src[indices]
-    wrprotect = np.zeros(len(ptes), bool) if vma.shared else (ptes & U64(PT_WRITABLE_MASK)) != 0
-    parent = ptes & ~U64(PT_WRITABLE_MASK)
-    child = np.where(wrprotect, parent, ptes) & ~U64(PT_ACCESSED_MASK | (PT_DIRTY_MASK if vma.shared else 0))
-    ctx.paired_stores(src_pt, wrprotect, parent, dst_pt, indices, child)
+    if vma.shared:
+        wrprotect, child = np.zeros(len(ptes), bool), ptes & _CHILD_SHARED
+    else:  # the child's copy of a writable PTE is write-protected as the parent's is
+        wrprotect, child = (ptes & _WRITABLE).astype(bool), ptes & _CHILD_PRIVATE
+    ctx.paired_stores(src_pt, wrprotect, ptes & _WRPROTECT, dst_pt, indices, child)
     gfns = ptes_gfn(ptes)
     ctx.pages.get(gfns[gfns != ctx.zero_pfn])
 
@@ -37,12 +44,13 @@ def copy_pte_range(ctx: KernelContext, vma: Vma, src_pt: int, dst_pt: int, va: i
 def copy_page_range(ctx: KernelContext, parent: Mm, child: Mm, vma: Vma) -> None:
     """copy_p4d_range .. copy_pte_range: for each present parent entry the child gets the table below it
     (pud_alloc, pmd_alloc, pte_alloc), then the PTEs are copied."""
+    dst_tables = {4: child.pgd}  # the child's table at each level on the walk's path
     for level, va, table, index in walk(ctx, parent.pgd, vma.start, vma.end):
-        entry = int(ctx.memory.table(table)[index])
+        entry = ctx.memory.table(table).item(index)
         if level == 2 and is_huge(entry):
             copy_huge_pmd(ctx, child, va, table, index)
             continue
-        dst = alloc_table_at(ctx, child.pgd, va, level - 1, PAGE_TABLE)
+        dst = dst_tables[level - 1] = table_alloc(ctx, dst_tables[level], level, index, PAGE_TABLE)
         if level == 2:
             copy_pte_range(ctx, vma, pte_gfn(entry), dst, va)
 

@@ -30,6 +30,7 @@ from kvmdbgfs.guest.pte import (
     pt_index,
     pte_gfn,
 )
+from kvmdbgfs.guest.vaddr import u64
 
 KERNEL_PGD_BOUNDARY = 256  # pgd entries from here on map the kernel half
 KERNPG_TABLE = PT_PRESENT_MASK | PT_WRITABLE_MASK | PT_ACCESSED_MASK | PT_DIRTY_MASK  # _KERNPG_TABLE
@@ -37,24 +38,24 @@ PAGE_TABLE = KERNPG_TABLE | PT_USER_MASK  # _PAGE_TABLE: how user page tables li
 PTE_CHG_MASK = PT64_BASE_ADDR_MASK | PT_ACCESSED_MASK | PT_DIRTY_MASK  # _PAGE_CHG_MASK: what pte_modify keeps
 
 U64 = np.uint64
+_PAGE_SHIFT = u64(PAGE_SHIFT)
+_BASE_ADDR = u64(PT64_BASE_ADDR_MASK)
+_PRESENT = u64(PT_PRESENT_MASK)
 
 
 def make_ptes(gfns: np.ndarray, flags: int) -> np.ndarray:
     """mk_pte() for each frame: uint64 entries."""
-    return (np.asarray(gfns, np.int64).astype(U64) << U64(PAGE_SHIFT)) | U64(flags)
+    return (np.asarray(gfns, np.int64).astype(U64) << _PAGE_SHIFT) | u64(flags)
 
 
 def ptes_gfn(ptes: np.ndarray) -> np.ndarray:
     """pte_pfn() of each entry, as int64."""
-    return ((ptes & U64(PT64_BASE_ADDR_MASK)) >> U64(PAGE_SHIFT)).astype(np.int64)
-
-
-_PRESENT = U64(PT_PRESENT_MASK)
+    return ((ptes & _BASE_ADDR) >> _PAGE_SHIFT).astype(np.int64)
 
 
 def present(ptes: np.ndarray) -> np.ndarray:
     """pte_present() of each entry."""
-    return (ptes & _PRESENT) != 0
+    return (ptes & _PRESENT).astype(bool)  # the present bit is bit 0
 
 
 def present_indices(entries: np.ndarray, i0: int, i1: int) -> np.ndarray:
@@ -101,18 +102,24 @@ def alloc_table_at(
     pud_populate, pmd_populate). Returns the table's gfn."""
     gfn = pgd
     for lvl in range(4, level, -1):
-        index = pt_index(gva, lvl)
-        entry = ctx.memory.table(gfn).item(index)
-        if entry & PT_PRESENT_MASK:
-            gfn = pte_gfn(entry)
-            continue
-        child = alloc() if alloc else ctx.alloc_table()
-        if lvl == 4:
-            pgd_stores(ctx, gfn, np.array([index]), np.array([make_pte(child, link_flags)], U64))
-        else:
-            ctx.store(gfn, index, make_pte(child, link_flags))
-        gfn = child
+        gfn = table_alloc(ctx, gfn, lvl, pt_index(gva, lvl), link_flags, alloc)
     return gfn
+
+
+def table_alloc(
+    ctx: KernelContext, table: int, level: int, index: int, link_flags: int, alloc: Callable[[], int] | None = None
+) -> int:
+    """One step of alloc_table_at(): the table entry ``index`` of the level-``level`` ``table`` points at,
+    allocated and linked there if missing."""
+    entry = ctx.memory.table(table).item(index)
+    if entry & PT_PRESENT_MASK:
+        return pte_gfn(entry)
+    child = alloc() if alloc else ctx.alloc_table()
+    if level == 4:
+        pgd_stores(ctx, table, np.array([index]), np.array([make_pte(child, link_flags)], U64))
+    else:
+        ctx.store(table, index, make_pte(child, link_flags))
+    return child
 
 
 def pgd_stores(ctx: KernelContext, pgd: int, indices: np.ndarray, values: np.ndarray) -> None:
