@@ -36,6 +36,12 @@ FAULT_AROUND_PAGES = 16  # fault_around_bytes = 64 KiB
 WRITE_DIRTY = u64(PT_WRITABLE_MASK | PT_DIRTY_MASK)
 _PRESENT = u64(PT_PRESENT_MASK)
 _PRESENT_WRITABLE = u64(PT_PRESENT_MASK | PT_WRITABLE_MASK)
+# int64 operands as 0-d arrays (see vaddr.u64)
+_ZERO = np.array(0, np.int64)
+_PAGE_MASK = np.array(-PAGE_SIZE, np.int64)
+_PAGE_SHIFT = np.array(PAGE_SHIFT, np.int64)
+_PMD_SHIFT = np.array(PMD_SHIFT, np.int64)
+_PTE_INDEX = np.array(PT64_ENT_PER_PAGE - 1, np.int64)
 
 
 class GuestSegfault(Exception):
@@ -103,18 +109,18 @@ def _private_write_faults(ctx: KernelContext, mm: Mm, vma: Vma, pt: int, base: i
         _map_anonymous(ctx, vma, pt, indices, ctx.pages.alloc(len(indices), PAGE_ANON))
         return
     src = np.where(mapped, ptes_gfn(ptes), -1)
-    reuse = mapped & ctx.pages.exclusive_anon(np.maximum(src, 0)) if any_mapped else mapped
+    reuse = mapped & ctx.pages.exclusive_anon(np.maximum(src, _ZERO)) if any_mapped else mapped
     fresh = ~reuse  # the faults that map a new page
     if vma.file is None:
         new = _no_frames(len(indices))
         new[fresh] = ctx.pages.alloc(int(np.count_nonzero(fresh)), PAGE_ANON)
     else:
         new = _cow_sources_in_order(ctx, vma, base, indices, src, ~mapped, fresh)
-    copied = fresh & (src >= 0) & (src != ctx.zero_pfn)
+    copied = fresh & (src >= _ZERO) & (src != ctx.zero_pfn)
     if np.count_nonzero(copied):
         ctx.kernel_access(direct_map(src[copied]), write=False)  # copy_user_highpage reads the source
     ctx.kernel_access(direct_map(new[fresh]), write=True)  # ... or clear_user_highpage
-    values = make_ptes(np.maximum(new, 0), vma.page_prot()) | WRITE_DIRTY
+    values = make_ptes(np.maximum(new, _ZERO), vma.page_prot()) | WRITE_DIRTY
     start = 0
     if any_mapped:
         values = np.where(reuse, ptes | WRITE_DIRTY, values)
@@ -219,38 +225,33 @@ def _shared_write_faults(ctx: KernelContext, vma: Vma, pt: int, base: int, indic
 
 
 def _read_faults(ctx: KernelContext, vma: Vma, pt: int, base: int, indices: np.ndarray) -> None:
-    """do_read_fault: do_fault_around maps the cached pages of the window, then __do_fault the page itself."""
+    """do_read_fault: do_fault_around maps the cached pages of the window, then __do_fault the page itself.
+
+    A fault maps a few pages: they are handled as Python ints, a window's entries read as lists."""
     file = vma.file
     assert file is not None
     pgoff = vma.pgoff_at(base)  # the file page PTE 0 of the PT page would map
-    ptes = ctx.memory.table(pt).copy()
-    prot = vma.page_prot()
+    ptes = ctx.memory.table(pt)
     in_file = file.nr_pages - pgoff  # the PTE indices below it map pages of the file
-    order: list[np.ndarray] = []
-    frames: list[np.ndarray] = []
+    mapped: dict[int, int] = {}  # PTE index -> frame, in the order the faults set them
     for index in indices.tolist():
-        if ptes.item(index):
+        if index in mapped or ptes.item(index):
             continue
         first, last = fault_around_window(vma, base, index)
         last = min(last, in_file)  # the window's part inside the file
         if first < last:  # its empty PTEs whose page is cached
-            gfns = file.pages[pgoff + first : pgoff + last]
-            window = ((ptes[first:last] == 0) & (gfns >= 0)).nonzero()[0]
-            gfns = gfns[window]
-            window += first
-            ptes[window] = make_ptes(gfns, prot)
-            order.append(window)
-            frames.append(gfns)
-        if not ptes.item(index):
+            window = zip(ptes[first:last].tolist(), file.pages[pgoff + first : pgoff + last].tolist())
+            for at, (pte, gfn) in enumerate(window, first):
+                if not pte and gfn >= 0 and at not in mapped:
+                    mapped[at] = gfn
+        if index not in mapped:
             if pgoff + index >= file.nr_pages:
                 raise GuestSegfault(f"access beyond the end of {file.name} (SIGBUS)")
-            gfn = ctx.cache.fault_page(file, pgoff + index)
-            ptes[index] = make_pte(gfn, prot)
-            order.append(np.array([index]))
-            frames.append(np.array([gfn]))
-    mapped = np.concatenate(order) if order else np.zeros(0, np.int64)
-    ctx.stores(pt, mapped, ptes[mapped])
-    ctx.pages.get(np.concatenate(frames) if frames else np.zeros(0, np.int64))
+            mapped[index] = ctx.cache.fault_page(file, pgoff + index)
+    prot = vma.page_prot()
+    frames = list(mapped.values())
+    ctx.stores(pt, np.array(list(mapped), np.int64), np.array([make_pte(gfn, prot) for gfn in frames], np.uint64))
+    ctx.pages.get(np.array(frames, np.int64))
 
 
 def _alloc_or_none(ctx: KernelContext, n: int) -> np.ndarray | None:
@@ -292,8 +293,7 @@ def touch(ctx: KernelContext, mm: Mm, gvas: np.ndarray, write: bool, user: bool 
     """User code touching the pages ``gvas`` in order (``fetch``: running the code on them): each access that
     faults is handled, then retried. Without ``user`` it is the kernel touching them through their user
     addresses (copy_to_user, get_user): the same faults, but supervisor accesses, made on the kernel's pgd."""
-
-    gvas = np.asarray(gvas, np.int64) & ~(PAGE_SIZE - 1)
+    gvas = np.asarray(gvas, np.int64) & _PAGE_MASK
     if not len(gvas):
         return
     addresses = gvas.astype(np.uint64)  # as the hardware takes them
@@ -304,9 +304,9 @@ def touch(ctx: KernelContext, mm: Mm, gvas: np.ndarray, write: bool, user: bool 
         else:
             ctx.kernel_access(addresses[start:stop], write)
 
-    pmd_bases = gvas >> PMD_SHIFT
-    ends = [*((pmd_bases[1:] != pmd_bases[:-1]).nonzero()[0] + 1).tolist(), len(gvas)]
-    all_indices = (gvas >> PAGE_SHIFT) & (PT64_ENT_PER_PAGE - 1)
+    pmd_bases = gvas >> _PMD_SHIFT
+    ends = [pos + 1 for pos in (pmd_bases[1:] != pmd_bases[:-1]).nonzero()[0].tolist()] + [len(gvas)]
+    all_indices = (gvas >> _PAGE_SHIFT) & _PTE_INDEX
     pending = 0
     vma: Vma | None = None
     for pos, run in zip([0, *ends[:-1]], ends):

@@ -40,9 +40,15 @@ def u64(value: int) -> np.ndarray:
     return np.array(value, np.uint64)
 
 
+SCALAR_VAS = 8  # up to this many addresses, Python ints cost less than numpy's operations
+
+
 def kernel_vas(base: int, offsets: np.ndarray, scale: int = PAGE_SIZE) -> np.ndarray:
     """Kernel-half addresses base + offsets * scale (uint64: they do not fit int64)."""
-    return np.asarray(offsets).astype(np.uint64) * u64(scale) + u64(base)
+    offsets = np.asarray(offsets)
+    if offsets.ndim == 1 and len(offsets) <= SCALAR_VAS:
+        return np.array([base + offset * scale for offset in offsets.tolist()], np.uint64)
+    return offsets.astype(np.uint64) * u64(scale) + u64(base)
 
 
 def direct_map(gfns: np.ndarray | int) -> np.ndarray:
