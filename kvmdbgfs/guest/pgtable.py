@@ -122,6 +122,11 @@ def table_alloc(
     return child
 
 
+_KERNEL_PGD_BOUNDARY = np.array(KERNEL_PGD_BOUNDARY, np.int64)
+_USER_PRESENT = u64(PT_USER_MASK | PT_PRESENT_MASK)
+_NX = u64(PT64_NX_MASK)
+
+
 def pgd_stores(ctx: KernelContext, pgd: int, indices: np.ndarray, values: np.ndarray) -> None:
     """native_set_p4d() (4-level paging: the pgd's own entries), several in order. Under page-table isolation
     an entry of a process pgd's user half goes into its user twin as it is, and into the kernel pgd with NX
@@ -131,10 +136,9 @@ def pgd_stores(ctx: KernelContext, pgd: int, indices: np.ndarray, values: np.nda
         ctx.stores(pgd, indices, values)
         return
     indices, values = np.asarray(indices, np.int64), np.asarray(values, U64)
-    user_half = indices < KERNEL_PGD_BOUNDARY
-    user_present = U64(PT_USER_MASK | PT_PRESENT_MASK)
-    nx = user_half & ((values & user_present) == user_present)
-    ctx.paired_stores(user_pgd, user_half, values, pgd, indices, np.where(nx, values | U64(PT64_NX_MASK), values))
+    user_half = indices < _KERNEL_PGD_BOUNDARY
+    nx = user_half & ((values & _USER_PRESENT) == _USER_PRESENT)
+    ctx.paired_stores(user_pgd, user_half, values, pgd, indices, np.where(nx, values | _NX, values))
 
 
 def walk(
@@ -195,9 +199,13 @@ class _WalkFrame:
         self.entries, self.gfn, self.level, self.base = entries, gfn, level, base
         if len(ranges) == 1:
             todo = present_entries(entries, *entry_range(base, level, *ranges[0]))
-        else:
-            todo = []
+        else:  # the ranges' entry spans, those that overlap or touch merged, each looked at once
+            spans: list[list[int]] = []
             for start, end in overlapping(ranges, ends, base, base + level_span(level + 1)):
-                indices = present_entries(entries, *entry_range(base, level, start, end))
-                todo += indices[1:] if todo and indices and indices[0] == todo[-1] else indices
+                i0, i1 = entry_range(base, level, start, end)
+                if spans and i0 <= spans[-1][1]:
+                    spans[-1][1] = max(spans[-1][1], i1)
+                else:
+                    spans.append([i0, i1])
+            todo = [index for i0, i1 in spans for index in present_entries(entries, i0, i1)]
         self.todo = todo[::-1]
