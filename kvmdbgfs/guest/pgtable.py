@@ -182,9 +182,13 @@ def walk_ranges(
 
 def overlapping(ranges: list[tuple[int, int]], ends: list[int], start: int, end: int) -> list[tuple[int, int]]:
     """The ranges (sorted and disjoint, ``ends`` their ends) that overlap [start, end)."""
+    return ranges[slice(*overlap_span(ranges, ends, start, end))]
+
+
+def overlap_span(ranges: list[tuple[int, int]], ends: list[int], start: int, end: int) -> tuple[int, int]:
+    """overlapping() as the positions [first, last) of those ranges."""
     first = bisect.bisect_right(ends, start)
-    last = bisect.bisect_left(ranges, (end,), first)
-    return ranges[first:last]
+    return first, bisect.bisect_left(ranges, (end,), first)
 
 
 class _WalkFrame:
