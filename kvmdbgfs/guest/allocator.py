@@ -43,6 +43,11 @@ MAX_ORDER_NR_PAGES = 1 << 10  # MAX_PAGE_ORDER 10: a 4 MiB block
 MIGRATE_UNMOVABLE, MIGRATE_MOVABLE = 0, 1
 KIND_NAMES = ("free", "reserved", "kernel", "pagetable", "anon", "pagecache")  # PAGE_HOLE: not RAM
 MOVABLE_KINDS = (PAGE_ANON, PAGE_CACHE)  # __GFP_MOVABLE order-0 allocations: user anonymous and page-cache pages
+# Operands of the struct page arrays' dtypes, as 0-d arrays (numpy combines those with an array faster than scalars)
+_KIND_FREE, _KIND_ANON = np.array(PAGE_FREE, np.uint8), np.array(PAGE_ANON, np.uint8)
+_NO_REFS, _ONE_REF = np.array(0, np.int32), np.array(1, np.int32)
+_PAGEBLOCK_ORDER = np.array(PAGEBLOCK_ORDER, np.int64)
+_MT_MOVABLE = np.array(MIGRATE_MOVABLE, np.int8)
 
 
 def gfp_migratetype(kind: int) -> int:
@@ -157,6 +162,17 @@ class PageAllocator:
         """alloc_pages() ``n`` times: the frames, in allocation order, each with one reference.
         Movable kinds come from the movable zone while it has free pages, then from the others."""
         migratetype, zone = gfp_migratetype(kind), self.movable
+        own = self._lists[migratetype]
+        if zone is None and n <= own.top:  # the common case: the type's free list has them all
+            gfns = own.pop(n)
+        else:
+            gfns = self._take(n, migratetype, zone)
+        self.refcount[gfns] = 1
+        self.kind[gfns] = kind
+        return gfns
+
+    def _take(self, n: int, migratetype: int, zone: MovableZone | None) -> np.ndarray:
+        """alloc()'s frames when they come from several lists, or there are too few of them."""
         zone_free = zone.free.top if zone is not None else 0
         usable = zone is not None and migratetype == MIGRATE_MOVABLE and not zone.isolated
         available = self.nr_free - zone_free * (not usable)
@@ -169,10 +185,7 @@ class PageAllocator:
                 self._refill(migratetype)
             parts.append(self._lists[migratetype].pop(n - got))
             got += len(parts[-1])
-        gfns = parts[0] if len(parts) == 1 else np.concatenate(parts) if parts else np.zeros(0, np.int64)
-        self.refcount[gfns] = 1
-        self.kind[gfns] = kind
-        return gfns
+        return parts[0] if len(parts) == 1 else np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
     def peek(self, n: int, kind: int) -> np.ndarray:
         """The frames the next alloc(n, kind) hands out, as long as its free list and fresh memory suffice."""
@@ -185,7 +198,7 @@ class PageAllocator:
         gfns = np.asarray(gfns, np.int64)
         if len(gfns) == 0:
             return
-        if np.count_nonzero(self.kind[gfns] == PAGE_FREE) or np.count_nonzero(self.refcount[gfns] > 1):
+        if np.count_nonzero(self.kind[gfns] == _KIND_FREE) or np.count_nonzero(self.refcount[gfns] > _ONE_REF):
             raise ValueError("freeing a free page or a page still referenced")
         self.refcount[gfns] = 0
         self.kind[gfns] = PAGE_FREE
@@ -193,7 +206,7 @@ class PageAllocator:
             in_zone = self.movable.holds(gfns)
             self.movable.free.push(gfns[in_zone])
             gfns = gfns[~in_zone]
-        movable = self.pageblock_mt[gfns >> PAGEBLOCK_ORDER] == MIGRATE_MOVABLE
+        movable = self.pageblock_mt[gfns >> _PAGEBLOCK_ORDER] == _MT_MOVABLE
         self._lists[MIGRATE_MOVABLE].push(gfns[movable])
         self._lists[MIGRATE_UNMOVABLE].push(gfns[~movable])
 
@@ -277,7 +290,7 @@ class PageAllocator:
         """get_page() on each frame (repeats count)."""
         gfns = np.asarray(gfns, np.int64)
         if distinct(gfns):
-            self.refcount[gfns] += 1
+            self.refcount[gfns] += _ONE_REF
         else:
             np.add.at(self.refcount, gfns, 1)
 
@@ -286,11 +299,13 @@ class PageAllocator:
         gfns = np.asarray(gfns, np.int64)
         if len(gfns) == 0:
             return gfns
-        if np.minimum.reduce(self.refcount[gfns]) <= 0:
+        counts = self.refcount[gfns]
+        if np.minimum.reduce(counts) <= 0:
             raise ValueError("put_page on a page without references")
         if distinct(gfns):
-            self.refcount[gfns] -= 1
-            freed = gfns[self.refcount[gfns] == 0]
+            counts -= _ONE_REF
+            self.refcount[gfns] = counts
+            freed = gfns[counts == _NO_REFS]
         else:  # a page dropped several times is freed at its last drop
             np.subtract.at(self.refcount, gfns, 1)
             _, first_from_end = np.unique(gfns[::-1], return_index=True)
@@ -301,7 +316,7 @@ class PageAllocator:
 
     def exclusive_anon(self, gfns: np.ndarray) -> np.ndarray:
         """Anonymous pages mapped once (PageAnonExclusive): a write may reuse them instead of copying."""
-        return (self.kind[gfns] == PAGE_ANON) & (self.refcount[gfns] == 1)
+        return (self.kind[gfns] == _KIND_ANON) & (self.refcount[gfns] == _ONE_REF)
 
     def count_by_kind(self) -> dict[str, int]:
         counts = np.bincount(self.kind, minlength=PAGE_HOLE + 1)

@@ -18,8 +18,9 @@ from kvmdbgfs.guest.allocator import PAGE_ANON, distinct
 from kvmdbgfs.guest.huge import huge_fault, is_huge, pmd_entry, thp_enabled
 from kvmdbgfs.guest.kctx import KernelContext
 from kvmdbgfs.guest.mm import Mm
-from kvmdbgfs.guest.pgtable import PAGE_TABLE, U64, alloc_table_at, make_ptes, present, ptes_gfn
+from kvmdbgfs.guest.pgtable import PAGE_TABLE, alloc_table_at, make_ptes, present, ptes_gfn
 from kvmdbgfs.guest.pte import (
+    PAGE_SHIFT,
     PT64_ENT_PER_PAGE,
     PT_DIRTY_MASK,
     PT_PRESENT_MASK,
@@ -28,11 +29,19 @@ from kvmdbgfs.guest.pte import (
     points_to_table,
     pte_gfn,
 )
-from kvmdbgfs.guest.vaddr import PAGE_SIZE, PMD_SHIFT, PMD_SIZE, direct_map
+from kvmdbgfs.guest.vaddr import PAGE_SIZE, PMD_SHIFT, PMD_SIZE, direct_map, u64
 from kvmdbgfs.guest.vma import PROT_WRITE, Vma
 
 FAULT_AROUND_PAGES = 16  # fault_around_bytes = 64 KiB
-WRITE_DIRTY = U64(PT_WRITABLE_MASK | PT_DIRTY_MASK)
+WRITE_DIRTY = u64(PT_WRITABLE_MASK | PT_DIRTY_MASK)
+_PRESENT = u64(PT_PRESENT_MASK)
+_PRESENT_WRITABLE = u64(PT_PRESENT_MASK | PT_WRITABLE_MASK)
+# int64 operands as 0-d arrays (see vaddr.u64)
+_ZERO = np.array(0, np.int64)
+_PAGE_MASK = np.array(-PAGE_SIZE, np.int64)
+_PAGE_SHIFT = np.array(PAGE_SHIFT, np.int64)
+_PMD_SHIFT = np.array(PMD_SHIFT, np.int64)
+_PTE_INDEX = np.array(PT64_ENT_PER_PAGE - 1, np.int64)
 
 
 class GuestSegfault(Exception):
@@ -54,11 +63,8 @@ def needs_fault(ctx: KernelContext, pmd: int, indices: np.ndarray, write: bool) 
         return np.full(len(indices), write and not pmd & PT_WRITABLE_MASK)
     if not pmd & PT_PRESENT_MASK:
         return np.ones(len(indices), bool)
-    ptes = ctx.memory.table(pte_gfn(pmd))[indices]
-    need = ~present(ptes)
-    if write:
-        need |= (ptes & U64(PT_WRITABLE_MASK)) == 0
-    return need
+    needed = _PRESENT_WRITABLE if write else _PRESENT
+    return (ctx.memory.table(pte_gfn(pmd))[indices] & needed) != needed
 
 
 def handle_pt_faults(ctx: KernelContext, mm: Mm, vma: Vma, base: int, indices: np.ndarray, write: bool) -> None:
@@ -98,32 +104,42 @@ def _private_write_faults(ctx: KernelContext, mm: Mm, vma: Vma, pt: int, base: i
     """do_anonymous_page (write), do_cow_fault, and do_wp_page: wp_page_reuse or wp_page_copy."""
     ptes = ctx.memory.table(pt)[indices]
     mapped = present(ptes)
-    any_mapped = bool(mapped.any())  # else (the common case) fresh memory: nothing to copy, reuse or flush
+    any_mapped = bool(np.count_nonzero(mapped))  # else (the common case) fresh memory: nothing to copy, reuse or flush
     if not any_mapped and vma.file is None:  # do_anonymous_page only: what the general path below reduces to
         _map_anonymous(ctx, vma, pt, indices, ctx.pages.alloc(len(indices), PAGE_ANON))
         return
     src = np.where(mapped, ptes_gfn(ptes), -1)
-    reuse = mapped & ctx.pages.exclusive_anon(np.maximum(src, 0)) if any_mapped else mapped
+    reuse = mapped & ctx.pages.exclusive_anon(np.maximum(src, _ZERO)) if any_mapped else mapped
+    fresh = ~reuse  # the faults that map a new page
     if vma.file is None:
-        new = np.full(len(indices), -1, np.int64)
-        new[~reuse] = ctx.pages.alloc(len(indices) - int(reuse.sum()), PAGE_ANON)
+        new = _no_frames(len(indices))
+        new[fresh] = ctx.pages.alloc(int(np.count_nonzero(fresh)), PAGE_ANON)
     else:
-        new = _cow_sources_in_order(ctx, vma, base, indices, src, ~mapped, ~reuse)
-    copied = ~reuse & (src >= 0) & (src != ctx.zero_pfn)
-    if copied.any():
+        new = _cow_sources_in_order(ctx, vma, base, indices, src, ~mapped, fresh)
+    copied = fresh & (src >= _ZERO) & (src != ctx.zero_pfn)
+    if np.count_nonzero(copied):
         ctx.kernel_access(direct_map(src[copied]), write=False)  # copy_user_highpage reads the source
-    ctx.kernel_access(direct_map(new[~reuse]), write=True)  # ... or clear_user_highpage
-    values = make_ptes(np.maximum(new, 0), vma.page_prot()) | WRITE_DIRTY
+    ctx.kernel_access(direct_map(new[fresh]), write=True)  # ... or clear_user_highpage
+    values = make_ptes(np.maximum(new, _ZERO), vma.page_prot()) | WRITE_DIRTY
     start = 0
     if any_mapped:
         values = np.where(reuse, ptes | WRITE_DIRTY, values)
-        for cow in np.flatnonzero(mapped & ~reuse).tolist():  # wp_page_copy: ptep_clear_flush, then the new PTE
-            ctx.stores(pt, np.append(indices[start:cow], indices[cow]), np.append(values[start:cow], U64(0)))
+        for cow in (mapped & fresh).nonzero()[0].tolist():  # wp_page_copy: ptep_clear_flush, then the new PTE
+            cleared = values[start : cow + 1].copy()
+            cleared[-1] = 0
+            ctx.stores(pt, indices[start : cow + 1], cleared)
             ctx.tlb.flush_tlb_page(mm, ctx.cpu, base + int(indices[cow]) * PAGE_SIZE)
             start = cow
     ctx.stores(pt, indices[start:], values[start:])
     ctx.pages.put(src[copied & mapped])  # the old pages lose this mapping
     vma.anon_vma = True
+
+
+def _no_frames(n: int) -> np.ndarray:
+    """``n`` frames not chosen yet (-1)."""
+    frames = np.empty(n, np.int64)
+    frames.fill(-1)
+    return frames
 
 
 def _map_anonymous(
@@ -151,15 +167,18 @@ def _map_anonymous(
         ctx.stores(pt, indices[j : j + 1], values[j : j + 1])
 
 
-def _anonymous_run(ctx: KernelContext, vma: Vma, pmd: int, vas: np.ndarray, indices: np.ndarray, write: bool) -> int:
-    """How many of the next faults (at ``vas``, PTE ``indices`` of the PT page ``pmd`` points at) are, one after
-    the other, do_anonymous_page writes: private anonymous memory of ``vma`` without THP, PTEs not present."""
-    if not write or vma.file is not None or vma.shared or not vma.prot & PROT_WRITE or thp_enabled(ctx, vma):
-        return 0
-    if not points_to_table(pmd):
-        return 0
+def _anonymous_writes(ctx: KernelContext, vma: Vma, write: bool) -> bool:
+    """Whether a write fault on a missing PTE of ``vma`` is do_anonymous_page's: private anonymous memory
+    without THP."""
+    return write and vma.file is None and not vma.shared and bool(vma.prot & PROT_WRITE) and not thp_enabled(ctx, vma)
+
+
+def _anonymous_run(ctx: KernelContext, vma: Vma, pmd: int, vas: np.ndarray, indices: np.ndarray) -> int:
+    """How many of the next write faults of ``vma`` (_anonymous_writes; at ``vas``, PTE ``indices`` of the PT
+    page ``pmd`` points at) are, one after the other, do_anonymous_page's: inside ``vma``, PTEs not present."""
     fresh = (vas >= vma.start) & (vas < vma.end) & ~present(ctx.memory.table(pte_gfn(pmd))[indices])
-    return len(fresh) if fresh.all() else int(fresh.argmin())
+    stop = int(fresh.argmin())  # the first that is not, if any
+    return stop if not fresh[stop] else len(fresh)
 
 
 def _cow_sources_in_order(
@@ -176,18 +195,19 @@ def _cow_sources_in_order(
     the pages of the faults before (none mapped yet: the batch maps them together) are freed again."""
     file = vma.file
     assert file is not None
-    new = np.full(len(indices), -1, np.int64)
+    new = _no_frames(len(indices))
+    pgoff = vma.pgoff_at(base)
     pos = 0
     try:
         while pos < len(indices):
-            lookup = np.flatnonzero(missing[pos:] & (src[pos:] < 0)) + pos
-            src[lookup] = file.pages[vma.pgoff_at(base) + indices[lookup]]
+            lookup = (missing[pos:] & (src[pos:] < 0)).nonzero()[0] + pos
+            src[lookup] = file.pages[pgoff + indices[lookup]]
             uncached = lookup[src[lookup] < 0]
             stop = int(uncached[0]) if len(uncached) else len(indices)
-            run = np.flatnonzero(needs_page[pos:stop]) + pos
+            run = needs_page[pos:stop].nonzero()[0] + pos
             new[run] = ctx.pages.alloc(len(run), PAGE_ANON)
             if stop < len(indices):
-                src[stop] = ctx.cache.fault_page(file, vma.pgoff_at(base) + int(indices[stop]))
+                src[stop] = ctx.cache.fault_page(file, pgoff + int(indices[stop]))
             pos = stop
     except MemoryError:
         ctx.pages.free(new[new >= 0])
@@ -205,36 +225,33 @@ def _shared_write_faults(ctx: KernelContext, vma: Vma, pt: int, base: int, indic
 
 
 def _read_faults(ctx: KernelContext, vma: Vma, pt: int, base: int, indices: np.ndarray) -> None:
-    """do_read_fault: do_fault_around maps the cached pages of the window, then __do_fault the page itself."""
+    """do_read_fault: do_fault_around maps the cached pages of the window, then __do_fault the page itself.
+
+    A fault maps a few pages: they are handled as Python ints, a window's entries read as lists."""
     file = vma.file
     assert file is not None
     pgoff = vma.pgoff_at(base)  # the file page PTE 0 of the PT page would map
-    ptes = ctx.memory.table(pt).copy()
-    prot = vma.page_prot()
-    order: list[np.ndarray] = []
-    frames: list[np.ndarray] = []
+    ptes = ctx.memory.table(pt)
+    in_file = file.nr_pages - pgoff  # the PTE indices below it map pages of the file
+    mapped: dict[int, int] = {}  # PTE index -> frame, in the order the faults set them
     for index in indices.tolist():
-        if ptes.item(index):
+        if index in mapped or ptes.item(index):
             continue
         first, last = fault_around_window(vma, base, index)
-        window = np.arange(first, min(last, file.nr_pages - pgoff))  # the window's part inside the file
-        window = window[ptes[window] == 0]
-        gfns = file.pages[pgoff + window]
-        cached = gfns >= 0
-        window, gfns = window[cached], gfns[cached]
-        ptes[window] = make_ptes(gfns, prot)
-        order.append(window)
-        frames.append(gfns)
-        if not ptes.item(index):
+        last = min(last, in_file)  # the window's part inside the file
+        if first < last:  # its empty PTEs whose page is cached
+            window = zip(ptes[first:last].tolist(), file.pages[pgoff + first : pgoff + last].tolist())
+            for at, (pte, gfn) in enumerate(window, first):
+                if not pte and gfn >= 0 and at not in mapped:
+                    mapped[at] = gfn
+        if index not in mapped:
             if pgoff + index >= file.nr_pages:
                 raise GuestSegfault(f"access beyond the end of {file.name} (SIGBUS)")
-            gfn = ctx.cache.fault_page(file, pgoff + index)
-            ptes[index] = make_pte(gfn, prot)
-            order.append(np.array([index]))
-            frames.append(np.array([gfn]))
-    mapped = np.concatenate(order) if order else np.zeros(0, np.int64)
-    ctx.stores(pt, mapped, ptes[mapped])
-    ctx.pages.get(np.concatenate(frames) if frames else np.zeros(0, np.int64))
+            mapped[index] = ctx.cache.fault_page(file, pgoff + index)
+    prot = vma.page_prot()
+    frames = list(mapped.values())
+    ctx.stores(pt, np.array(list(mapped), np.int64), np.array([make_pte(gfn, prot) for gfn in frames], np.uint64))
+    ctx.pages.get(np.array(frames, np.int64))
 
 
 def _alloc_or_none(ctx: KernelContext, n: int) -> np.ndarray | None:
@@ -276,42 +293,50 @@ def touch(ctx: KernelContext, mm: Mm, gvas: np.ndarray, write: bool, user: bool 
     """User code touching the pages ``gvas`` in order (``fetch``: running the code on them): each access that
     faults is handled, then retried. Without ``user`` it is the kernel touching them through their user
     addresses (copy_to_user, get_user): the same faults, but supervisor accesses, made on the kernel's pgd."""
+    gvas = np.asarray(gvas, np.int64) & _PAGE_MASK
+    if not len(gvas):
+        return
+    addresses = gvas.astype(np.uint64)  # as the hardware takes them
 
-    def access(pages: np.ndarray) -> None:
+    def access(start: int, stop: int) -> None:
         if user:
-            ctx.user_access(pages.astype(np.uint64), write, mm.pgd, fetch)
+            ctx.user_access(addresses[start:stop], write, mm.pgd, fetch)
         else:
-            ctx.kernel_access(pages.astype(np.uint64), write)
+            ctx.kernel_access(addresses[start:stop], write)
 
-    gvas = np.asarray(gvas, np.int64) & ~(PAGE_SIZE - 1)
-    pmd_bases = gvas >> PMD_SHIFT
-    ends = (np.flatnonzero(pmd_bases[1:] != pmd_bases[:-1]) + 1).tolist() + [len(gvas)] if len(gvas) else []
-    pending = pos = 0
+    pmd_bases = gvas >> _PMD_SHIFT
+    ends = [pos + 1 for pos in (pmd_bases[1:] != pmd_bases[:-1]).nonzero()[0].tolist()] + [len(gvas)]
+    all_indices = (gvas >> _PAGE_SHIFT) & _PTE_INDEX
+    pending = 0
     vma: Vma | None = None
-    for run in ends:
-        base = int(pmd_bases[pos]) << PMD_SHIFT
-        indices = (gvas[pos:run] - base) // PAGE_SIZE
+    for pos, run in zip([0, *ends[:-1]], ends):
+        base = gvas.item(pos) >> PMD_SHIFT << PMD_SHIFT
+        indices = all_indices[pos:run]
         pmd = pmd_entry(ctx, mm.pgd, base)
-        need = np.flatnonzero(needs_fault(ctx, pmd[2], indices, write))
+        need = needs_fault(ctx, pmd[2], indices, write).nonzero()[0]
+        if not len(need):
+            continue
         repeats = not distinct(indices)  # a page touched again may have been mapped by its first touch's fault
         while len(need):
             at = pos + int(need[0])
             # The accesses up to the faulting one reach the hardware; the faulting one raises the
             # guest's #PF (which KVM sees and reflects under shadow paging) and is retried after it.
-            access(gvas[pending : at + 1])
+            access(pending, at + 1)
             pending = at
-            gva = int(gvas[at])
+            gva = gvas.item(at)
             if vma is None or not vma.start <= gva < vma.end:
                 vma = mm.vma_for_fault(gva)
                 if vma is None:
                     raise GuestSegfault(f"no mapping at {gva:#x}")
-            run_length = 0 if repeats else _anonymous_run(ctx, vma, pmd[2], gvas[pos + need], indices[need], write)
+            run_length = 0
+            if not repeats and points_to_table(pmd[2]) and _anonymous_writes(ctx, vma, write):
+                run_length = _anonymous_run(ctx, vma, pmd[2], gvas[pos + need], indices[need])
             if run_length > 1 and (new := _alloc_or_none(ctx, run_length)) is not None:
                 # As many faults of their own, their pages allocated together (the same frames, in order).
-                def raise_fault(j: int, need: np.ndarray = need) -> None:
+                def raise_fault(j: int, need: np.ndarray = need, pos: int = pos) -> None:
                     nonlocal pending
                     at = pos + int(need[j])
-                    access(gvas[pending : at + 1])
+                    access(pending, at + 1)
                     pending = at
 
                 _map_anonymous(ctx, vma, pte_gfn(pmd[2]), indices[need[:run_length]], new, raise_fault)
@@ -327,5 +352,4 @@ def touch(ctx: KernelContext, mm: Mm, gvas: np.ndarray, write: bool, user: bool 
                 need = need[1:]
             else:  # fault-around or a THP may have mapped more
                 need = need[1:][needs_fault(ctx, pmd[2], indices[need[1:]], write)]
-        pos = run
-    access(gvas[pending:])
+    access(pending, len(gvas))

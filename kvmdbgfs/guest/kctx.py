@@ -61,8 +61,9 @@ class KernelContext:
     # -- stores ---------------------------------------------------------------
     def kernel_mode(self) -> None:
         """What the kernel does on this vCPU runs on a kernel pgd: under PTI, the entry's CR3 switch."""
-        if self.pti is not None:
-            self.pti.to_kernel(self.cpu)
+        pti = self.pti
+        if pti is not None and self.cpu in pti.on_user:  # else the vCPU is on a kernel pgd already
+            pti.to_kernel(self.cpu)
 
     def store(self, gfn: int, index: int, value: int) -> None:
         self.kernel_mode()

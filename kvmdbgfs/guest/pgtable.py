@@ -30,6 +30,7 @@ from kvmdbgfs.guest.pte import (
     pt_index,
     pte_gfn,
 )
+from kvmdbgfs.guest.vaddr import u64
 
 KERNEL_PGD_BOUNDARY = 256  # pgd entries from here on map the kernel half
 KERNPG_TABLE = PT_PRESENT_MASK | PT_WRITABLE_MASK | PT_ACCESSED_MASK | PT_DIRTY_MASK  # _KERNPG_TABLE
@@ -37,24 +38,24 @@ PAGE_TABLE = KERNPG_TABLE | PT_USER_MASK  # _PAGE_TABLE: how user page tables li
 PTE_CHG_MASK = PT64_BASE_ADDR_MASK | PT_ACCESSED_MASK | PT_DIRTY_MASK  # _PAGE_CHG_MASK: what pte_modify keeps
 
 U64 = np.uint64
+_PAGE_SHIFT = u64(PAGE_SHIFT)
+_BASE_ADDR = u64(PT64_BASE_ADDR_MASK)
+_PRESENT = u64(PT_PRESENT_MASK)
 
 
 def make_ptes(gfns: np.ndarray, flags: int) -> np.ndarray:
     """mk_pte() for each frame: uint64 entries."""
-    return (np.asarray(gfns, np.int64).astype(U64) << U64(PAGE_SHIFT)) | U64(flags)
+    return (np.asarray(gfns, np.int64).astype(U64) << _PAGE_SHIFT) | u64(flags)
 
 
 def ptes_gfn(ptes: np.ndarray) -> np.ndarray:
     """pte_pfn() of each entry, as int64."""
-    return ((ptes & U64(PT64_BASE_ADDR_MASK)) >> U64(PAGE_SHIFT)).astype(np.int64)
-
-
-_PRESENT = U64(PT_PRESENT_MASK)
+    return ((ptes & _BASE_ADDR) >> _PAGE_SHIFT).astype(np.int64)
 
 
 def present(ptes: np.ndarray) -> np.ndarray:
     """pte_present() of each entry."""
-    return (ptes & _PRESENT) != 0
+    return (ptes & _PRESENT).astype(bool)  # the present bit is bit 0
 
 
 def present_indices(entries: np.ndarray, i0: int, i1: int) -> np.ndarray:
@@ -101,18 +102,29 @@ def alloc_table_at(
     pud_populate, pmd_populate). Returns the table's gfn."""
     gfn = pgd
     for lvl in range(4, level, -1):
-        index = pt_index(gva, lvl)
-        entry = ctx.memory.table(gfn).item(index)
-        if entry & PT_PRESENT_MASK:
-            gfn = pte_gfn(entry)
-            continue
-        child = alloc() if alloc else ctx.alloc_table()
-        if lvl == 4:
-            pgd_stores(ctx, gfn, np.array([index]), np.array([make_pte(child, link_flags)], U64))
-        else:
-            ctx.store(gfn, index, make_pte(child, link_flags))
-        gfn = child
+        gfn = table_alloc(ctx, gfn, lvl, pt_index(gva, lvl), link_flags, alloc)
     return gfn
+
+
+def table_alloc(
+    ctx: KernelContext, table: int, level: int, index: int, link_flags: int, alloc: Callable[[], int] | None = None
+) -> int:
+    """One step of alloc_table_at(): the table entry ``index`` of the level-``level`` ``table`` points at,
+    allocated and linked there if missing."""
+    entry = ctx.memory.table(table).item(index)
+    if entry & PT_PRESENT_MASK:
+        return pte_gfn(entry)
+    child = alloc() if alloc else ctx.alloc_table()
+    if level == 4:
+        pgd_stores(ctx, table, np.array([index]), np.array([make_pte(child, link_flags)], U64))
+    else:
+        ctx.store(table, index, make_pte(child, link_flags))
+    return child
+
+
+_KERNEL_PGD_BOUNDARY = np.array(KERNEL_PGD_BOUNDARY, np.int64)
+_USER_PRESENT = u64(PT_USER_MASK | PT_PRESENT_MASK)
+_NX = u64(PT64_NX_MASK)
 
 
 def pgd_stores(ctx: KernelContext, pgd: int, indices: np.ndarray, values: np.ndarray) -> None:
@@ -124,10 +136,9 @@ def pgd_stores(ctx: KernelContext, pgd: int, indices: np.ndarray, values: np.nda
         ctx.stores(pgd, indices, values)
         return
     indices, values = np.asarray(indices, np.int64), np.asarray(values, U64)
-    user_half = indices < KERNEL_PGD_BOUNDARY
-    user_present = U64(PT_USER_MASK | PT_PRESENT_MASK)
-    nx = user_half & ((values & user_present) == user_present)
-    ctx.paired_stores(user_pgd, user_half, values, pgd, indices, np.where(nx, values | U64(PT64_NX_MASK), values))
+    user_half = indices < _KERNEL_PGD_BOUNDARY
+    nx = user_half & ((values & _USER_PRESENT) == _USER_PRESENT)
+    ctx.paired_stores(user_pgd, user_half, values, pgd, indices, np.where(nx, values | _NX, values))
 
 
 def walk(
@@ -171,9 +182,13 @@ def walk_ranges(
 
 def overlapping(ranges: list[tuple[int, int]], ends: list[int], start: int, end: int) -> list[tuple[int, int]]:
     """The ranges (sorted and disjoint, ``ends`` their ends) that overlap [start, end)."""
+    return ranges[slice(*overlap_span(ranges, ends, start, end))]
+
+
+def overlap_span(ranges: list[tuple[int, int]], ends: list[int], start: int, end: int) -> tuple[int, int]:
+    """overlapping() as the positions [first, last) of those ranges."""
     first = bisect.bisect_right(ends, start)
-    last = bisect.bisect_left(ranges, (end,), first)
-    return ranges[first:last]
+    return first, bisect.bisect_left(ranges, (end,), first)
 
 
 class _WalkFrame:
@@ -188,9 +203,13 @@ class _WalkFrame:
         self.entries, self.gfn, self.level, self.base = entries, gfn, level, base
         if len(ranges) == 1:
             todo = present_entries(entries, *entry_range(base, level, *ranges[0]))
-        else:
-            todo = []
+        else:  # the ranges' entry spans, those that overlap or touch merged, each looked at once
+            spans: list[list[int]] = []
             for start, end in overlapping(ranges, ends, base, base + level_span(level + 1)):
-                indices = present_entries(entries, *entry_range(base, level, start, end))
-                todo += indices[1:] if todo and indices and indices[0] == todo[-1] else indices
+                i0, i1 = entry_range(base, level, start, end)
+                if spans and i0 <= spans[-1][1]:
+                    spans[-1][1] = max(spans[-1][1], i1)
+                else:
+                    spans.append([i0, i1])
+            todo = [index for i0, i1 in spans for index in present_entries(entries, i0, i1)]
         self.todo = todo[::-1]

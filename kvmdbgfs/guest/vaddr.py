@@ -35,14 +35,25 @@ STACK_GUARD_GAP = 256 * PAGE_SIZE
 STACK_RLIMIT = 8 << 20
 
 
+def u64(value: int) -> np.ndarray:
+    """``value`` as a 0-d uint64 array: numpy combines one with an array faster than it does a scalar."""
+    return np.array(value, np.uint64)
+
+
+SCALAR_VAS = 8  # up to this many addresses, Python ints cost less than numpy's operations
+
+
 def kernel_vas(base: int, offsets: np.ndarray, scale: int = PAGE_SIZE) -> np.ndarray:
     """Kernel-half addresses base + offsets * scale (uint64: they do not fit int64)."""
-    return np.uint64(base) + np.asarray(offsets).astype(np.uint64) * np.uint64(scale)
+    offsets = np.asarray(offsets)
+    if offsets.ndim == 1 and len(offsets) <= SCALAR_VAS:
+        return np.array([base + offset * scale for offset in offsets.tolist()], np.uint64)
+    return offsets.astype(np.uint64) * u64(scale) + u64(base)
 
 
 def direct_map(gfns: np.ndarray | int) -> np.ndarray:
     """__va(): the kernel's direct-map address of each frame."""
-    return kernel_vas(PAGE_OFFSET, np.atleast_1d(gfns))
+    return kernel_vas(PAGE_OFFSET, np.asarray(gfns).reshape(-1))
 
 
 def vmemmap(gfns: np.ndarray) -> np.ndarray:
