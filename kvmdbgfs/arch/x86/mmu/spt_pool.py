@@ -43,6 +43,23 @@ class SptPool:
         self.free_ids: list[int] = []
         self.next_id = 1
         self.revoke_seq = 0
+        self._bind()
+
+    def _bind(self) -> None:
+        """``get(sp_id, index)``: one spte as a Python int. It is ``spt.item`` itself, bound again whenever
+        ``spt`` is replaced: the fault paths read sptes about a million times in a boot, and a Python method
+        around it cost a frame each time."""
+        self.get = self.spt.item
+
+    def __getstate__(self) -> dict[str, object]:
+        """Pickled (boot snapshots) and deep-copied without the bound ``get``, which is bound again after."""
+        state = self.__dict__.copy()
+        del state["get"]
+        return state
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__dict__.update(state)
+        self._bind()
 
     @property
     def capacity(self) -> int:
@@ -69,10 +86,7 @@ class SptPool:
     def _grow(self) -> None:
         """Double every array; the new rows are zero."""
         self.spt, self.access, self.level = _doubled(self.spt), _doubled(self.access), _doubled(self.level)
-
-    def get(self, sp_id: int, index: int) -> int:
-        """One spte as a Python int (ndarray.item: no numpy scalar in between)."""
-        return self.spt.item(sp_id, index)
+        self._bind()
 
     def set(self, sp_id: int, index: int, spte: int) -> None:
         """mmu_spte_set / mmu_spte_update / mmu_spte_clear: store one spte."""
