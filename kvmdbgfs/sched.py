@@ -28,6 +28,7 @@ SLICE_S = 0.05
 _lock = threading.Lock()
 _in_flight = 0
 _quiet_after = 0.0  # monotonic time from which no reader is expected
+_seen_now = 0.0  # a monotonic time cond_resched() read: the clock is at least there
 _arrivals: dict[int, float] = {}  # id of each Arrival still awaiting its request -> when it stops holding back
 # Per emulation thread: run_until (no yielding to readers before), on_cpu and slice_end (see _Cpu).
 _emulation = threading.local()
@@ -125,11 +126,18 @@ def emulating() -> Iterator[None]:
 
 def cond_resched() -> None:
     """cond_resched() in an emulation thread: let the readers run first (at most MAX_WAIT_S, then at least
-    RUN_QUANTUM_S of emulation), and hand the emulation CPU to another VM once the slice is used up."""
+    RUN_QUANTUM_S of emulation), and hand the emulation CPU to another VM once the slice is used up.
+
+    It runs at every exit of every vCPU, so the usual case (no reader announced, the last one's grace
+    already seen to be over, no VM waiting for the CPU) is decided from module globals alone, before the
+    thread-local and clock reads: that case does nothing in any thread."""
+    global _seen_now
+    if not (_in_flight or _arrivals or _cpu.waiting) and _quiet_after <= _seen_now:
+        return
     run_until = getattr(_emulation, "run_until", None)
     if run_until is None:
         return
-    now = time.monotonic()
+    now = _seen_now = time.monotonic()
     if now >= run_until and readers_waiting(now):
         deadline = now + MAX_WAIT_S
         while readers_waiting() and time.monotonic() < deadline:

@@ -13,9 +13,12 @@ does for it in the VM's MMU mode:
   only EPT violations reach KVM (direct_page_fault). CR3 loads, flushes and INVLPG do not exit.
 - ``tdp`` (the TDP MMU): as ``tdp-legacy``, with tdp.py's MMU and no rmaps.
 
-Every entry point takes ``kvm->mmu_lock``, so debugfs readers always see a consistent state.
-``access`` over many addresses handles them in order, exactly as one call per address would (tests
-hold it to that).
+Every exit and every host operation takes ``kvm->mmu_lock``, so debugfs readers always see a consistent
+state. What the hardware does without exiting (an access whose translations are all present and
+permitted, a store through a writable translation, a CR3 load under EPT) takes no lock and runs no
+vcpu_enter(), as on a real CPU; it is taken only while the vCPU has no request pending, so requests are
+handled at the same entry as if every operation entered. ``access`` over many addresses handles them
+in order, exactly as one call per address would (tests hold it to that).
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from kvmdbgfs.arch.x86.mmu.nx_huge_pages import PossibleNxHugePages
 from kvmdbgfs.arch.x86.mmu.page_fault import kvm_mmu_do_page_fault
 from kvmdbgfs.arch.x86.mmu.paging_tmpl import translate_gvas, walk_addr
 from kvmdbgfs.arch.x86.mmu.pte_write import kvm_mmu_track_write
-from kvmdbgfs.arch.x86.mmu.roots import kvm_set_cr3, vcpu_enter
+from kvmdbgfs.arch.x86.mmu.roots import kvm_set_cr3, vcpu_enter, vcpu_enter_pending
 from kvmdbgfs.arch.x86.mmu.set_spte import RetPf
 from kvmdbgfs.arch.x86.mmu.shadow_page import ParentPtes, ShadowPages
 from kvmdbgfs.arch.x86.mmu.spt_pool import SptPool
@@ -75,12 +78,18 @@ def access_masks(write: bool, user: bool, fetch: bool) -> tuple[int, int]:
     return needed | (PT64_NX_MASK if fetch else 0), needed
 
 
+ACCESS_MASKS = {(w, u, f): access_masks(w, u, f) for w in (False, True) for u in (False, True) for f in (False, True)}
+
+
 class MmuLock:
-    """``with mmu.locked:`` holds kvm->mmu_lock, yielding to waiting readers before taking it (cond_resched)."""
+    """``with mmu.locked:`` holds kvm->mmu_lock, yielding to waiting readers before taking it (cond_resched).
+    ``with mmu.locked.for_exit:`` holds it for a vCPU's exit, whose GuestHardware call has yielded already
+    (before it found that the hardware exits)."""
 
     def __init__(self, lock: RLock) -> None:
         self.lock = lock
         self.depth = 0
+        self.for_exit = _ExitLock(self)
 
     def __enter__(self) -> None:
         if not self.depth:
@@ -91,6 +100,21 @@ class MmuLock:
     def __exit__(self, *exc: object) -> None:
         self.depth -= 1
         self.lock.release()
+
+
+class _ExitLock:
+    """MmuLock without its cond_resched() (see MmuLock.for_exit)."""
+
+    def __init__(self, held: MmuLock) -> None:
+        self.held = held
+
+    def __enter__(self) -> None:
+        self.held.lock.acquire()
+        self.held.depth += 1
+
+    def __exit__(self, *exc: object) -> None:
+        self.held.depth -= 1
+        self.held.lock.release()
 
 
 class KvmMmu:
@@ -208,24 +232,65 @@ class KvmMmu:
 
     @staticmethod
     def _usable_spte(spte: int, write: bool, user: bool, fetch: bool = False) -> bool:
-        mask, needed = access_masks(write, user, fetch)
+        mask, needed = ACCESS_MASKS[write, user, fetch]
         return spte & mask == needed
 
     # -- GuestHardware -------------------------------------------------------------------------
 
+    def _quiet(self, vcpu_id: int) -> MmuVcpu | None:
+        """The vCPU, if vcpu_enter() has nothing to do for it (what it does without exiting needs no entry);
+        else None."""
+        vcpu = self.vcpus.get(vcpu_id)
+        if vcpu is None or vcpu.requests or (vcpu.root is None and vcpu_enter_pending(self, vcpu)):
+            return None
+        return vcpu
+
+    def _first_exit(
+        self, vcpu: MmuVcpu, gvas: np.ndarray, write: bool, user: bool, fetch: bool
+    ) -> tuple[int, tuple[int, int] | None]:
+        """The hardware's part of access(): the index of the first address it cannot translate (len(gvas) if
+        it translates them all; for more than SCALAR_BATCH addresses, 0 unless it does) and, if its walk
+        found it, that address's (addr, leaf spte)."""
+        root = self._root_id(vcpu)
+        if root is None or vcpu.cr3 is None:
+            return 0, None
+        if len(gvas) > SCALAR_BATCH:
+            usable = self._usable(vcpu, self._addrs(vcpu, gvas, write, user), write, user, fetch)
+            return (len(gvas) if usable.all() else 0), None
+        leaf_spte = self._pool().leaf_spte
+        mask, needed = ACCESS_MASKS[write, user, fetch]
+        n = 0
+        for gva in gvas.tolist():
+            addr = gva if self.shadow_paging else self._addr(vcpu, gva, write, user)
+            if addr is not None:
+                spte = leaf_spte(root, addr)
+                if spte & mask != needed:
+                    return n, (addr, spte)
+            n += 1
+        return n, None
+
     def access(self, vcpu_id: int, gvas: np.ndarray, write: bool, user: bool, fetch: bool = False) -> None:
         """The vCPU touches each address in order (``fetch``: executes from it); each one the hardware cannot
-        translate exits to a fault."""
-        with self.locked:
+        translate exits to a fault. The ones before the first such address take no exit."""
+        cond_resched()
+        gvas = np.asarray(gvas, np.uint64).ravel()
+        quiet = self._quiet(vcpu_id)
+        start, miss = (0, None) if quiet is None else self._first_exit(quiet, gvas, write, user, fetch)
+        if start == len(gvas) and quiet is not None:
+            return
+        with self.locked.for_exit:
             vcpu = self._enter(vcpu_id)
             if vcpu.cr3 is None:
                 raise ValueError(f"vCPU {vcpu_id} accesses memory before loading CR3")
-            gvas = np.asarray(gvas, np.uint64).ravel()
             if len(gvas) > SCALAR_BATCH:
                 self._access_batch(vcpu, self._addrs(vcpu, gvas, write, user), write, user, fetch)
                 return
-            mask, needed = access_masks(write, user, fetch)
-            for gva in gvas.tolist():
+            if miss is not None:  # the exit the hardware's walk above took
+                addr, spte = miss
+                self._access_fault(vcpu, addr, write, user, spte, fetch)
+                start += 1
+            mask, needed = ACCESS_MASKS[write, user, fetch]
+            for gva in gvas[start:].tolist():
                 addr = gva if self.shadow_paging else self._addr(vcpu, gva, write, user)
                 if addr is None:
                     continue
@@ -286,14 +351,24 @@ class KvmMmu:
         A store the hardware lets through changes nothing in the MMU, so once one does, the rest
         of the batch goes to memory at once; until then each store is a write fault on the gfn
         (which may unsync its shadow pages) and, if KVM must emulate it, a tracked write."""
-        with self.locked:
+        cond_resched()
+        indices = np.asarray(indices, np.int64)
+        values = np.asarray(values, np.uint64)
+        addr = self.direct_map_base + (gfn << PAGE_SHIFT) if self.shadow_paging else gfn << PAGE_SHIFT
+        quiet = self._quiet(vcpu_id)
+        spte = None  # the leaf spte the hardware's walk found for the first store
+        if quiet is not None:
+            if not (self.shadow_paging and quiet.cr3 is None):  # else paging is off: nothing intercepts a store
+                spte = self._leaf_spte(quiet, addr)
+            if spte is None or self._usable_spte(spte, True, False):
+                self.memory.table(gfn)[indices] = values
+                return
+        with self.locked.for_exit:
             vcpu = self._enter(vcpu_id)
-            indices = np.asarray(indices, np.int64)
-            values = np.asarray(values, np.uint64)
-            addr = self.direct_map_base + (gfn << PAGE_SHIFT) if self.shadow_paging else gfn << PAGE_SHIFT
             untranslated = self.shadow_paging and vcpu.cr3 is None  # paging is off: nothing intercepts a store
             for pos in range(len(indices)):
-                spte = 0 if untranslated else self._leaf_spte(vcpu, addr)
+                if pos or spte is None:
+                    spte = 0 if untranslated else self._leaf_spte(vcpu, addr)
                 if untranslated or self._usable_spte(spte, True, False):
                     self.memory.table(gfn)[indices[pos:]] = values[pos:]
                     return
@@ -313,7 +388,13 @@ class KvmMmu:
 
     def load_cr3(self, vcpu_id: int, root_gfn: int, noflush: bool = False) -> None:
         """MOV to CR3: exits under shadow paging only; with the no-flush bit (PCID) nothing is synced."""
-        with self.locked:
+        cond_resched()
+        if not self.shadow_paging:
+            quiet = self._quiet(vcpu_id)
+            if quiet is not None:
+                quiet.cr3 = root_gfn
+                return
+        with self.locked.for_exit:
             vcpu = self._enter(vcpu_id)
             if not self.shadow_paging:
                 vcpu.cr3 = root_gfn

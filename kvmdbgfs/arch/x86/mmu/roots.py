@@ -87,7 +87,7 @@ def vcpu_enter(mmu: KvmMmu, vcpu: MmuVcpu) -> None:
 
     A remote flush (KVM_REQ_TLB_FLUSH) also covers a pending flush of the current context; each
     flush done counts in tlb_flush."""
-    while vcpu.requests or (vcpu.root is None and _needs_root(mmu, vcpu)):
+    while vcpu_enter_pending(mmu, vcpu):
         if vcpu.check_request(KVM_REQ_MMU_FREE_OBSOLETE_ROOTS):
             kvm_mmu_free_obsolete_roots(mmu, vcpu)
         if vcpu.check_request(KVM_REQ_MMU_SYNC):
@@ -99,6 +99,11 @@ def vcpu_enter(mmu: KvmMmu, vcpu: MmuVcpu) -> None:
             vcpu.stat.tlb_flush += 1
         if _needs_root(mmu, vcpu):
             kvm_mmu_load(mmu, vcpu)
+
+
+def vcpu_enter_pending(mmu: KvmMmu, vcpu: MmuVcpu) -> bool:
+    """Whether vcpu_enter() has anything to do: a request, or a root to load."""
+    return bool(vcpu.requests) or (vcpu.root is None and _needs_root(mmu, vcpu))
 
 
 def _needs_root(mmu: KvmMmu, vcpu: MmuVcpu) -> bool:
