@@ -80,6 +80,27 @@ def test_every_pcid_cr3_switch_is_an_exit_under_shadow_paging() -> None:
     assert mmu.direct_map_base == LINUX_PAGE_OFFSET
 
 
+def test_a_pcid_switch_to_a_cached_root_takes_no_mmu_lock_and_a_miss_waits_for_it() -> None:
+    """fast_pgd_switch() works on the vCPU's own roots; only a switch that misses them frees a root and loads
+    a new one, under kvm->mmu_lock. Both are exits."""
+    kvm, guest, pgd, _pd, _pt = faulted_process()
+    mmu = kvm.arch.mmu
+    other = guest.new_pgd()
+    mmu.load_cr3(0, other, noflush=True)
+    exits = vcpu_stats(kvm, "exits")["exits"]
+    with kvm.mmu_lock:
+        done = run_bounded(lambda: mmu.load_cr3(0, pgd, noflush=True))
+        assert not done.is_alive(), "a switch to a cached root waited for mmu_lock"
+        assert mmu.vcpu(0).root.gfn == pgd
+        missing = guest.new_pgd()
+        blocked = run_bounded(lambda: mmu.load_cr3(0, missing, noflush=True), seconds=0.2)
+        assert blocked.is_alive(), "a switch that loads a new root ran without mmu_lock"
+    blocked.join(5)
+    assert not blocked.is_alive()
+    assert mmu.vcpu(0).root.gfn == missing
+    assert vcpu_stats(kvm, "exits")["exits"] == exits + 2
+
+
 def test_cond_resched_still_waits_out_a_readers_grace_after_quiet_calls() -> None:
     """cond_resched() decides the quiet case without reading the clock; a request that has just ended must
     still hold an emulation thread back until its GRACE_S is over."""

@@ -387,13 +387,21 @@ class KvmMmu:
         vcpu_enter(self, vcpu)
 
     def load_cr3(self, vcpu_id: int, root_gfn: int, noflush: bool = False) -> None:
-        """MOV to CR3: exits under shadow paging only; with the no-flush bit (PCID) nothing is synced."""
+        """MOV to CR3: exits under shadow paging only; with the no-flush bit (PCID) nothing is synced, and the
+        exit takes kvm->mmu_lock only if the switch misses the cached roots (to free one and load a new one)."""
         cond_resched()
-        if not self.shadow_paging:
-            quiet = self._quiet(vcpu_id)
-            if quiet is not None:
-                quiet.cr3 = root_gfn
-                return
+        quiet = self._quiet(vcpu_id)
+        if quiet is not None and not self.shadow_paging:
+            quiet.cr3 = root_gfn
+            return
+        if quiet is not None and noflush:
+            self.current = quiet
+            quiet.count_exit()
+            kvm_set_cr3(self, quiet, root_gfn, skip_tlb_flush=True)
+            if vcpu_enter_pending(self, quiet):
+                with self.locked.for_exit:
+                    vcpu_enter(self, quiet)
+            return
         with self.locked.for_exit:
             vcpu = self._enter(vcpu_id)
             if not self.shadow_paging:

@@ -45,31 +45,40 @@ def is_root_usable(root: KvmMmuPage | None, pgd: int) -> bool:
 
 
 def kvm_mmu_free_roots(mmu: KvmMmu, vcpu: MmuVcpu, current: bool, previous: list[int]) -> None:
-    """kvm_mmu_free_roots(): drop the vCPU's reference on the current root and/or some previous roots."""
+    """kvm_mmu_free_roots(): drop the vCPU's reference on the current root and/or some previous roots, under
+    kvm->mmu_lock (which it takes itself: a CR3 switch that misses the cached roots gets here without it)."""
     invalid_list: list[KvmMmuPage] = []
-    for i in previous:
-        root = vcpu.prev_roots[i]
-        if root is not None:
-            mmu_free_root_page(mmu, root, invalid_list)
-            vcpu.prev_roots[i] = None
-    if current and vcpu.root is not None:
-        mmu_free_root_page(mmu, vcpu.root, invalid_list)
-        vcpu.root = None
-    kvm_mmu_commit_zap_page(mmu, invalid_list)
+    with mmu.locked.for_exit:
+        for i in previous:
+            root = vcpu.prev_roots[i]
+            if root is not None:
+                mmu_free_root_page(mmu, root, invalid_list)
+                vcpu.prev_roots[i] = None
+        if current and vcpu.root is not None:
+            mmu_free_root_page(mmu, vcpu.root, invalid_list)
+            vcpu.root = None
+        kvm_mmu_commit_zap_page(mmu, invalid_list)
+
+
+def fast_pgd_switch(vcpu: MmuVcpu, pgd: int) -> bool:
+    """fast_pgd_switch() via cached_root_find_and_keep_current(), on the vCPU's own roots (no mmu_lock): true
+    when the current root or a cached one is for ``pgd`` (a cached one becomes current, the old current the
+    most recent previous root); false when none is, the rotation having made the least recent root current."""
+    if is_root_usable(vcpu.root, pgd):
+        return True
+    for i in range(KVM_MMU_NUM_PREV_ROOTS):
+        vcpu.root, vcpu.prev_roots[i] = vcpu.prev_roots[i], vcpu.root
+        if is_root_usable(vcpu.root, pgd):
+            return True
+    return False
 
 
 def kvm_mmu_new_pgd(mmu: KvmMmu, vcpu: MmuVcpu, pgd: int) -> None:
-    """__kvm_mmu_new_pgd() via cached_root_find_and_keep_current(): the current root becomes the most recent
-    previous root; a cached root for ``pgd`` becomes current, else the least recent one is freed and a new
-    root is loaded on the next entry."""
-    if not is_root_usable(vcpu.root, pgd):
-        for i in range(KVM_MMU_NUM_PREV_ROOTS):
-            vcpu.root, vcpu.prev_roots[i] = vcpu.prev_roots[i], vcpu.root
-            if is_root_usable(vcpu.root, pgd):
-                break
-        else:
-            kvm_mmu_free_roots(mmu, vcpu, current=True, previous=[])
-            return
+    """__kvm_mmu_new_pgd(): switch to a cached root for ``pgd``, else free the least recent one (a new root is
+    loaded on the next entry)."""
+    if not fast_pgd_switch(vcpu, pgd):
+        kvm_mmu_free_roots(mmu, vcpu, current=True, previous=[])
+        return
     assert vcpu.root is not None
     vcpu.root.write_flooding_count = 0
 
