@@ -171,6 +171,17 @@ class PageAllocator:
         self.kind[gfns] = kind
         return gfns
 
+    def alloc_page(self, kind: int) -> int:
+        """alloc() of one frame, as an int: the top of the type's free list when it has one."""
+        own = self._lists[gfp_migratetype(kind)]
+        if self.movable is not None or not own.top:
+            return int(self.alloc(1, kind)[0])
+        own.top -= 1
+        gfn: int = own.stack.item(own.top)
+        self.refcount[gfn] = 1
+        self.kind[gfn] = kind
+        return gfn
+
     def _take(self, n: int, migratetype: int, zone: MovableZone | None) -> np.ndarray:
         """alloc()'s frames when they come from several lists, or there are too few of them."""
         zone_free = zone.free.top if zone is not None else 0
@@ -313,6 +324,19 @@ class PageAllocator:
             freed = gfns[last][self.refcount[gfns[last]] == 0]
         self.free(freed)
         return freed
+
+    def put_page(self, gfn: int) -> None:
+        """put() of one frame."""
+        count = self.refcount.item(gfn)
+        if count <= 0:
+            raise ValueError("put_page on a page without references")
+        self.refcount[gfn] = count - 1
+        if count == 1:
+            self.free(np.array([gfn], np.int64))
+
+    def is_exclusive_anon(self, gfn: int) -> bool:
+        """exclusive_anon() of one frame."""
+        return self.kind.item(gfn) == PAGE_ANON and self.refcount.item(gfn) == 1
 
     def exclusive_anon(self, gfns: np.ndarray) -> np.ndarray:
         """Anonymous pages mapped once (PageAnonExclusive): a write may reuse them instead of copying."""
