@@ -83,3 +83,15 @@ def test_single_page_allocator_calls_equal_the_array_ones() -> None:
     assert one.alloc_page(PAGE_ANON) == gfn  # freed at its last reference, handed out first
     with pytest.raises(ValueError):
         one.put_page(gfn + 1)  # never handed out
+
+
+def test_get_of_a_few_frames_counts_repeats_like_the_array_path() -> None:
+    few, many = (PageAllocator(100, [(0, 100)], [(0, 100)]) for _ in range(2))
+    frames = few.alloc(3, PAGE_ANON).tolist()
+    many.alloc(3, PAGE_ANON)
+    repeated = [frames[0], frames[2], frames[0], frames[1], frames[0]]
+    few.get(repeated)  # a list, on Python ints
+    many.get(repeated * 2)  # past SCALAR_REFS: numpy
+    many.put(repeated)
+    assert few.refcount.tolist() == many.refcount.tolist()
+    assert [few.refcount.item(frame) for frame in frames] == [4, 2, 2]

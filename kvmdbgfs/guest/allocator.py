@@ -37,6 +37,7 @@ import numpy as np
 
 PAGE_FREE, PAGE_RESERVED, PAGE_KERNEL, PAGE_TABLE, PAGE_ANON, PAGE_CACHE, PAGE_HOLE = range(7)
 HPAGE_PMD_NR = 512
+SCALAR_REFS = 8  # up to this many frames, get() counts the references one by one on Python ints
 SCALAR_DISTINCT = 64  # up to this many frames, a Python set tells repeats apart faster than a sort
 PAGEBLOCK_ORDER = 9
 MAX_ORDER_NR_PAGES = 1 << 10  # MAX_PAGE_ORDER 10: a 4 MiB block
@@ -297,8 +298,13 @@ class PageAllocator:
         self.refcount[src] = 1
         self.free(src)
 
-    def get(self, gfns: np.ndarray) -> None:
+    def get(self, gfns: np.ndarray | list[int]) -> None:
         """get_page() on each frame (repeats count)."""
+        if len(gfns) <= SCALAR_REFS:
+            refcount = self.refcount
+            for gfn in gfns if isinstance(gfns, list) else gfns.tolist():
+                refcount[gfn] = refcount.item(gfn) + 1
+            return
         gfns = np.asarray(gfns, np.int64)
         if distinct(gfns):
             self.refcount[gfns] += _ONE_REF

@@ -337,7 +337,7 @@ def _read_faults(ctx: KernelContext, vma: Vma, pt: int, base: int, indices: np.n
     prot = vma.page_prot()
     frames = list(mapped.values())
     ctx.stores(pt, np.array(list(mapped), np.int64), np.array([make_pte(gfn, prot) for gfn in frames], np.uint64))
-    ctx.pages.get(np.array(frames, np.int64))
+    ctx.pages.get(frames)
 
 
 def _alloc_or_none(ctx: KernelContext, n: int) -> np.ndarray | None:
