@@ -37,6 +37,7 @@ import numpy as np
 
 PAGE_FREE, PAGE_RESERVED, PAGE_KERNEL, PAGE_TABLE, PAGE_ANON, PAGE_CACHE, PAGE_HOLE = range(7)
 HPAGE_PMD_NR = 512
+SCALAR_REFS = 8  # up to this many frames, get() counts the references one by one on Python ints
 SCALAR_DISTINCT = 64  # up to this many frames, a Python set tells repeats apart faster than a sort
 PAGEBLOCK_ORDER = 9
 MAX_ORDER_NR_PAGES = 1 << 10  # MAX_PAGE_ORDER 10: a 4 MiB block
@@ -171,6 +172,17 @@ class PageAllocator:
         self.kind[gfns] = kind
         return gfns
 
+    def alloc_page(self, kind: int) -> int:
+        """alloc() of one frame, as an int: the top of the type's free list when it has one."""
+        own = self._lists[gfp_migratetype(kind)]
+        if self.movable is not None or not own.top:
+            return int(self.alloc(1, kind)[0])
+        own.top -= 1
+        gfn: int = own.stack.item(own.top)
+        self.refcount[gfn] = 1
+        self.kind[gfn] = kind
+        return gfn
+
     def _take(self, n: int, migratetype: int, zone: MovableZone | None) -> np.ndarray:
         """alloc()'s frames when they come from several lists, or there are too few of them."""
         zone_free = zone.free.top if zone is not None else 0
@@ -286,8 +298,13 @@ class PageAllocator:
         self.refcount[src] = 1
         self.free(src)
 
-    def get(self, gfns: np.ndarray) -> None:
+    def get(self, gfns: np.ndarray | list[int]) -> None:
         """get_page() on each frame (repeats count)."""
+        if len(gfns) <= SCALAR_REFS:
+            refcount = self.refcount
+            for gfn in gfns if isinstance(gfns, list) else gfns.tolist():
+                refcount[gfn] = refcount.item(gfn) + 1
+            return
         gfns = np.asarray(gfns, np.int64)
         if distinct(gfns):
             self.refcount[gfns] += _ONE_REF
@@ -313,6 +330,19 @@ class PageAllocator:
             freed = gfns[last][self.refcount[gfns[last]] == 0]
         self.free(freed)
         return freed
+
+    def put_page(self, gfn: int) -> None:
+        """put() of one frame."""
+        count = self.refcount.item(gfn)
+        if count <= 0:
+            raise ValueError("put_page on a page without references")
+        self.refcount[gfn] = count - 1
+        if count == 1:
+            self.free(np.array([gfn], np.int64))
+
+    def is_exclusive_anon(self, gfn: int) -> bool:
+        """exclusive_anon() of one frame."""
+        return self.kind.item(gfn) == PAGE_ANON and self.refcount.item(gfn) == 1
 
     def exclusive_anon(self, gfns: np.ndarray) -> np.ndarray:
         """Anonymous pages mapped once (PageAnonExclusive): a write may reuse them instead of copying."""

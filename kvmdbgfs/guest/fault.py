@@ -33,6 +33,7 @@ from kvmdbgfs.guest.vaddr import PAGE_SIZE, PMD_SHIFT, PMD_SIZE, direct_map, u64
 from kvmdbgfs.guest.vma import PROT_WRITE, Vma
 
 FAULT_AROUND_PAGES = 16  # fault_around_bytes = 64 KiB
+SCALAR_FAULTS = 8  # up to this many pages, a private write fault's work costs less on Python ints than in numpy
 WRITE_DIRTY = u64(PT_WRITABLE_MASK | PT_DIRTY_MASK)
 _PRESENT = u64(PT_PRESENT_MASK)
 _PRESENT_WRITABLE = u64(PT_PRESENT_MASK | PT_WRITABLE_MASK)
@@ -101,7 +102,12 @@ def _handle_faults(
 
 
 def _private_write_faults(ctx: KernelContext, mm: Mm, vma: Vma, pt: int, base: int, indices: np.ndarray) -> None:
-    """do_anonymous_page (write), do_cow_fault, and do_wp_page: wp_page_reuse or wp_page_copy."""
+    """do_anonymous_page (write), do_cow_fault, and do_wp_page: wp_page_reuse or wp_page_copy.
+
+    A fault is mostly one page: up to SCALAR_FAULTS pages are handled as Python ints, more with numpy."""
+    if len(indices) <= SCALAR_FAULTS:
+        _few_private_write_faults(ctx, mm, vma, pt, base, indices)
+        return
     ptes = ctx.memory.table(pt)[indices]
     mapped = present(ptes)
     any_mapped = bool(np.count_nonzero(mapped))  # else (the common case) fresh memory: nothing to copy, reuse or flush
@@ -132,6 +138,50 @@ def _private_write_faults(ctx: KernelContext, mm: Mm, vma: Vma, pt: int, base: i
             start = cow
     ctx.stores(pt, indices[start:], values[start:])
     ctx.pages.put(src[copied & mapped])  # the old pages lose this mapping
+    vma.anon_vma = True
+
+
+def _few_private_write_faults(
+    ctx: KernelContext, mm: Mm, vma: Vma, pt: int, base: int, indices: np.ndarray
+) -> None:
+    """_private_write_faults() of a few pages, on Python ints: the same calls with the same arguments."""
+    table = ctx.memory.table(pt)
+    at = indices.tolist()
+    ptes = [table.item(index) for index in at]
+    mapped = [bool(pte & PT_PRESENT_MASK) for pte in ptes]
+    any_mapped = any(mapped)
+    if not any_mapped and vma.file is None:  # do_anonymous_page, as in the general path
+        _map_anonymous(ctx, vma, pt, indices, ctx.pages.alloc(len(indices), PAGE_ANON))
+        return
+    src = [pte_gfn(pte) if is_mapped else -1 for pte, is_mapped in zip(ptes, mapped)]
+    pages = ctx.pages
+    fresh = [not (is_mapped and pages.is_exclusive_anon(gfn)) for gfn, is_mapped in zip(src, mapped)]
+    if vma.file is None:
+        wanted = fresh.count(True)
+        frames = iter([pages.alloc_page(PAGE_ANON)] if wanted == 1 else pages.alloc(wanted, PAGE_ANON).tolist())
+        new = [next(frames) if needs_page else -1 for needs_page in fresh]
+    else:
+        new = _few_cow_sources_in_order(ctx, vma, base, at, src, [not m for m in mapped], fresh)
+    zero_pfn = ctx.zero_pfn
+    copied = [needs_page and gfn >= 0 and gfn != zero_pfn for gfn, needs_page in zip(src, fresh)]
+    if any(copied):  # copy_user_highpage reads the source
+        ctx.kernel_access(direct_map([gfn for gfn, copy in zip(src, copied) if copy]), write=False)
+    ctx.kernel_access(direct_map([gfn for gfn, needs_page in zip(new, fresh) if needs_page]), write=True)
+    prot, write_dirty = vma.page_prot(), PT_WRITABLE_MASK | PT_DIRTY_MASK
+    values = [
+        (make_pte(gfn, prot) if needs_page else pte) | write_dirty
+        for gfn, pte, needs_page in zip((max(gfn, 0) for gfn in new), ptes, fresh)
+    ]
+    start = 0
+    for cow in [j for j, (is_mapped, needs_page) in enumerate(zip(mapped, fresh)) if is_mapped and needs_page]:
+        # wp_page_copy: ptep_clear_flush, then the new PTE
+        ctx.stores(pt, indices[start : cow + 1], np.array([*values[start:cow], 0], np.uint64))
+        ctx.tlb.flush_tlb_page(mm, ctx.cpu, base + at[cow] * PAGE_SIZE)
+        start = cow
+    ctx.stores(pt, indices[start:], np.array(values[start:], np.uint64))
+    for gfn, copy, is_mapped in zip(src, copied, mapped):  # the old pages lose this mapping
+        if copy and is_mapped:
+            pages.put_page(gfn)
     vma.anon_vma = True
 
 
@@ -215,6 +265,42 @@ def _cow_sources_in_order(
     return new
 
 
+def _few_cow_sources_in_order(
+    ctx: KernelContext,
+    vma: Vma,
+    base: int,
+    indices: list[int],
+    src: list[int],
+    missing: list[bool],
+    needs_page: list[bool],
+) -> list[int]:
+    """_cow_sources_in_order() of a few pages, on Python ints."""
+    file = vma.file
+    assert file is not None
+    new = [-1] * len(indices)
+    pgoff = vma.pgoff_at(base)
+    pos = 0
+    try:
+        while pos < len(indices):
+            stop = len(indices)
+            for j in range(pos, len(indices)):
+                if missing[j] and src[j] < 0:
+                    src[j] = file.pages.item(pgoff + indices[j])
+                    if src[j] < 0 and stop == len(indices):
+                        stop = j
+            run = [j for j in range(pos, stop) if needs_page[j]]
+            frames = [ctx.pages.alloc_page(PAGE_ANON)] if len(run) == 1 else ctx.pages.alloc(len(run), PAGE_ANON).tolist()
+            for j, frame in zip(run, frames):
+                new[j] = frame
+            if stop < len(indices):
+                src[stop] = ctx.cache.fault_page(file, pgoff + indices[stop])
+            pos = stop
+    except MemoryError:
+        ctx.pages.free(np.array([frame for frame in new if frame >= 0], np.int64))
+        raise
+    return new
+
+
 def _shared_write_faults(ctx: KernelContext, vma: Vma, pt: int, base: int, indices: np.ndarray) -> None:
     """do_shared_fault: the shmem (or file) page, mapped writable and dirty; no fault-around."""
     if vma.file is None:
@@ -251,7 +337,7 @@ def _read_faults(ctx: KernelContext, vma: Vma, pt: int, base: int, indices: np.n
     prot = vma.page_prot()
     frames = list(mapped.values())
     ctx.stores(pt, np.array(list(mapped), np.int64), np.array([make_pte(gfn, prot) for gfn in frames], np.uint64))
-    ctx.pages.get(np.array(frames, np.int64))
+    ctx.pages.get(frames)
 
 
 def _alloc_or_none(ctx: KernelContext, n: int) -> np.ndarray | None:

@@ -43,17 +43,19 @@ def u64(value: int) -> np.ndarray:
 SCALAR_VAS = 8  # up to this many addresses, Python ints cost less than numpy's operations
 
 
-def kernel_vas(base: int, offsets: np.ndarray, scale: int = PAGE_SIZE) -> np.ndarray:
+def kernel_vas(base: int, offsets: np.ndarray | list[int], scale: int = PAGE_SIZE) -> np.ndarray:
     """Kernel-half addresses base + offsets * scale (uint64: they do not fit int64)."""
+    if isinstance(offsets, list):
+        return np.array([base + offset * scale for offset in offsets], np.uint64)
     offsets = np.asarray(offsets)
     if offsets.ndim == 1 and len(offsets) <= SCALAR_VAS:
-        return np.array([base + offset * scale for offset in offsets.tolist()], np.uint64)
+        return kernel_vas(base, offsets.tolist(), scale)
     return offsets.astype(np.uint64) * u64(scale) + u64(base)
 
 
-def direct_map(gfns: np.ndarray | int) -> np.ndarray:
+def direct_map(gfns: np.ndarray | list[int] | int) -> np.ndarray:
     """__va(): the kernel's direct-map address of each frame."""
-    return kernel_vas(PAGE_OFFSET, np.asarray(gfns).reshape(-1))
+    return kernel_vas(PAGE_OFFSET, gfns if isinstance(gfns, list) else np.asarray(gfns).reshape(-1))
 
 
 def vmemmap(gfns: np.ndarray) -> np.ndarray:
