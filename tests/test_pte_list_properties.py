@@ -21,6 +21,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from kvmdbgfs.arch.x86.mmu.memslot import PG_LEVEL_2M, PG_LEVEL_4K, KvmMemorySlot, gfn_to_index
 from kvmdbgfs.arch.x86.mmu.pte_list import PTE_LIST_DESIGNS, PteListDesign, RmapCorruption, make_pte_list
+from kvmdbgfs.arch.x86.mmu.pte_list_backptr import CHUNK_ENTRIES
 from kvmdbgfs.arch.x86.mmu.rmap import RMAP_RECYCLE_THRESHOLD, KvmRmaps
 
 NHEADS = 4
@@ -79,7 +80,7 @@ def check_lists(design: PteListDesign, arrays: list[tuple[np.ndarray, list[Count
     )
     if design.name == "D":
         in_descs = {int(s): (d, k) for d in reachable for k, s in enumerate(pool.sptes[d]) if s}
-        assert np.count_nonzero(design.rmap_pos) == len(in_descs)
+        assert design.rmap_pos.count_nonzero() == len(in_descs)
         assert all(design.rmap_pos[s >> 3] == d * 16 + k for s, (d, k) in in_descs.items())
 
 
@@ -141,6 +142,12 @@ class PteListMachine(RuleBasedStateMachine):
     def fresh(self, n: int) -> np.ndarray:
         self.next_spte += n
         return 8 * np.arange(self.next_spte - n, self.next_spte)
+
+    @rule(chunks=st.integers(1, 3), before=st.integers(1, 40))
+    def skip_ahead(self, chunks: int, before: int) -> None:
+        """The next sptes start ``before`` short of a chunk boundary of D's back-pointer table, ``chunks``
+        chunks on (so batches straddle a boundary and chunks in between stay unallocated); never back."""
+        self.next_spte = ((self.next_spte + before) // CHUNK_ENTRIES + chunks) * CHUNK_ENTRIES - before
 
     def entries(self) -> list[tuple[int, int]]:
         return [(index, spte) for index, m in enumerate(self.model) for spte in m]

@@ -7,6 +7,8 @@ a freshly allocated and cleared page would be.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 
 from kvmdbgfs.guest.pte import PT64_ENT_PER_PAGE
@@ -24,6 +26,10 @@ class GuestMemory:
         if entries is None:
             entries = self._tables[gfn] = np.zeros(PT64_ENT_PER_PAGE, dtype=np.uint64)
         return entries
+
+    def tables(self) -> Mapping[int, np.ndarray]:
+        """Every page that holds entries, by gfn, for a reader (a page not in it reads as zeros); not a copy."""
+        return self._tables
 
     def read_pte(self, gfn: int, index: int) -> int:
         entries = self._tables.get(gfn)

@@ -8,7 +8,6 @@ from enum import Enum
 import numpy as np
 
 HALT_POLL_HIST_COUNT = 32
-PAGE_STAT_NAMES = ("pages_4k", "pages_2m", "pages_1g")
 
 
 class StatType(Enum):
@@ -70,10 +69,14 @@ class StatBlock:
 
     def account_pages(self, level: int, delta: int) -> None:
         """kvm_update_page_stats(): present leaf sptes per level (and ``lpages`` of older kernels)."""
-        name = PAGE_STAT_NAMES[level - 1]
-        setattr(self, name, getattr(self, name) + delta)
-        if level > 1:
-            self.lpages += delta
+        if level == 1:
+            self.pages_4k += delta
+            return
+        if level == 2:
+            self.pages_2m += delta
+        else:
+            self.pages_1g += delta
+        self.lpages += delta
 
     def read_u64(self, name: str) -> int:
         """The u64 at the stat's offset; 0 for a stat this kernel does not have."""

@@ -2,7 +2,8 @@
 
 Per slot (struct kvm_arch_memory_slot): ``lpage_info`` disallow counts for 2M and 1G
 (kvm_alloc_memslot_metadata, account_shadowed) and ``gfn_write_track`` counts (page_track.c).
-Lookups bisect over the slot bases, as search_memslots does over its sorted array.
+Lookups try the last slot found, then bisect over the slot bases, as __gfn_to_memslot does with
+last_used_slot and search_memslots.
 """
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ class MmuMemslots:
         self._bases: list[int] = []
         self._base_array = np.zeros(0, np.int64)
         self._end_array = np.zeros(0, np.int64)
+        self.last_used_slot: MmuSlot | None = None
 
     def update(self, memslots: Iterable[KvmMemorySlot]) -> None:
         """After a memslot was created or deleted: keep the MmuSlot of slots that stay, add new ones."""
@@ -88,12 +90,18 @@ class MmuMemslots:
         self._bases = [ms.base_gfn for ms in self.slots]
         self._base_array = np.array(self._bases, np.int64)
         self._end_array = np.array([ms.end_gfn for ms in self.slots], np.int64)
+        self.last_used_slot = None
 
     def lookup(self, gfn: int) -> MmuSlot | None:
-        """gfn_to_memslot() in address space 0."""
+        """gfn_to_memslot() in address space 0: the last slot found first (try_get_memslot() on
+        slots->last_used_slot), then the search (search_memslots()), which becomes the hint."""
+        ms = self.last_used_slot
+        if ms is not None and ms.base_gfn <= gfn < ms.end_gfn:
+            return ms
         pos = bisect.bisect_right(self._bases, gfn) - 1
         if pos >= 0 and gfn < self.slots[pos].end_gfn:
-            return self.slots[pos]
+            ms = self.last_used_slot = self.slots[pos]
+            return ms
         return None
 
     def fault_slot(self, gfn: int) -> MmuSlot:

@@ -33,7 +33,6 @@ from kvmdbgfs.guest.pte import (
     PT_PAGE_SIZE_MASK,
     PT_PRESENT_MASK,
     pt_index,
-    pte_gfn,
 )
 
 
@@ -90,19 +89,22 @@ def walk_addr(
 
     Without ``set_accessed_dirty`` it is the CPU's walk under EPT (see translate_gvas). As in the kernel,
     A/D bits are written only when a PTE walked lacks A or a write's leaf lacks D. Every fault walks, so
-    the loop sticks to local names and Python ints: pt_index(), gpte_access(), the last-level test and
-    pte_gfn() are written out in it."""
+    the loop sticks to local names and Python ints: read_pte(), pt_index(), gpte_access(), the last-level
+    test, pte_gfn() and protect_clean_gpte() are written out in it."""
     table_gfns = [0, 0, 0, root_gfn]  # PT64_ROOT_4LEVEL entries
     ptes = [0, 0, 0, 0]
     pt_access = [ACC_ALL, ACC_ALL, ACC_ALL, ACC_ALL]
-    read_pte = memory.read_pte
+    table_of = memory.tables().get
     table_gfn = root_gfn
     access = ACC_ALL
     accessed_dirty = PT_ACCESSED_MASK  # cleared by a PTE without A (or a write's leaf without D)
     level = PT64_ROOT_4LEVEL
     shift = PAGE_SHIFT + (PT64_ROOT_4LEVEL - 1) * 9
     while True:
-        gpte = read_pte(table_gfn, (gva >> shift) & 511)
+        entries = table_of(table_gfn)
+        if entries is None:  # a page the guest never wrote reads as zeros: not present
+            return None
+        gpte = entries.item((gva >> shift) & 511)
         if not gpte & PT_PRESENT_MASK:
             return None
         ptes[level - 1] = gpte
@@ -120,8 +122,8 @@ def walk_addr(
     pages = KVM_PAGES_PER_HPAGE(level)
     walker = GuestWalker(
         level,
-        (pte_gfn(gpte) & -pages) + ((gva >> PAGE_SHIFT) & (pages - 1)),
-        access if write else protect_clean_gpte(access, gpte),
+        (((gpte & PT64_BASE_ADDR_MASK) >> PAGE_SHIFT) & -pages) + ((gva >> PAGE_SHIFT) & (pages - 1)),
+        access if write or gpte & PT_DIRTY_MASK else access & ~ACC_WRITE_MASK,  # protect_clean_gpte()
         table_gfns,
         ptes,
         pt_access,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from kvmdbgfs.arch.x86.mmu.pte_list_backptr import BackPointers
 from kvmdbgfs.arch.x86.mmu.pte_list_base import Hit, PteListDesign, RmapCorruption, desc_head
 
 # Design D's back-pointer: desc id * POS_STRIDE + slot (0 = not in a descriptor).
@@ -134,7 +135,7 @@ class DesignD(DesignC):
 
     Cost: the descriptor keeps its 128 bytes; the price is one 8-byte word per spte (the
     table is indexed by spte address, so it covers every spte the MMU has allocated,
-    rmapped or not, growing geometrically to the highest one). In kernel terms this is a
+    rmapped or not, up to the highest one; see pte_list_backptr). In kernel terms this is a
     u64 array beside each shadow page's 512 sptes, 4 KiB per shadow page, the same as
     ``shadowed_translation``; the word can be the address of the slot itself, since
     128-byte-aligned descriptors give the descriptor as ``ptr & ~127``. Single-form
@@ -147,7 +148,7 @@ class DesignD(DesignC):
 
     def __init__(self) -> None:
         super().__init__()
-        self.rmap_pos = np.zeros(1024, np.int64)
+        self.rmap_pos = BackPointers()
 
     @property
     def rmap_pos_bytes_per_spte(self) -> int:
@@ -155,32 +156,20 @@ class DesignD(DesignC):
 
     def _placed(self, sptes: np.ndarray, descs: np.ndarray, slots: np.ndarray) -> None:
         keys = sptes >> 3
-        if len(keys):
-            self._cover(int(keys.max()))
-        self.rmap_pos[keys] = np.multiply(descs, POS_STRIDE, dtype=np.int64) + slots
+        self.rmap_pos.scatter(keys, np.multiply(descs, POS_STRIDE, dtype=np.int64) + slots)
         self.costs.slot_writes += len(keys)
 
     def _placed_one(self, spte: int, desc: int, slot: int) -> None:
-        if spte >> 3 >= len(self.rmap_pos):
-            self._cover(spte >> 3)
         self.rmap_pos[spte >> 3] = desc * POS_STRIDE + slot
         self.costs.slot_writes += 1
 
-    def _cover(self, key: int) -> None:
-        """Grow ``rmap_pos`` (geometrically) until it has an entry for ``key``."""
-        if key >= len(self.rmap_pos):
-            grown = np.zeros(max(2 * len(self.rmap_pos), key + 1), np.int64)
-            grown[: len(self.rmap_pos)] = self.rmap_pos
-            self.rmap_pos = grown
-
     def _dropped(self, sptes: np.ndarray) -> None:
-        self.rmap_pos[sptes >> 3] = 0
+        self.rmap_pos.clear(sptes >> 3)
         self.costs.slot_writes += len(sptes)
 
     def _locate(self, first: int, spte: int) -> Hit | None:
         """The back-pointer names the slot (one visit, one read), if it holds ``spte``."""
-        key = spte >> 3
-        pos = self.rmap_pos.item(key) if key < len(self.rmap_pos) else 0
+        pos = self.rmap_pos[spte >> 3]
         desc, slot = divmod(pos, POS_STRIDE)
         if not pos or self.pool.sptes.item(desc, slot) != spte:
             return None
@@ -196,10 +185,9 @@ class DesignD(DesignC):
         self, heads: np.ndarray, indices: np.ndarray, first: np.ndarray, sptes: np.ndarray
     ) -> None:
         """__pte_list_remove in O(1): the back-pointer names the slot."""
-        keys = sptes >> 3
-        pos = self.rmap_pos[np.minimum(keys, len(self.rmap_pos) - 1)]
+        pos = self.rmap_pos.gather(sptes >> 3)
         descs, slots = pos // POS_STRIDE, pos % POS_STRIDE
-        if ((keys >= len(self.rmap_pos)) | (pos == 0) | (self.pool.sptes[descs, slots] != sptes)).any():
+        if ((pos == 0) | (self.pool.sptes[descs, slots] != sptes)).any():
             raise RmapCorruption("__pte_list_remove: spte not in its rmap")
         self.costs.desc_visits += len(descs)
         self.costs.slot_reads += len(descs)
