@@ -554,12 +554,14 @@ def test_ctrl_c_detaches_and_the_workload_runs_to_its_end(twins: tuple[Mount, Mo
 
 def test_a_suspended_client_stalls_no_reader(twins: tuple[Mount, Mount]) -> None:
     """SIGSTOP a `kvmdbgfs run` for SUSPEND_S: the VM's files and `vm list` answer within READER_S meanwhile, the
-    workload goes on, `kvmdbgfs cancel` stops it, and the client, continued, reports that."""
+    workload goes on, `kvmdbgfs cancel` stops it, and the client, continued, reports that. The workload is a
+    build of 100000 files: minutes of emulation (an hour of idle takes less than SUSPEND_S to emulate)."""
     mount = twins[0]
     name = mount.create_vm(*SMALL_VM, "--seed", "9")
-    client = mount.spawn_cli("run", "idle", "--vm", name, "--set", "uptime=3600", *BOOT)
+    mount.cli("run", "idle", "--vm", name, "--set", "uptime=0", *BOOT)  # kbuild needs a booted guest
+    client = mount.spawn_cli("run", "kbuild", "--vm", name, "--set", "files=100000")
     try:
-        assert wait_until(lambda: workload_of(mount, name) == "idle", 20)
+        assert wait_until(lambda: workload_of(mount, name) == "kbuild", 20)
         client.send_signal(signal.SIGSTOP)
         suspended = time.monotonic()
         listing = mount.cli_command("vm", "list", "--json")
@@ -567,11 +569,11 @@ def test_a_suspended_client_stalls_no_reader(twins: tuple[Mount, Mount]) -> None
             start = time.monotonic()
             result = subprocess.run(command, cwd=mount.path, env=mount.env, capture_output=True, timeout=READER_S)
             assert result.returncode == 0 and time.monotonic() - start < READER_S, (command, result)
-        assert {vm["name"]: vm["workload"] for vm in json.loads(result.stdout)}[name] == "idle"
+        assert {vm["name"]: vm["workload"] for vm in json.loads(result.stdout)}[name] == "kbuild"
         time.sleep(max(0.0, suspended + SUSPEND_S - time.monotonic()))
-        assert client.poll() is None and workload_of(mount, name) == "idle"
+        assert client.poll() is None and workload_of(mount, name) == "kbuild"
         cancelled = mount.cli("cancel", "--vm", name)
-        assert (cancelled.stdout, cancelled.stderr) == (f"cancelled idle on {name}\n", "")
+        assert (cancelled.stdout, cancelled.stderr) == (f"cancelled kbuild on {name}\n", "")
         nothing = mount.cli("cancel", "--vm", name, check=False)
         assert_one_error_line(nothing, 1, f"{ERROR}no workload is running on VM {name}")
     finally:
