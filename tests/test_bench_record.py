@@ -119,7 +119,7 @@ def test_a_bad_baseline_is_one_line_and_exit_2(tmp_path, capsys, text):
     path.write_text(text)
     assert bench_main.main(["--baseline", str(path), "rmap"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"bench: ") and err.count("\n") == 1
+    assert err.startswith("bench: ") and err.count("\n") == 1
 
 
 def test_missing_baseline_and_unknown_bench(tmp_path, capsys):

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 
-import numpy as np
 from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 from test_guest_helpers import TEST_VA, MiB, bare_process, hw, same_state, small_kernel
 
 from kvmdbgfs.guest import userspace
-from kvmdbgfs.guest.hardware import BareMetal
 from kvmdbgfs.guest.kernel import GuestKernel
 from kvmdbgfs.guest.pagecache import File
 from kvmdbgfs.guest.process import Task

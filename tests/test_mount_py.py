@@ -13,12 +13,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import MOUNT_PY, REPO, Mount, force_unmount, is_mounted, spawn_mount, start_mount, wait_served, wait_until
+from conftest import MOUNT_PY, REPO, Mount, force_unmount, is_mounted, spawn_mount, start_mount, wait_served
 from conftest import assert_one_error_line
 
 from kvmdbgfs.control.client import request

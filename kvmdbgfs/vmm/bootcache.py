@@ -34,8 +34,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kvmdbgfs.kvm.host import KvmHost
-from kvmdbgfs.kvm.vcpu import KvmVcpu
-from kvmdbgfs.kvm.vm import Kvm
 
 if TYPE_CHECKING:
     from kvmdbgfs.vmm.qemu import QemuProcess
