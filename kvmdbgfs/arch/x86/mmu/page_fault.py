@@ -184,7 +184,7 @@ def paging64_pte_prefetch(mmu: KvmMmu, sp: KvmMmuPage, index: int) -> None:
     gptes = mmu.memory.table(sp.gfn)[first : first + PTE_PREFETCH_NUM].tolist()
     pool, sp_id = mmu.pool, sp.id
     for entry, gpte in enumerate(gptes, start=first):
-        if entry == index or pool.spt.item(sp_id, entry) & SPTE_MMU_PRESENT_MASK:
+        if entry == index or pool.get(sp_id, entry) & SPTE_MMU_PRESENT_MASK:
             continue
         if not prefetch_gpte(mmu, sp, entry, gpte):
             break
@@ -209,7 +209,7 @@ def direct_pte_prefetch(mmu: KvmMmu, sp: KvmMmuPage, index: int) -> None:
     start = None
     pool, sp_id = mmu.pool, sp.id
     for entry in range(first, first + PTE_PREFETCH_NUM):
-        if entry == index or pool.spt.item(sp_id, entry) & SPTE_MMU_PRESENT_MASK:
+        if entry == index or pool.get(sp_id, entry) & SPTE_MMU_PRESENT_MASK:
             if start is None:
                 continue
             if not direct_pte_prefetch_many(mmu, sp, start, entry):

@@ -84,7 +84,7 @@ def kvm_mmu_get_child_sp(
     """kvm_mmu_get_child_sp(): (the child, True) when the entry already links one (the kernel's -EEXIST, after
     which the caller follows the link: spte_to_child_sp()), else (the page to link, False). The entry is
     read once, for both."""
-    spte = mmu.pool.spt.item(parent.id, index)
+    spte = mmu.pool.get(parent.id, index)
     if spte & (SPTE_MMU_PRESENT_MASK | PT_PAGE_SIZE_MASK) == SPTE_MMU_PRESENT_MASK:
         return mmu.sps.by_id[(spte & SPTE_BASE_ADDR_MASK) >> PAGE_SHIFT], True
     return kvm_mmu_get_shadow_page(mmu, gfn, mmu_page_role(parent.level - 1, direct, access)), False

@@ -82,7 +82,7 @@ def mmu_set_spte(
     in place (is_shadow_present_pte(), sptep())."""
     pool = mmu.pool
     sp_id, level = sp.id, sp.level
-    old = pool.spt.item(sp_id, index)
+    old = pool.get(sp_id, index)
     was_rmapped = False
     flush = False
     if old & SPTE_MMU_PRESENT_MASK:
@@ -94,7 +94,7 @@ def mmu_set_spte(
             flush = True
         else:
             was_rmapped = True
-        old = pool.spt.item(sp_id, index)
+        old = pool.get(sp_id, index)
     spte, wrprot = make_spte(mmu, ms, level, pte_access, gfn, old, prefetch)
     ret = RET_PF_FIXED
     if old == spte:
