@@ -94,12 +94,10 @@ class MmuLock:
     def __enter__(self) -> None:
         if not self.depth:
             cond_resched()  # never while holding the lock: a reader may be waiting for it
-        self.lock.acquire()
-        self.depth += 1
+        self.for_exit.__enter__()
 
     def __exit__(self, *exc: object) -> None:
-        self.depth -= 1
-        self.lock.release()
+        self.for_exit.__exit__()
 
 
 class _ExitLock:
@@ -227,7 +225,7 @@ class KvmMmu:
         root = self._root_id(vcpu)
         if root is None:
             return np.zeros(len(addrs), bool)
-        mask, needed = access_masks(write, user, fetch)
+        mask, needed = ACCESS_MASKS[write, user, fetch]
         return (self._pool().leaf_sptes(root, addrs) & U64(mask)) == U64(needed)
 
     @staticmethod
@@ -245,59 +243,70 @@ class KvmMmu:
             return None
         return vcpu
 
-    def _first_exit(
-        self, vcpu: MmuVcpu, gvas: np.ndarray, write: bool, user: bool, fetch: bool
+    def _translating(self, vcpu_id: int) -> MmuVcpu | None:
+        """The vCPU, if the hardware can walk for it without an exit: nothing pending for vcpu_enter()
+        (_quiet), a root and a CR3 loaded; else None."""
+        vcpu = self._quiet(vcpu_id)
+        if vcpu is None or vcpu.cr3 is None or self._root_id(vcpu) is None:
+            return None
+        return vcpu
+
+    def _enter_access(self, vcpu_id: int) -> MmuVcpu:
+        """_enter() for access() (under the lock): the vCPU must have loaded CR3."""
+        vcpu = self._enter(vcpu_id)
+        if vcpu.cr3 is None:
+            raise ValueError(f"vCPU {vcpu_id} accesses memory before loading CR3")
+        return vcpu
+
+    def _first_miss(
+        self, vcpu: MmuVcpu, gvas: list[int], start: int, write: bool, user: bool, fetch: bool
     ) -> tuple[int, tuple[int, int] | None]:
-        """The hardware's part of access(): the index of the first address it cannot translate (len(gvas) if
-        it translates them all; for more than SCALAR_BATCH addresses, 0 unless it does) and, if its walk
-        found it, that address's (addr, leaf spte)."""
+        """The first of ``gvas[start:]`` the hardware cannot translate: its index and (addr, leaf spte), or
+        (len(gvas), None) if it translates them all. Addresses the guest's own tables do not map (EPT: the
+        guest takes its #PF without an exit) are passed over."""
         root = self._root_id(vcpu)
-        if root is None or vcpu.cr3 is None:
-            return 0, None
-        if len(gvas) > SCALAR_BATCH:
-            usable = self._usable(vcpu, self._addrs(vcpu, gvas, write, user), write, user, fetch)
-            return (len(gvas) if usable.all() else 0), None
         leaf_spte = self._pool().leaf_spte
         mask, needed = ACCESS_MASKS[write, user, fetch]
-        n = 0
-        for gva in gvas.tolist():
-            addr = gva if self.shadow_paging else self._addr(vcpu, gva, write, user)
+        for n in range(start, len(gvas)):
+            addr = gvas[n] if self.shadow_paging else self._addr(vcpu, gvas[n], write, user)
             if addr is not None:
-                spte = leaf_spte(root, addr)
+                spte = 0 if root is None else leaf_spte(root, addr)
                 if spte & mask != needed:
                     return n, (addr, spte)
-            n += 1
-        return n, None
+        return len(gvas), None
 
     def access(self, vcpu_id: int, gvas: np.ndarray, write: bool, user: bool, fetch: bool = False) -> None:
         """The vCPU touches each address in order (``fetch``: executes from it); each one the hardware cannot
-        translate exits to a fault. The ones before the first such address take no exit."""
+        translate exits to a fault. The ones before the first such address take no exit (nor the lock); after
+        each fault the walk goes on from the next address (the fault may have loaded another root)."""
         cond_resched()
         gvas = np.asarray(gvas, np.uint64).ravel()
-        quiet = self._quiet(vcpu_id)
-        start, miss = (0, None) if quiet is None else self._first_exit(quiet, gvas, write, user, fetch)
-        if start == len(gvas) and quiet is not None:
+        if len(gvas) > SCALAR_BATCH:
+            self._access_many(vcpu_id, gvas, write, user, fetch)
+            return
+        addrs = gvas.tolist()
+        walker = self._translating(vcpu_id)
+        start, miss = (0, None) if walker is None else self._first_miss(walker, addrs, 0, write, user, fetch)
+        if walker is not None and miss is None:
             return
         with self.locked.for_exit:
-            vcpu = self._enter(vcpu_id)
-            if vcpu.cr3 is None:
-                raise ValueError(f"vCPU {vcpu_id} accesses memory before loading CR3")
-            if len(gvas) > SCALAR_BATCH:
-                self._access_batch(vcpu, self._addrs(vcpu, gvas, write, user), write, user, fetch)
-                return
-            if miss is not None:  # the exit the hardware's walk above took
+            vcpu = self._enter_access(vcpu_id)
+            if walker is None:
+                start, miss = self._first_miss(vcpu, addrs, 0, write, user, fetch)
+            while miss is not None:
                 addr, spte = miss
                 self._access_fault(vcpu, addr, write, user, spte, fetch)
-                start += 1
-            mask, needed = ACCESS_MASKS[write, user, fetch]
-            for gva in gvas[start:].tolist():
-                addr = gva if self.shadow_paging else self._addr(vcpu, gva, write, user)
-                if addr is None:
-                    continue
-                root = self._root_id(vcpu)  # read for each address: a fault may have loaded another root
-                spte = 0 if root is None else self._pool().leaf_spte(root, addr)
-                if spte & mask != needed:
-                    self._access_fault(vcpu, addr, write, user, spte, fetch)
+                start, miss = self._first_miss(vcpu, addrs, start + 1, write, user, fetch)
+
+    def _access_many(self, vcpu_id: int, gvas: np.ndarray, write: bool, user: bool, fetch: bool) -> None:
+        """access() of more than SCALAR_BATCH addresses: the hardware's check of all of them with numpy, then,
+        if one misses, _access_batch() under the lock."""
+        walker = self._translating(vcpu_id)
+        if walker is not None and self._usable(walker, self._addrs(walker, gvas, write, user), write, user, fetch).all():
+            return
+        with self.locked.for_exit:
+            vcpu = self._enter_access(vcpu_id)
+            self._access_batch(vcpu, self._addrs(vcpu, gvas, write, user), write, user, fetch)
 
     def _access_batch(self, vcpu: MmuVcpu, addrs: np.ndarray, write: bool, user: bool, fetch: bool) -> None:
         """access() over many addresses at once, as one by one: translations are checked for all of them,
@@ -356,23 +365,27 @@ class KvmMmu:
         values = np.asarray(values, np.uint64)
         addr = self.direct_map_base + (gfn << PAGE_SHIFT) if self.shadow_paging else gfn << PAGE_SHIFT
         quiet = self._quiet(vcpu_id)
-        spte = None  # the leaf spte the hardware's walk found for the first store
         if quiet is not None:
-            if not (self.shadow_paging and quiet.cr3 is None):  # else paging is off: nothing intercepts a store
-                spte = self._leaf_spte(quiet, addr)
+            spte = self._store_spte(quiet, addr)  # the hardware's walk for the first store
             if spte is None or self._usable_spte(spte, True, False):
                 self.memory.table(gfn)[indices] = values
                 return
         with self.locked.for_exit:
             vcpu = self._enter(vcpu_id)
-            untranslated = self.shadow_paging and vcpu.cr3 is None  # paging is off: nothing intercepts a store
             for pos in range(len(indices)):
-                if pos or spte is None:
-                    spte = 0 if untranslated else self._leaf_spte(vcpu, addr)
-                if untranslated or self._usable_spte(spte, True, False):
+                if pos or quiet is None:
+                    spte = self._store_spte(vcpu, addr)
+                if spte is None or self._usable_spte(spte, True, False):
                     self.memory.table(gfn)[indices[pos:]] = values[pos:]
                     return
                 self._faulting_store(vcpu, addr, spte, gfn, int(indices[pos]), int(values[pos]))
+
+    def _store_spte(self, vcpu: MmuVcpu, addr: int) -> int | None:
+        """The leaf spte a store through ``addr`` meets; None when paging is off under shadow paging (nothing
+        intercepts a store)."""
+        if self.shadow_paging and vcpu.cr3 is None:
+            return None
+        return self._leaf_spte(vcpu, addr)
 
     def _faulting_store(self, vcpu: MmuVcpu, addr: int, spte: int, gfn: int, index: int, value: int) -> None:
         """A store through a translation (leaf ``spte``) that is missing or read-only: a write fault; the store
