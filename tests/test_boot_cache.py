@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -92,6 +93,28 @@ def test_a_boot_saved_and_restored_in_many_pieces_is_the_same(tmp_path: Path, co
     assert run_host(2, cache) == cold and cache.restored == 1
 
 
+def test_a_boot_ends_before_its_snapshot_is_written(tmp_path: Path, monkeypatch) -> None:
+    """The entry is written on the cache's writer thread once the guest has booted; a restore of that key
+    meanwhile waits for the write and then restores it."""
+    written = threading.Event()
+    deflate = bootcache._deflate
+    monkeypatch.setattr(bootcache, "_deflate", lambda payload: (written.wait(60), deflate(payload))[1])
+    cache = BootCache(tmp_path / "cache")
+    first, boot = build_host(Scenario(seed=1, vms=[VM], clock="manual"), "latest", None, boot_cache=cache)
+    try:
+        assert boot.wait(300) and boot.error is None
+        assert cache.entries() == [] and cache.restored == 0
+        threading.Timer(0.5, written.set).start()
+        second, boot = build_host(Scenario(seed=2, vms=[VM], clock="manual"), "latest", None, boot_cache=cache)
+        try:
+            assert boot.wait(300) and boot.error is None and cache.restored == 1 and len(cache.entries()) == 1
+        finally:
+            second.shutdown()
+    finally:
+        written.set()
+        first.shutdown()
+
+
 def test_a_changed_key_misses(cache: BootCache, fresh_vm: QemuProcess, monkeypatch) -> None:
     (entry,) = cache.entries()
     assert cache.key(fresh_vm, "idle", BOOT) == entry.name
@@ -164,7 +187,8 @@ def test_mounts_fill_the_cache_unless_told_not_to(tmp_path: Path, mount_factory,
     uncached = mount_factory("--scenario", str(scenario), "--no-cache")
     assert BootCache(tmp_path / "cache").entries() == []
     cached = mount_factory("--scenario", str(scenario))
-    assert len(BootCache(tmp_path / "cache").entries()) == 1
+    # The entry is written after the guest booted (by the cache's writer thread): bounded wait for it.
+    assert wait_until(lambda: len(BootCache(tmp_path / "cache").entries()) == 1, timeout=30)
     restored = mount_factory("--scenario", str(scenario))
     for mount, how in ((uncached, "no boot cache"), (cached, "0 of 1"), (restored, "1 of 1")):
         line = f"mount.py: guests booted ({how}{' restored from the boot cache' * (mount is not uncached)})\n"

@@ -13,6 +13,12 @@ Unpickling runs code, so an entry is read only from a directory of the user's ow
 write, only if it is the user's regular file, and only if its header names this key and its payload has the
 stated digest; anything else is a warning and a miss. The directory is kept under a size cap by evicting the
 entries used least recently.
+
+A save pickles the VM on its own thread, at the end of the workload (the state must be that instant's); the
+digest, the compression and the write then run on the cache's writer thread (hashlib and zlib let go of the
+interpreter lock for large buffers), so the guest counts as booted without waiting for the disk. A restore of
+a key still being written waits for that write first; the host waits for pending writes when it shuts down,
+and the interpreter when it exits.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import stat
 import tempfile
 import threading
 import zlib
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -52,6 +59,12 @@ RESTORE_CHUNK = 1 << 20
 SOURCE_ROOT = Path(__file__).resolve().parents[1]  # the kvmdbgfs package (workloads installs inside it)
 WORKLOADS_ROOT = SOURCE_ROOT.parent / "workloads"  # in a checkout, workloads/ sits beside the package
 _LOCK_TYPES = (type(threading.Lock()), type(threading.RLock()), threading.Condition, threading.Event)
+WRITE_WAIT_S = 30.0  # how long a restore or a shutdown waits for a pending write (0.2-0.4 s when quiet)
+
+# One writer for every cache of the process: writes happen in the order saves were made, never two at once.
+_writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="boot cache writer")
+_pending: dict[Path, Future[None]] = {}  # entry path -> its write, while it runs
+_pending_lock = threading.Lock()
 
 # What names a VM on its host, or is shared with the host: never saved, never overwritten.
 KEEP: dict[str, frozenset[str]] = {
@@ -218,6 +231,7 @@ class BootCache:
         """Put the snapshot's state onto ``vm`` and return the workload's summary, or None on a miss (a bad
         entry is a warning)."""
         path = self.directory / key
+        wait_written([path])
         try:
             payload = self._read_trusted(path, key)
         except FileNotFoundError:
@@ -273,18 +287,29 @@ class BootCache:
     # -- save -----------------------------------------------------------------------------------------------
 
     def save(self, key: str, vm: QemuProcess, summary: dict[str, Any]) -> None:
-        """Write the VM's state and the workload's summary under ``key``; a failure is a warning."""
+        """Snapshot the VM's state and the workload's summary now, and queue their write under ``key`` (see
+        the module's docstring); a failure is a warning."""
         try:
             buffer = io.BytesIO()
             states = {key_: _state(key_[0], root) for key_, root in _roots(vm).items()}
             _Saver(buffer, vm).dump((summary, states))
-            payload = buffer.getvalue()
+        except (SnapshotError, pickle.PicklingError, TypeError, AttributeError) as exc:
+            log.warning("boot cache: not saving %s: %s", vm.name, exc)
+            return
+        path = self.directory / key
+        with _pending_lock:
+            write = _pending[path] = _writer.submit(self._write_entry, key, buffer.getvalue(), vm.name)
+        write.add_done_callback(lambda done: _forget(path, done))
+
+    def _write_entry(self, key: str, payload: bytes, vm_name: str) -> None:
+        """The writer thread's part of save(): header, compressed payload, eviction."""
+        try:
             header = {"format": FORMAT, "key": key, "size": len(payload),
                       "sha256": hashlib.sha256(payload).hexdigest()}
             self._write(key, json.dumps(header).encode() + b"\n" + _deflate(payload))
             self.evict()
-        except (OSError, SnapshotError, pickle.PicklingError, TypeError, AttributeError) as exc:
-            log.warning("boot cache: not saving %s: %s", vm.name, exc)
+        except (OSError, ValueError) as exc:
+            log.warning("boot cache: not saving %s: %s", vm_name, exc)
 
     def _write(self, key: str, data: bytes) -> None:
         with contextlib.suppress(FileExistsError):
@@ -299,6 +324,12 @@ class BootCache:
             with contextlib.suppress(OSError):
                 os.unlink(temporary)
             raise
+
+    def flush(self) -> None:
+        """Wait (WRITE_WAIT_S at most) for this cache's pending writes."""
+        with _pending_lock:
+            paths = [path for path in _pending if path.parent == self.directory]
+        wait_written(paths)
 
     def entries(self) -> list[os.DirEntry[str]]:
         """The cache's entry files (partial writes excluded)."""
@@ -326,3 +357,18 @@ class BootCache:
                 os.unlink(entry.path)
         return len(entries)
 
+
+
+def _forget(path: Path, write: Future[None]) -> None:
+    with _pending_lock:
+        if _pending.get(path) is write:
+            del _pending[path]
+
+
+def wait_written(paths: list[Path]) -> None:
+    """Wait (WRITE_WAIT_S at most) until no write to these entries is pending; one still pending after that is
+    a warning (a restore then reads what is on disk, or misses)."""
+    with _pending_lock:
+        writes = [_pending[path] for path in paths if path in _pending]
+    if writes and wait(writes, WRITE_WAIT_S).not_done:
+        log.warning("boot cache: a write still pending after %.0f s", WRITE_WAIT_S)

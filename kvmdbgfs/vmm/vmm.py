@@ -152,11 +152,14 @@ class Vmm:
         return now
 
     def shutdown(self) -> None:
-        """Every QEMU process exits (the host is going away)."""
+        """Every QEMU process exits (the host is going away); boot snapshots still being written are waited
+        for (bounded)."""
         with self._lock:
             vms, self.vms = list(self.vms.values()), {}
         for vm in vms:
             vm.stop()
+        if self.boot_cache is not None:
+            self.boot_cache.flush()
 
 
 def host_pid_max() -> int:
