@@ -5,8 +5,10 @@ recorded per spte, ``shadowed_translation``) and ``level``. Ids come back LIFO w
 pages are freed, as slab objects do; id 0 is never used. Rows are zero when handed
 out, like pages from the zeroing shadow-page cache.
 
-``revoke_seq`` moves whenever a present spte is cleared or loses W or U: a batch of
-accesses uses it to know when translations it found usable may have gone.
+``revoke_seq`` moves whenever a translation may have gone: a present spte is cleared, loses W or U,
+gains NX, or points to another frame or page size (as a non-leaf spte: another child page), and when a page
+is freed (its id may come back as a new root). A batch of accesses uses it to know when translations it found
+usable must be checked again.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from kvmdbgfs.arch.x86.mmu.spte import (
     SPTE_ENT_PER_PAGE,
     SPTE_MMU_PRESENT_MASK,
     SPTE_PERM_MASK,
+    PT64_NX_MASK,
     U64,
     sptes_to_pfn,
 )
@@ -27,6 +30,22 @@ from kvmdbgfs.arch.x86.mmu.spte import (
 INITIAL_PAGES = 64
 # For a walk from a page of level L: the shift of the address bits that index each level, top first.
 LEVEL_SHIFTS = tuple(tuple(PAGE_SHIFT + 9 * (level - 1) for level in range(top, 0, -1)) for top in range(6))
+SPTE_TARGET_MASK = SPTE_BASE_ADDR_MASK | PT_PAGE_SIZE_MASK  # what a present spte translates to
+
+
+def revokes(old: int, new: int) -> bool:
+    """Whether storing ``new`` over ``old`` may take a translation away (see ``revoke_seq``)."""
+    return bool(
+        old & ~new & SPTE_PERM_MASK
+        or old & SPTE_MMU_PRESENT_MASK and (new & ~old & PT64_NX_MASK or (old ^ new) & SPTE_TARGET_MASK)
+    )
+
+
+def revokes_any(old: np.ndarray, new: np.ndarray) -> bool:
+    """revokes() of several stores."""
+    present = (old & U64(SPTE_MMU_PRESENT_MASK)) != 0
+    moved = ((new & ~old & U64(PT64_NX_MASK)) | ((old ^ new) & U64(SPTE_TARGET_MASK))) != 0
+    return bool(((old & ~new & U64(SPTE_PERM_MASK)) != 0).any() or (present & moved).any())
 
 
 def _doubled(rows: np.ndarray) -> np.ndarray:
@@ -90,6 +109,7 @@ class SptPool:
         self.spt[sp_id] = 0
         self.access[sp_id] = 0
         self.free_ids.append(sp_id)
+        self.revoke_seq += 1
 
     def _grow(self) -> None:
         """Double every array; the new rows are zero."""
@@ -100,14 +120,14 @@ class SptPool:
         """mmu_spte_set / mmu_spte_update / mmu_spte_clear: store one spte."""
         at = sp_id * SPTE_ENT_PER_PAGE + index
         old = self._words[at]
-        if old & ~spte & SPTE_PERM_MASK:
+        if old != spte and revokes(old, spte):
             self.revoke_seq += 1
         self._words[at] = spte
 
     def store_many(self, sp_id: int, indices: np.ndarray, sptes: np.ndarray) -> np.ndarray:
         """Store several sptes of one page; returns their old values."""
         old = self.spt[sp_id, indices]
-        if (old & ~sptes & U64(SPTE_PERM_MASK)).any():
+        if revokes_any(old, sptes):
             self.revoke_seq += 1
         self.spt[sp_id, indices] = sptes
         return old
