@@ -78,7 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     destroy.add_argument("name", help="the VM's directory name, <pid>-<fd>")
     listing = vm.add_parser("list", help="list VMs")
     listing.add_argument("--json", action="store_true", help="print JSON")
-    commands.add_parser("status", help="show the mount's state")
+    status = commands.add_parser("status", help="show the mount's state")
+    status.add_argument(
+        "--wait-booted", type=seconds, metavar="SECONDS",
+        help="first wait, at most SECONDS, until the scenario's guests have booted (exit 1 if they have not)",
+    )
     run = commands.add_parser("run", help="run a workload on a VM")
     run.add_argument("workload", help="idle, rmap_fork, kbuild, memhog or hotplug (see `workloads`)")
     run.add_argument("--vm", required=True, help="the VM's directory name, <pid>-<fd>")
@@ -229,7 +233,13 @@ def run(args: argparse.Namespace) -> int:
         print(_call(args, "clock.advance", duration=args.duration)["host_time_ns"])
         return EXIT_OK
     if args.command == "status":
-        for key, value in _call(args, "status").items():
+        if args.wait_booted is None:
+            status = _call(args, "status")
+        else:
+            status = _call(args, "boot.wait", seconds=args.wait_booted)
+            if not status["booted"]:
+                raise RequestError(f"the scenario's guests have not booted within {args.wait_booted:g} s")
+        for key, value in status.items():
             print(f"{key}: {value}")
     elif args.vm_command == "create":
         vm = _call(

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kvmdbgfs.control.client import RequestError, poll_periods, request
+from kvmdbgfs.control.client import RequestError, boot_wait, poll_periods, request
 from kvmdbgfs.control.paths import UnsafeRuntimeDir, find_socket
 from kvmdbgfs.mountpoint import MountpointError, detach, fusermount_command, mount_type
 
@@ -64,8 +64,9 @@ def last_line(log: Path) -> str:
 def wait_ready(
     process: subprocess.Popen, socket_path: Path, log: Path, wait_booted: bool = True, timeout: float = READY_TIMEOUT_S
 ) -> dict[str, Any]:
-    """The server's status once it serves (and, with ``wait_booted``, once its guests have booted). ServerFailed
-    with the server's own last line when it exits first, or when ``timeout`` seconds pass (it is then stopped)."""
+    """The server's status once it serves (and, with ``wait_booted``, once its guests have booted: one
+    `boot.wait` request, answered as the boot ends). ServerFailed with the server's own last line when it exits
+    first, or when ``timeout`` seconds pass (it is then stopped)."""
     deadline = time.monotonic() + timeout
     periods = poll_periods()
     while True:
@@ -73,6 +74,8 @@ def wait_ready(
             raise ServerFailed(last_line(log))
         try:
             status = request(socket_path, "status", timeout=STATUS_TIMEOUT_S)
+            if wait_booted and status.get("server_pid") == process.pid and status.get("served") and not status["booted"]:
+                status = boot_wait(socket_path, max(0.0, deadline - time.monotonic()))
         except (OSError, RequestError):  # not listening yet, or still building the host
             status = {}
         if status.get("server_pid") == process.pid and status.get("served") and (status["booted"] or not wait_booted):

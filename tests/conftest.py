@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from kvmdbgfs.control.client import poll_periods, request
+from kvmdbgfs.control.client import boot_wait, poll_periods
 from kvmdbgfs.mountpoint import MountpointError, detach, mounted_paths
 
 REPO = Path(__file__).resolve().parent.parent
@@ -141,7 +141,7 @@ def wait_served(mount: Mount, booted: bool = True) -> Mount:
         if is_mounted(mount.path) and mount.control.exists():
             try:
                 os.stat(mount.path / "exits")
-                if not booted or request(mount.control, "status", timeout=10)["booted"]:
+                if not booted or boot_wait(mount.control, max(0.0, deadline - time.monotonic()), timeout=10)["booted"]:
                     return mount
             except OSError:
                 pass

@@ -172,8 +172,9 @@ def test_vm_list_table_json_and_a_pinned_vm(mount: Mount, new_vm) -> None:
     assert not (mount.path / name).exists() and vm_entry(mount, name) is None
 
 
-def test_status(mount: Mount) -> None:
-    result = mount.cli("status")
+@pytest.mark.parametrize("wait", [[], ["--wait-booted", "30"]], ids=["now", "wait-booted"])
+def test_status(mount: Mount, wait: list[str]) -> None:
+    result = mount.cli("status", *wait)
     assert result.stderr == ""
     status = dict(line.split(": ", 1) for line in result.stdout.splitlines())
     assert status == {
@@ -225,6 +226,7 @@ REFUSALS = {
     "cancel-without-vm": ("cancel", 2, "the following arguments are required: --vm"),
     "timeout-zero": ("--timeout 0 status", 2, "argument --timeout: invalid seconds value: '0'"),
     "timeout-infinite": ("--timeout inf status", 2, "argument --timeout: invalid seconds value: 'inf'"),
+    "wait-booted-zero": ("status --wait-booted 0", 2, "argument --wait-booted: invalid seconds value: '0'"),
 }
 
 

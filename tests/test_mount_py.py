@@ -20,7 +20,7 @@ import pytest
 from conftest import MOUNT_PY, REPO, Mount, force_unmount, is_mounted, spawn_mount, start_mount, wait_served
 from conftest import assert_one_error_line
 
-from kvmdbgfs.control.client import request
+from kvmdbgfs.control.client import RequestError, request
 
 EXIT_USAGE = 2
 REFUSAL_TIMEOUT = 30
@@ -243,6 +243,24 @@ def test_stale_mount_is_detached_and_reused(mount_factory, monkeypatch: pytest.M
     assert f"mount.py: {killed.path}: detached a stale mount left by a server that is gone\n" in stderr
 
 
+def test_status_waits_for_the_boot(tmp_path: Path) -> None:
+    """`status --wait-booted` (one `boot.wait` request) answers once the guests have booted; a bad bound is one
+    line and changes nothing."""
+    scenario = write_scenario(tmp_path, '[[vm]]\nmemory = "256M"\nvcpus = 2\nworkload = "idle"\n')
+    mount = wait_served(spawn_mount(tmp_path, "--scenario", str(scenario), "--no-cache"), booted=False)
+    try:
+        waited = mount.cli("status", "--wait-booted", "120")
+        assert "booted: True\nbooting: []\nboot_error: None\n" in waited.stdout and waited.stderr == ""
+        too_long = mount.cli("status", "--wait-booted", "3601", check=False)
+        assert_one_error_line(too_long, 1, "kvmdbgfs: error: seconds must be a number from 0 to 3600")
+        for bad in (-1, True, "soon", None):
+            with pytest.raises(RequestError, match="seconds must be a number from 0 to 3600"):
+                request(mount.control, "boot.wait", seconds=bad)
+        assert request(mount.control, "status", timeout=30)["booted"]
+    finally:
+        mount.stop()
+
+
 def test_the_tree_is_served_while_the_default_scenario_boots_and_ctrl_c_stops_it(tmp_path: Path) -> None:
     """The default scenario's guests boot while the tree is served (issue 14): `ls` works and `status` says which
     guests still boot; SIGINT then unmounts and exits 0 (the boots end at their next safe point or finish)."""
@@ -252,6 +270,8 @@ def test_the_tree_is_served_while_the_default_scenario_boots_and_ctrl_c_stops_it
         status = request(mount.control, "status", timeout=30)
         assert not status["booted"] and status["booting"], status
         assert set(status["booting"]) <= set(listing.stdout.split())
+        waited = mount.cli("status", "--wait-booted", "0.01", check=False)
+        assert_one_error_line(waited, 1, "kvmdbgfs: error: the scenario's guests have not booted within 0.01 s")
         mount.process.send_signal(signal.SIGINT)
         assert mount.process.wait(timeout=90) == 0
     finally:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kvmdbgfs.control.client import poll_periods, request
+from kvmdbgfs.control.client import boot_wait, request
 from kvmdbgfs.daemon import kill
 from kvmdbgfs.mountpoint import MountpointError, detach, mounted_paths
 
@@ -59,9 +59,9 @@ def wait_for(condition: Callable[[], object], timeout: float, what: str,
 
 
 def wait_booted(served: Served) -> None:
-    """The scenario's guests have booted (`status`)."""
-    wait_for(lambda: request(served.control, "status")["booted"], START_TIMEOUT_S, "the scenario's guests to boot",
-             poll_periods())
+    """The scenario's guests have booted (`boot.wait`: answered as the boot ends)."""
+    if not boot_wait(served.control, START_TIMEOUT_S)["booted"]:
+        raise TimeoutError(f"waited {START_TIMEOUT_S:.0f} s for the scenario's guests to boot")
 
 
 def read_file(path: Path | str) -> bytes:

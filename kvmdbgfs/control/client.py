@@ -32,6 +32,12 @@ def poll_periods() -> Iterator[float]:
         period = min(period * POLL_GROWTH, POLL_LONGEST_S)
 
 
+def boot_wait(path: Path, seconds: float, timeout: float = DEFAULT_TIMEOUT_S) -> dict[str, Any]:
+    """The server's `status` once its scenario's guests have booted, or after ``seconds`` (then "booted" is
+    false): one `boot.wait` request, answered as the boot ends (heartbeats meanwhile)."""
+    return request(path, "boot.wait", timeout=timeout, seconds=seconds)
+
+
 def request(
     path: Path,
     cmd: str,

@@ -32,6 +32,7 @@ from kvmdbgfs.workloads.base import Progress, no_progress
 READ_COMMANDS = frozenset({"vm.list", "status", "workload.list"})
 
 GATE_TIMEOUT_S = 60.0  # how long a request that changes the tree waits for a snapshot (and the other way round)
+BOOT_WAIT_LONGEST_S = 3600.0  # the longest a `boot.wait` may be asked to wait
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,7 @@ class ControlHandlers:
             "vm.destroy": self.vm_destroy,
             "vm.list": self.vm_list,
             "status": self.status,
+            "boot.wait": self.boot_wait,
             "workload.list": self.workload_list,
             "clock.advance": self.clock_advance,
             "workload.cancel": self.workload_cancel,
@@ -173,6 +175,15 @@ class ControlHandlers:
         """Stop the workload running on ``vm`` at its next safe point (what it started is torn down)."""
         require_type("vm", vm, str)
         return {"vm": vm, "workload": self.vmm.find_vm(vm).cancel_workload()}
+
+    def boot_wait(self, seconds: float) -> dict[str, Any]:
+        """`status` once the scenario's guests have booted (or failed to), or after ``seconds`` with "booted"
+        false. The request's thread waits on the boot's end without polling: a `status` poll makes the
+        guests' emulation step aside each time, and sees the end only at the next poll."""
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 <= seconds <= BOOT_WAIT_LONGEST_S:
+            raise ValueError(f"seconds must be a number from 0 to {BOOT_WAIT_LONGEST_S:g}")
+        self.vmm.started.wait(seconds)
+        return self.status()
 
     def status(self) -> dict[str, Any]:
         with self.host.kvm_lock:
