@@ -20,7 +20,6 @@ from kvmdbgfs.guest.pgtable import (
     overlapping,
     pgd_stores,
     present_entries,
-    present_indices,
     ptes_gfn,
     walk_ranges,
 )
@@ -138,11 +137,11 @@ def zap_pmd(ctx: KernelContext, tlb: MmuGather, mm: Mm, va: int, pd: int, index:
         zap_huge_pmd(ctx, tlb, mm, va, pd, index)
         return
     pt = pte_gfn(entry)
-    i0, i1 = entry_range(va, 1, start, end)
     ptes = ctx.memory.table(pt)
-    indices = present_indices(ptes, i0, i1)
-    if not len(indices):
+    present = present_entries(ptes, *entry_range(va, 1, start, end))
+    if not present:
         return
+    indices = np.array(present, np.int64)
     gfns = ptes_gfn(ptes[indices])
     normal = gfns != ctx.zero_pfn  # vm_normal_page: the zero page is not gathered
     while len(indices):

@@ -28,6 +28,7 @@ from kvmdbgfs.arch.x86.mmu.spte import (
     PT_ACCESSED_MASK,
     PT_PRESENT_MASK,
     PT_WRITABLE_MASK,
+    SPTE_ENT_PER_PAGE,
     SPTE_MMU_PRESENT_MASK,
     SPTE_MMU_WRITEABLE,
     U64,
@@ -43,9 +44,16 @@ if TYPE_CHECKING:
 SCALAR_SYNC = 4  # up to this many present entries, syncing them one by one in Python beats numpy
 
 
+ALL_ENTRIES = np.arange(SPTE_ENT_PER_PAGE)
+
+
 def sync_sptes(mmu: KvmMmu, sp: KvmMmuPage, indices: np.ndarray) -> bool:
     """FNAME(sync_spte) on the present entries among ``indices`` of a last-level page; True if a flush is due."""
-    row = mmu.pool.spt[sp.id, indices]
+    return _sync_sptes(mmu, sp, indices, mmu.pool.spt[sp.id, indices])
+
+
+def _sync_sptes(mmu: KvmMmu, sp: KvmMmuPage, indices: np.ndarray, row: np.ndarray) -> bool:
+    """sync_sptes() given the entries' sptes (``row``, read before any of them changes)."""
     present = (row & U64(SPTE_MMU_PRESENT_MASK)).nonzero()[0]
     if not len(present):
         return False
@@ -116,7 +124,7 @@ def kvm_sync_page(mmu: KvmMmu, sp: KvmMmuPage, invalid_list: list[KvmMmuPage]) -
     page went to ``invalid_list`` instead. From v5.16 the sync never fails here (only a role mismatch would
     zap). Before, FNAME(sync_page) flushed by itself and returned the number of sptes it left present:
     none zaps the page."""
-    flush = sync_sptes(mmu, sp, np.arange(512))
+    flush = _sync_sptes(mmu, sp, ALL_ENTRIES, mmu.pool.spt[sp.id])  # the page's row itself: no copy of it
     if not mmu.rules.sync_page_zaps_empty:
         return int(flush)
     if flush:
