@@ -90,12 +90,14 @@ def dup_mmap(ctx: KernelContext, parent: Mm, child: Mm) -> None:
     def dup_through(stop: int) -> None:
         """vm_area_dup of the parent's VMAs up to position ``stop`` (excluded)."""
         nonlocal added
+        if stop <= added:  # the usual call: the walk is still in the VMA it last copied
+            return
         for vma in parent.vmas[added:stop]:
             dup = copy(vma)  # vm_area_dup: a shallow copy
             if dup.file is not None:
                 dup.file.mappings += 1
             child.append(dup)
-        added = max(added, stop)
+        added = stop
 
     try:
         if copied:

@@ -80,7 +80,7 @@ def entry_range(table_va: int, level: int, start: int, end: int) -> tuple[int, i
     shift = PAGE_SHIFT + (level - 1) * PT64_LEVEL_BITS  # entries span 1 << shift bytes (level_span)
     i0 = (start - table_va) >> shift
     i1 = -((table_va - end) >> shift)  # rounded up
-    return max(0, i0), min(PT64_ENT_PER_PAGE, i1)
+    return (i0 if i0 > 0 else 0), (i1 if i1 < PT64_ENT_PER_PAGE else PT64_ENT_PER_PAGE)  # not max/min: a call each
 
 
 def table_at(ctx: KernelContext, pgd: int, gva: int, level: int) -> int:
