@@ -72,7 +72,7 @@ def test_zap_vmas_gives_the_events_of_zapping_each_vma_in_turn(areas) -> None:  
             for vma in mm.vmas:
                 for level, va, table, index in walk(ctx, mm.pgd, vma.start, vma.end):
                     if level == 2:
-                        teardown.zap_pmd(ctx, tlb, mm, va, table, index, vma.start, vma.end)
+                        teardown.zap_pmd(ctx, tlb, mm, va, table, index, [(vma.start, vma.end)])
         tlb.finish()
         runs.append((hw(kernel).events[start:], ctx.pages.refcount.copy(), ctx.pages.nr_free))
     (events, refcount, nr_free), (single_events, single_refcount, single_nr_free) = runs

@@ -14,7 +14,7 @@ from kvmdbgfs.guest.pgtable import (
     PAGE_TABLE,
     entry_range,
     overlap_span,
-    present_indices,
+    present_entries,
     ptes_gfn,
     table_alloc,
     walk_ranges,
@@ -37,9 +37,11 @@ def vma_needs_copy(vma: Vma) -> bool:
 def copy_pte_range(ctx: KernelContext, vma: Vma, src_pt: int, dst_pt: int, va: int) -> None:
     """copy_present_pte for each present PTE: in a COW mapping a writable PTE is write-protected in the
     parent and the child; the child's copy is old (and clean if shared); the page gains a reference."""
-    i0, i1 = entry_range(va, 1, vma.start, vma.end)
     src = ctx.memory.table(src_pt)
-    indices = present_indices(src, i0, i1)
+    present = present_entries(src, *entry_range(va, 1, vma.start, vma.end))
+    if not present:  # nothing to store nor to reference
+        return
+    indices = np.array(present, np.int64)
     ptes = src[indices]
     if vma.shared:
         wrprotect, child = np.zeros(len(ptes), bool), ptes & _CHILD_SHARED
@@ -88,12 +90,14 @@ def dup_mmap(ctx: KernelContext, parent: Mm, child: Mm) -> None:
     def dup_through(stop: int) -> None:
         """vm_area_dup of the parent's VMAs up to position ``stop`` (excluded)."""
         nonlocal added
+        if stop <= added:  # the usual call: the walk is still in the VMA it last copied
+            return
         for vma in parent.vmas[added:stop]:
             dup = copy(vma)  # vm_area_dup: a shallow copy
             if dup.file is not None:
                 dup.file.mappings += 1
             child.append(dup)
-        added = max(added, stop)
+        added = stop
 
     try:
         if copied:

@@ -75,7 +75,7 @@ class KernelContext:
             return
         self.kernel_mode()
         if self.batch:
-            self.hw.store_ptes(self.cpu, gfn, np.asarray(indices, np.int64), np.asarray(values, np.uint64))
+            self.hw.store_ptes(self.cpu, gfn, indices, values)
         else:
             for index, value in zip(indices.tolist(), np.asarray(values, np.uint64).tolist()):
                 self.hw.store_pte(self.cpu, gfn, index, value)

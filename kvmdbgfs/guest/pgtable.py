@@ -80,7 +80,7 @@ def entry_range(table_va: int, level: int, start: int, end: int) -> tuple[int, i
     shift = PAGE_SHIFT + (level - 1) * PT64_LEVEL_BITS  # entries span 1 << shift bytes (level_span)
     i0 = (start - table_va) >> shift
     i1 = -((table_va - end) >> shift)  # rounded up
-    return max(0, i0), min(PT64_ENT_PER_PAGE, i1)
+    return (i0 if i0 > 0 else 0), (i1 if i1 < PT64_ENT_PER_PAGE else PT64_ENT_PER_PAGE)  # not max/min: a call each
 
 
 def table_at(ctx: KernelContext, pgd: int, gva: int, level: int) -> int:
@@ -203,13 +203,29 @@ class _WalkFrame:
         self.entries, self.gfn, self.level, self.base = entries, gfn, level, base
         if len(ranges) == 1:
             todo = present_entries(entries, *entry_range(base, level, *ranges[0]))
-        else:  # the ranges' entry spans, those that overlap or touch merged, each looked at once
-            spans: list[list[int]] = []
-            for start, end in overlapping(ranges, ends, base, base + level_span(level + 1)):
-                i0, i1 = entry_range(base, level, start, end)
-                if spans and i0 <= spans[-1][1]:
-                    spans[-1][1] = max(spans[-1][1], i1)
-                else:
-                    spans.append([i0, i1])
-            todo = [index for i0, i1 in spans for index in present_entries(entries, i0, i1)]
+        else:
+            todo = _present_overlapping(entries, level, base, ranges, ends)
         self.todo = todo[::-1]
+
+
+def _present_overlapping(
+    entries: np.ndarray, level: int, base: int, ranges: list[tuple[int, int]], ends: list[int]
+) -> list[int]:
+    """The present entries of the level-``level`` table at ``base`` that overlap any of ``ranges`` (sorted and
+    disjoint, ``ends`` their ends), ascending: those between the first and the last range overlapping the
+    table, less the ones that fall in a gap between ranges. A table holds few present entries, so each is
+    tested (one bisect) rather than each range's entry span built and merged."""
+    first, last = overlap_span(ranges, ends, base, base + level_span(level + 1))
+    if first == last:
+        return []
+    present = present_entries(entries, *entry_range(base, level, ranges[first][0], ranges[last - 1][1]))
+    if last - first == 1:
+        return present
+    span = level_span(level)
+    kept = []
+    for index in present:
+        start = base + index * span
+        k = bisect.bisect_right(ends, start, first, last)  # the first range ending above the entry's start
+        if k < last and ranges[k][0] < start + span:
+            kept.append(index)
+    return kept

@@ -20,7 +20,6 @@ from kvmdbgfs.guest.pgtable import (
     overlapping,
     pgd_stores,
     present_entries,
-    present_indices,
     ptes_gfn,
     walk_ranges,
 )
@@ -121,28 +120,34 @@ def zap_vmas(ctx: KernelContext, tlb: MmuGather, mm: Mm, vmas: list[Vma], start:
     ends = [hi for _, hi in ranges]
     for level, va, table, index in walk_ranges(ctx, mm.pgd, ranges):
         if level == 2:
-            for lo, hi in overlapping(ranges, ends, va, va + PMD_SIZE):
-                zap_pmd(ctx, tlb, mm, va, table, index, lo, hi)
+            zap_pmd(ctx, tlb, mm, va, table, index, overlapping(ranges, ends, va, va + PMD_SIZE))
 
 
-def zap_pmd(ctx: KernelContext, tlb: MmuGather, mm: Mm, va: int, pd: int, index: int, start: int, end: int) -> None:
-    """zap_pmd_range / zap_pte_range for one PMD (at ``va``, entry ``index`` of ``pd``): clear every present
-    PTE of [start, end), gathering its page, or the THP it maps.
+def zap_pmd(
+    ctx: KernelContext, tlb: MmuGather, mm: Mm, va: int, pd: int, index: int, parts: list[tuple[int, int]]
+) -> None:
+    """zap_pmd_range / zap_pte_range for one PMD (at ``va``, entry ``index`` of ``pd``), for each VMA's part
+    [start, end) of it in turn (``parts``, in address order): clear every present PTE, gathering its page,
+    or the THP it maps (a THP lies inside one VMA: the first part zaps it, the others then find no PMD).
 
     When the gather is full the PT page is finished up to that PTE, the TLB flushed
     and the pages freed (force_flush), then the rest of the PT page is zapped."""
     entry = ctx.memory.table(pd).item(index)
-    if not entry & PT_PRESENT_MASK:  # a THP an earlier part of the range already zapped
+    if not entry & PT_PRESENT_MASK:  # a THP an earlier call zapped (when the caller zaps VMA by VMA)
         return
     if is_huge(entry):
         zap_huge_pmd(ctx, tlb, mm, va, pd, index)
         return
     pt = pte_gfn(entry)
-    i0, i1 = entry_range(va, 1, start, end)
     ptes = ctx.memory.table(pt)
-    indices = present_indices(ptes, i0, i1)
-    if not len(indices):
-        return
+    for start, end in parts:
+        present = present_entries(ptes, *entry_range(va, 1, start, end))
+        if present:
+            _zap_ptes(ctx, tlb, va, pt, ptes, np.array(present, np.int64))
+
+
+def _zap_ptes(ctx: KernelContext, tlb: MmuGather, va: int, pt: int, ptes: np.ndarray, indices: np.ndarray) -> None:
+    """zap_pte_range's loop over the present PTEs ``indices`` of PT page ``pt`` (at ``va``)."""
     gfns = ptes_gfn(ptes[indices])
     normal = gfns != ctx.zero_pfn  # vm_normal_page: the zero page is not gathered
     while len(indices):

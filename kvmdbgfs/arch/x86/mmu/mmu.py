@@ -79,6 +79,7 @@ def access_masks(write: bool, user: bool, fetch: bool) -> tuple[int, int]:
 
 
 ACCESS_MASKS = {(w, u, f): access_masks(w, u, f) for w in (False, True) for u in (False, True) for f in (False, True)}
+_STORE_MASK, _STORE_NEEDED = ACCESS_MASKS[True, False, False]  # a kernel store's (store_ptes)
 
 
 class MmuLock:
@@ -367,7 +368,7 @@ class KvmMmu:
         quiet = self._quiet(vcpu_id)
         if quiet is not None:
             spte = self._store_spte(quiet, addr)  # the hardware's walk for the first store
-            if spte is None or self._usable_spte(spte, True, False):
+            if spte is None or spte & _STORE_MASK == _STORE_NEEDED:
                 self.memory.table(gfn)[indices] = values
                 return
         with self.locked.for_exit:
@@ -375,7 +376,7 @@ class KvmMmu:
             for pos in range(len(indices)):
                 if pos or quiet is None:
                     spte = self._store_spte(vcpu, addr)
-                if spte is None or self._usable_spte(spte, True, False):
+                if spte is None or spte & _STORE_MASK == _STORE_NEEDED:
                     self.memory.table(gfn)[indices[pos:]] = values[pos:]
                     return
                 self._faulting_store(vcpu, addr, spte, gfn, int(indices[pos]), int(values[pos]))
@@ -383,7 +384,7 @@ class KvmMmu:
     def _store_spte(self, vcpu: MmuVcpu, addr: int) -> int | None:
         """The leaf spte a store through ``addr`` meets; None when paging is off under shadow paging (nothing
         intercepts a store)."""
-        if self.shadow_paging and vcpu.cr3 is None:
+        if vcpu.cr3 is None and self.shadow_paging:
             return None
         return self._leaf_spte(vcpu, addr)
 

@@ -28,6 +28,8 @@ from kvmdbgfs.arch.x86.mmu.spte import (
     PT_ACCESSED_MASK,
     PT_PRESENT_MASK,
     PT_WRITABLE_MASK,
+    SPTE_BASE_ADDR_MASK,
+    SPTE_ENT_PER_PAGE,
     SPTE_MMU_PRESENT_MASK,
     SPTE_MMU_WRITEABLE,
     U64,
@@ -43,19 +45,28 @@ if TYPE_CHECKING:
 SCALAR_SYNC = 4  # up to this many present entries, syncing them one by one in Python beats numpy
 
 
+ALL_ENTRIES = np.arange(SPTE_ENT_PER_PAGE)
+_PRESENT = U64(SPTE_MMU_PRESENT_MASK)
+_GPTE_VALID = U64(PT_PRESENT_MASK | PT_ACCESSED_MASK)
+_FRAME = U64(SPTE_BASE_ADDR_MASK)  # a guest PTE's frame bits are where an spte's are
+
+
 def sync_sptes(mmu: KvmMmu, sp: KvmMmuPage, indices: np.ndarray) -> bool:
     """FNAME(sync_spte) on the present entries among ``indices`` of a last-level page; True if a flush is due."""
-    row = mmu.pool.spt[sp.id, indices]
-    present = (row & U64(SPTE_MMU_PRESENT_MASK)).nonzero()[0]
+    return _sync_sptes(mmu, sp, indices, mmu.pool.spt[sp.id, indices])
+
+
+def _sync_sptes(mmu: KvmMmu, sp: KvmMmuPage, indices: np.ndarray, row: np.ndarray) -> bool:
+    """sync_sptes() given the entries' sptes (``row``, read before any of them changes)."""
+    present = (row & _PRESENT).nonzero()[0]
     if not len(present):
         return False
     if len(present) <= SCALAR_SYNC:
         return _sync_sptes_few(mmu, sp, indices[present].tolist(), row[present].tolist())
     indices, old = indices[present], row[present]
     gptes = read_gptes(mmu.memory, sp.gfn, indices)
-    valid = (gptes & U64(PT_PRESENT_MASK | PT_ACCESSED_MASK)) == U64(PT_PRESENT_MASK | PT_ACCESSED_MASK)
-    gfns = np.where(valid, sptes_to_pfn(gptes), -1)
-    drop = gfns != sptes_to_pfn(old)
+    # FNAME(prefetch_invalid_gpte) (not present and accessed), or another frame: the spte goes
+    drop = ((gptes & _GPTE_VALID) != _GPTE_VALID) | ((gptes ^ old) & _FRAME != 0)
     dropped = indices[drop]
     flush = len(dropped) > 0
     if flush:
@@ -63,7 +74,7 @@ def sync_sptes(mmu: KvmMmu, sp: KvmMmuPage, indices: np.ndarray) -> bool:
     access = sp.access & gptes_access(gptes, protect_clean=True)
     changed = ~drop & (mmu.pool.access[sp.id, indices] != access)
     if np.count_nonzero(changed):
-        flush |= _update_sptes(mmu, sp, indices[changed], gfns[changed], access[changed], old[changed])
+        flush |= _update_sptes(mmu, sp, indices[changed], sptes_to_pfn(gptes[changed]), access[changed], old[changed])
     return flush
 
 
@@ -116,7 +127,7 @@ def kvm_sync_page(mmu: KvmMmu, sp: KvmMmuPage, invalid_list: list[KvmMmuPage]) -
     page went to ``invalid_list`` instead. From v5.16 the sync never fails here (only a role mismatch would
     zap). Before, FNAME(sync_page) flushed by itself and returned the number of sptes it left present:
     none zaps the page."""
-    flush = sync_sptes(mmu, sp, np.arange(512))
+    flush = _sync_sptes(mmu, sp, ALL_ENTRIES, mmu.pool.spt[sp.id])  # the page's row itself: no copy of it
     if not mmu.rules.sync_page_zaps_empty:
         return int(flush)
     if flush:
