@@ -68,7 +68,9 @@ if TYPE_CHECKING:
     from kvmdbgfs.kvm.vm import Kvm
 
 LINUX_PAGE_OFFSET = 0xFFFF888000000000  # x86-64 Linux's direct map, without KASLR
-SCALAR_BATCH = 16  # up to this many addresses, checking each in Python beats numpy
+# Up to this many addresses, checking each in Python beats numpy. Measured on the 6 GiB idle boot's batches of
+# 16-64 addresses (in one or two 2M regions): about 50 against 180 us under EPT, 25 against 50 us under shadow.
+SCALAR_BATCH = 64
 
 
 def access_masks(write: bool, user: bool, fetch: bool) -> tuple[int, int]:
