@@ -2,8 +2,9 @@
 
 walk_addr() is FNAME(walk_addr): the shadow MMU's walk of one address, which sets the
 accessed (and, for writes, dirty) bits in the guest PTEs it used, as KVM does through
-the host mapping. translate_gvas() is the hardware's walk under EPT (the TDP modes), for
-many addresses at once; it leaves A/D bits alone, nothing in the model reads them there.
+the host mapping. Under EPT (the TDP modes) the hardware walks: walk_addr_generic() without
+a walker for one address, translate_gvas() for many at once; both leave A/D bits alone,
+nothing in the model reads them there.
 """
 
 from __future__ import annotations
@@ -82,57 +83,68 @@ PT_ACCESSED_SHIFT = PT_ACCESSED_MASK.bit_length() - 1
 PT_DIRTY_SHIFT = PT_DIRTY_MASK.bit_length() - 1
 
 
-def walk_addr(
-    memory: GuestMemory, root_gfn: int, gva: int, write: bool, user: bool, set_accessed_dirty: bool = True
-) -> GuestWalker | None:
-    """FNAME(walk_addr)(): None when the guest must get a #PF (not present, or a permission fault).
+def walk_addr(memory: GuestMemory, root_gfn: int, gva: int, write: bool, user: bool) -> GuestWalker | None:
+    """FNAME(walk_addr)(): the shadow MMU's walk, recorded in a GuestWalker; None when the guest must get a #PF
+    (not present, or a permission fault)."""
+    walker = GuestWalker(PT64_ROOT_4LEVEL, 0, 0, [0, 0, 0, root_gfn], [0, 0, 0, 0], [ACC_ALL] * PT64_ROOT_4LEVEL)
+    return walker if walk_addr_generic(memory, root_gfn, gva, write, user, walker) >= 0 else None
 
-    Without ``set_accessed_dirty`` it is the CPU's walk under EPT (see translate_gvas). As in the kernel,
-    A/D bits are written only when a PTE walked lacks A or a write's leaf lacks D. Every fault walks, so
+
+def walk_addr_generic(
+    memory: GuestMemory, root_gfn: int, gva: int, write: bool, user: bool, walker: GuestWalker | None = None
+) -> int:
+    """FNAME(walk_addr_generic)(): the gfn of the 4K page ``gva`` is in, or -1 when the guest must get a #PF.
+
+    With a ``walker`` (walk_addr, the shadow MMU's walk) the walk is recorded in it, and A/D bits are set in
+    the guest PTEs as KVM does through the host mapping: only when a PTE walked lacks A or a write's leaf
+    lacks D. Without one it is the CPU's walk under EPT (see translate_gvas), which only translates: W and U
+    are checked on the AND of the PTEs walked, and nothing else is computed. Both walk every guest access, so
     the loop sticks to local names and Python ints: read_pte(), pt_index(), gpte_access(), the last-level
     test, pte_gfn() and protect_clean_gpte() are written out in it."""
-    table_gfns = [0, 0, 0, root_gfn]  # PT64_ROOT_4LEVEL entries
-    ptes = [0, 0, 0, 0]
-    pt_access = [ACC_ALL, ACC_ALL, ACC_ALL, ACC_ALL]
-    table_of = memory.tables().get
-    table_gfn = root_gfn
-    access = ACC_ALL
-    accessed_dirty = PT_ACCESSED_MASK  # cleared by a PTE without A (or a write's leaf without D)
+    recorded = walker is not None
+    if recorded:
+        table_gfns, ptes, pt_access = walker.table_gfn, walker.ptes, walker.pt_access
+    table_of = memory.words().get
+    entries = table_of(root_gfn)
+    every = -1  # AND of the PTEs walked: W, U and A where all have them
+    access = ACC_ALL  # recorded walks only
     level = PT64_ROOT_4LEVEL
     shift = PAGE_SHIFT + (PT64_ROOT_4LEVEL - 1) * 9
     while True:
-        entries = table_of(table_gfn)
         if entries is None:  # a page the guest never wrote reads as zeros: not present
-            return None
-        gpte = entries.item((gva >> shift) & 511)
+            return -1
+        gpte = entries[(gva >> shift) & 511]
         if not gpte & PT_PRESENT_MASK:
-            return None
-        ptes[level - 1] = gpte
-        accessed_dirty &= gpte
-        access &= (gpte & (ACC_WRITE_MASK | ACC_USER_MASK)) | (0 if gpte & PT64_NX_MASK else ACC_EXEC_MASK)
-        if level == PG_LEVEL_4K or (level <= PG_LEVEL_1G and gpte & PT_PAGE_SIZE_MASK):
+            return -1
+        every &= gpte
+        if recorded:
+            ptes[level - 1] = gpte
+            access &= (gpte & (ACC_WRITE_MASK | ACC_USER_MASK)) | (0 if gpte & PT64_NX_MASK else ACC_EXEC_MASK)
+        if gpte & PT_PAGE_SIZE_MASK and level <= PG_LEVEL_1G or level == PG_LEVEL_4K:
             break
         table_gfn = (gpte & PT64_BASE_ADDR_MASK) >> PAGE_SHIFT
+        entries = table_of(table_gfn)
         level -= 1
         shift -= 9
-        table_gfns[level - 1] = table_gfn
-        pt_access[level - 1] = access
-    if (write and not access & ACC_WRITE_MASK) or (user and not access & ACC_USER_MASK):
-        return None
-    pages = KVM_PAGES_PER_HPAGE(level)
-    walker = GuestWalker(
-        level,
-        (((gpte & PT64_BASE_ADDR_MASK) >> PAGE_SHIFT) & -pages) + ((gva >> PAGE_SHIFT) & (pages - 1)),
-        access if write or gpte & PT_DIRTY_MASK else access & ~ACC_WRITE_MASK,  # protect_clean_gpte()
-        table_gfns,
-        ptes,
-        pt_access,
-    )
-    if write:  # fold the leaf's D into A
-        accessed_dirty &= gpte >> (PT_DIRTY_SHIFT - PT_ACCESSED_SHIFT)
-    if set_accessed_dirty and not accessed_dirty:
-        _update_accessed_dirty_bits(memory, walker, gva, write)
-    return walker
+        if recorded:
+            table_gfns[level - 1] = table_gfn
+            pt_access[level - 1] = access
+    if (write and not every & ACC_WRITE_MASK) or (user and not every & ACC_USER_MASK):
+        return -1
+    gfn = (gpte & PT64_BASE_ADDR_MASK) >> PAGE_SHIFT
+    if level > PG_LEVEL_4K:  # the 4K page within the huge one
+        pages = KVM_PAGES_PER_HPAGE(level)
+        gfn = (gfn & -pages) + ((gva >> PAGE_SHIFT) & (pages - 1))
+    if recorded:
+        walker.level = level
+        walker.gfn = gfn
+        walker.pte_access = access if write or gpte & PT_DIRTY_MASK else access & ~ACC_WRITE_MASK  # protect_clean
+        accessed_dirty = every & PT_ACCESSED_MASK
+        if write:  # fold the leaf's D into A
+            accessed_dirty &= gpte >> (PT_DIRTY_SHIFT - PT_ACCESSED_SHIFT)
+        if not accessed_dirty:
+            _update_accessed_dirty_bits(memory, walker, gva, write)
+    return gfn
 
 
 def _update_accessed_dirty_bits(memory: GuestMemory, walker: GuestWalker, gva: int, write: bool) -> None:
