@@ -8,7 +8,8 @@ out, like pages from the zeroing shadow-page cache.
 ``revoke_seq`` moves whenever a translation may have gone: a present spte is cleared, loses W or U,
 gains NX, or points to another frame or page size (as a non-leaf spte: another child page), and when a page
 is freed (its id may come back as a new root). A batch of accesses uses it to know when translations it found
-usable must be checked again.
+usable must be checked again, and leaf_spte() to know when the last-level pages it found may be stale. So
+every store into ``spt`` goes through the methods here (a page's own row may be filled before it is linked).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from kvmdbgfs.arch.x86.mmu.spte import (
 INITIAL_PAGES = 64
 # For a walk from a page of level L: the shift of the address bits that index each level, top first.
 LEVEL_SHIFTS = tuple(tuple(PAGE_SHIFT + 9 * (level - 1) for level in range(top, 0, -1)) for top in range(6))
+WALK_SPAN_SHIFT = PAGE_SHIFT + 9  # addresses alike above these bits take the same walk down to the last level
 SPTE_TARGET_MASK = SPTE_BASE_ADDR_MASK | PT_PAGE_SIZE_MASK  # what a present spte translates to
 
 
@@ -65,6 +67,7 @@ class SptPool:
         self.next_id = 1
         self.revoke_seq = 0
         self._bind()
+        self._forget_walks()
 
     def _bind(self) -> None:
         """Views of the arrays, made again whenever they are replaced. ``get(sp_id, index)``: one spte as a
@@ -80,13 +83,22 @@ class SptPool:
     def __getstate__(self) -> dict[str, object]:
         """Pickled (boot snapshots) and deep-copied without the views, which are made again after."""
         state = self.__dict__.copy()
-        for view in ("get", "_words", "_levels"):
+        for view in ("get", "_words", "_levels", "_walks", "_walks_seq"):
             del state[view]
         return state
 
     def __setstate__(self, state: dict[str, object]) -> None:
         self.__dict__.update(state)
         self._bind()
+        self._forget_walks()
+
+    def _forget_walks(self) -> None:
+        """leaf_spte()'s memory of its walks: (root id, address >> WALK_SPAN_SHIFT) -> (row start in ``_words``,
+        shift) of the entry that ended the walk (a last-level entry, or a huge leaf), valid while
+        ``revoke_seq`` is ``_walks_seq``: the links above that entry only change by a store that moves
+        revoke_seq (cleared, repointed, made a huge leaf or a link) or by freeing a page."""
+        self._walks: dict[tuple[int, int], tuple[int, int]] = {}
+        self._walks_seq = self.revoke_seq
 
     @property
     def capacity(self) -> int:
@@ -179,15 +191,29 @@ class SptPool:
 
     def leaf_spte(self, root_id: int, addr: int) -> int:
         """leaf_sptes() of one address, walked in Python (cheaper than numpy for one). At the last level the
-        walk ends whatever bit 7 is (PAT there, not a large page)."""
+        walk ends whatever bit 7 is (PAT there, not a large page). Where a walk ended is remembered (see
+        _forget_walks), as a paging-structure cache would: the next walk in the same 2 MiB from the same root
+        reads that entry again, live, and walks from the root only if it became a link."""
+        if self._walks_seq != self.revoke_seq:
+            self._forget_walks()
         words = self._words
+        span = (root_id, addr >> WALK_SPAN_SHIFT)
+        walk = self._walks.get(span)
+        if walk is not None:
+            row, shift = walk
+            spte = words[row + ((addr >> shift) & (SPTE_ENT_PER_PAGE - 1))]
+            if not spte & SPTE_MMU_PRESENT_MASK:
+                return 0
+            if spte & PT_PAGE_SIZE_MASK or shift == PAGE_SHIFT:
+                return spte
         sp_id = root_id
-        spte = 0
         for shift in LEVEL_SHIFTS[self._levels[root_id]]:
-            spte = words[sp_id * SPTE_ENT_PER_PAGE + ((addr >> shift) & (SPTE_ENT_PER_PAGE - 1))]
+            row = sp_id * SPTE_ENT_PER_PAGE
+            spte = words[row + ((addr >> shift) & (SPTE_ENT_PER_PAGE - 1))]
             if not spte & SPTE_MMU_PRESENT_MASK:
                 return 0
             if spte & PT_PAGE_SIZE_MASK:
-                return spte
+                break
             sp_id = (spte & SPTE_BASE_ADDR_MASK) >> PAGE_SHIFT
+        self._walks[span] = (row, shift)
         return spte
