@@ -35,16 +35,9 @@ WALK_SPAN_SHIFT = PAGE_SHIFT + 9  # addresses alike above these bits take the sa
 SPTE_TARGET_MASK = SPTE_BASE_ADDR_MASK | PT_PAGE_SIZE_MASK  # what a present spte translates to
 
 
-def revokes(old: int, new: int) -> bool:
-    """Whether storing ``new`` over ``old`` may take a translation away (see ``revoke_seq``)."""
-    return bool(
-        old & ~new & SPTE_PERM_MASK
-        or old & SPTE_MMU_PRESENT_MASK and (new & ~old & PT64_NX_MASK or (old ^ new) & SPTE_TARGET_MASK)
-    )
-
-
 def revokes_any(old: np.ndarray, new: np.ndarray) -> bool:
-    """revokes() of several stores."""
+    """Whether storing ``new`` over ``old`` may take a translation away (see ``revoke_seq``), for any of
+    several stores: a permission lost, or a present spte that gains NX or translates elsewhere."""
     present = (old & U64(SPTE_MMU_PRESENT_MASK)) != 0
     moved = ((new & ~old & U64(PT64_NX_MASK)) | ((old ^ new) & U64(SPTE_TARGET_MASK))) != 0
     return bool(((old & ~new & U64(SPTE_PERM_MASK)) != 0).any() or (present & moved).any())
@@ -72,18 +65,21 @@ class SptPool:
     def _bind(self) -> None:
         """Views of the arrays, made again whenever they are replaced. ``get(sp_id, index)``: one spte as a
         Python int; it is ``spt.item`` itself: the fault paths read sptes about a million times in a boot, and
-        a Python method around it cost a frame each time. ``_words``: ``spt`` as one flat run of u64 (row
+        a Python method around it cost a frame each time. ``words``: ``spt`` as one flat run of u64 (row
         ``sp_id`` from ``sp_id * 512``) and ``_levels``: ``level``, both memoryviews, whose indexing costs a
         fraction of ndarray.item or of an ndarray store (measured in instructions: about 120 against 850 for a
-        read, 270 against 740 for a store) in the scalar paths below."""
+        read, 270 against 740 for a store) in the scalar paths below and in the fault path's reads of single
+        sptes (stores go through set(), for revoke_seq). ``access_bytes``: ``access`` as one flat memoryview
+        the same way, for mmu_set_spte's store of one entry's access."""
         self.get = self.spt.item
-        self._words = memoryview(self.spt).cast("B").cast("Q")
+        self.words = memoryview(self.spt).cast("B").cast("Q")
         self._levels = memoryview(self.level)
+        self.access_bytes = memoryview(self.access).cast("B")
 
     def __getstate__(self) -> dict[str, object]:
         """Pickled (boot snapshots) and deep-copied without the views, which are made again after."""
         state = self.__dict__.copy()
-        for view in ("get", "_words", "_levels", "_walks", "_walks_seq"):
+        for view in ("get", "words", "_levels", "access_bytes", "_walks", "_walks_seq"):
             del state[view]
         return state
 
@@ -93,7 +89,7 @@ class SptPool:
         self._forget_walks()
 
     def _forget_walks(self) -> None:
-        """leaf_spte()'s memory of its walks: (root id, address >> WALK_SPAN_SHIFT) -> (row start in ``_words``,
+        """leaf_spte()'s memory of its walks: (root id, address >> WALK_SPAN_SHIFT) -> (row start in ``words``,
         shift) of the entry that ended the walk (a last-level entry, or a huge leaf), valid while
         ``revoke_seq`` is ``_walks_seq``: the links above that entry only change by a store that moves
         revoke_seq (cleared, repointed, made a huge leaf or a link) or by freeing a page."""
@@ -131,10 +127,13 @@ class SptPool:
     def set(self, sp_id: int, index: int, spte: int) -> None:
         """mmu_spte_set / mmu_spte_update / mmu_spte_clear: store one spte."""
         at = sp_id * SPTE_ENT_PER_PAGE + index
-        old = self._words[at]
-        if old != spte and revokes(old, spte):
+        old = self.words[at]
+        if old != spte and (  # revokes_any() of this one store, on ints
+            old & ~spte & SPTE_PERM_MASK
+            or old & SPTE_MMU_PRESENT_MASK and (spte & ~old & PT64_NX_MASK or (old ^ spte) & SPTE_TARGET_MASK)
+        ):
             self.revoke_seq += 1
-        self._words[at] = spte
+        self.words[at] = spte
 
     def store_many(self, sp_id: int, indices: np.ndarray, sptes: np.ndarray) -> np.ndarray:
         """Store several sptes of one page; returns their old values."""
@@ -164,11 +163,11 @@ class SptPool:
     def clear_bits_one(self, sp_id: int, index: int, bits: int) -> bool:
         """clear_bits() of one spte, with scalar reads: whether it had any of ``bits``."""
         at = sp_id * SPTE_ENT_PER_PAGE + index
-        old = self._words[at]
+        old = self.words[at]
         if not old & bits:
             return False
         self.revoke_seq += 1
-        self._words[at] = old & ~bits
+        self.words[at] = old & ~bits
         return True
 
     def leaf_sptes(self, root_id: int, addrs: np.ndarray) -> np.ndarray:
@@ -196,7 +195,7 @@ class SptPool:
         reads that entry again, live, and walks from the root only if it became a link."""
         if self._walks_seq != self.revoke_seq:
             self._forget_walks()
-        words = self._words
+        words = self.words
         span = (root_id, addr >> WALK_SPAN_SHIFT)
         walk = self._walks.get(span)
         if walk is not None:
