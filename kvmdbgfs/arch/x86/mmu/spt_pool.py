@@ -29,8 +29,6 @@ from kvmdbgfs.arch.x86.mmu.spte import (
 )
 
 INITIAL_PAGES = 64
-# For a walk from a page of level L: the shift of the address bits that index each level, top first.
-LEVEL_SHIFTS = tuple(tuple(PAGE_SHIFT + 9 * (level - 1) for level in range(top, 0, -1)) for top in range(6))
 WALK_SPAN_SHIFT = PAGE_SHIFT + 9  # addresses alike above these bits take the same walk down to the last level
 SPTE_TARGET_MASK = SPTE_BASE_ADDR_MASK | PT_PAGE_SIZE_MASK  # what a present spte translates to
 
@@ -90,9 +88,9 @@ class SptPool:
 
     def _forget_walks(self) -> None:
         """leaf_spte()'s memory of its walks: (root id, address >> WALK_SPAN_SHIFT) -> (row start in ``words``,
-        shift) of the entry that ended the walk (a last-level entry, or a huge leaf), valid while
-        ``revoke_seq`` is ``_walks_seq``: the links above that entry only change by a store that moves
-        revoke_seq (cleared, repointed, made a huge leaf or a link) or by freeing a page."""
+        shift) of the entry that ended the last walk there (a last-level entry, a huge leaf, or one not
+        present), valid while ``revoke_seq`` is ``_walks_seq``: the links above that entry only change by a
+        store that moves revoke_seq (cleared, repointed, made a huge leaf) or by freeing a page."""
         self._walks: dict[tuple[int, int], tuple[int, int]] = {}
         self._walks_seq = self.revoke_seq
 
@@ -192,27 +190,25 @@ class SptPool:
         """leaf_sptes() of one address, walked in Python (cheaper than numpy for one). At the last level the
         walk ends whatever bit 7 is (PAT there, not a large page). Where a walk ended is remembered (see
         _forget_walks), as a paging-structure cache would: the next walk in the same 2 MiB from the same root
-        reads that entry again, live, and walks from the root only if it became a link."""
+        starts from that entry, read live (a link made there since is followed down)."""
         if self._walks_seq != self.revoke_seq:
             self._forget_walks()
         words = self.words
         span = (root_id, addr >> WALK_SPAN_SHIFT)
         walk = self._walks.get(span)
-        if walk is not None:
+        if walk is None:
+            row, shift = root_id * SPTE_ENT_PER_PAGE, PAGE_SHIFT + 9 * (self._levels[root_id] - 1)
+        else:
             row, shift = walk
+        while True:
             spte = words[row + ((addr >> shift) & (SPTE_ENT_PER_PAGE - 1))]
             if not spte & SPTE_MMU_PRESENT_MASK:
-                return 0
-            if spte & PT_PAGE_SIZE_MASK or shift == PAGE_SHIFT:
-                return spte
-        sp_id = root_id
-        for shift in LEVEL_SHIFTS[self._levels[root_id]]:
-            row = sp_id * SPTE_ENT_PER_PAGE
-            spte = words[row + ((addr >> shift) & (SPTE_ENT_PER_PAGE - 1))]
-            if not spte & SPTE_MMU_PRESENT_MASK:
-                return 0
-            if spte & PT_PAGE_SIZE_MASK:
+                spte = 0
                 break
-            sp_id = (spte & SPTE_BASE_ADDR_MASK) >> PAGE_SHIFT
-        self._walks[span] = (row, shift)
+            if spte & PT_PAGE_SIZE_MASK or shift == PAGE_SHIFT:
+                break
+            row, shift = ((spte & SPTE_BASE_ADDR_MASK) >> PAGE_SHIFT) * SPTE_ENT_PER_PAGE, shift - 9
+            walk = None  # it ends lower now
+        if walk is None:
+            self._walks[span] = (row, shift)
         return spte
