@@ -83,11 +83,12 @@ def test_a_freed_page_moves_revoke_seq() -> None:
 
 WALK_INDICES = (0, 1, 511)  # few indices per level, so that walks meet the same pages again
 WALK_ADDRS = [
-    (i4 << 39) | (i3 << 30) | (i2 << 21) | (i1 << 12) | 0x123
+    high | (i4 << 39) | (i3 << 30) | (i2 << 21) | (i1 << 12) | 0x123
     for i4 in WALK_INDICES[:2]
     for i3 in WALK_INDICES[:2]
     for i2 in WALK_INDICES
     for i1 in WALK_INDICES
+    for high in (0, 0xFFFF << 48)  # the kernel half's sign extension: the same walk, remembered apart
 ]
 WALK_OPS = st.lists(
     st.tuples(
