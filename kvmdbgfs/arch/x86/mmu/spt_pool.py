@@ -8,8 +8,8 @@ out, like pages from the zeroing shadow-page cache.
 ``revoke_seq`` moves whenever a translation may have gone: a present spte is cleared, loses W or U,
 gains NX, or points to another frame or page size (as a non-leaf spte: another child page), and when a page
 is freed (its id may come back as a new root). A batch of accesses uses it to know when translations it found
-usable must be checked again, and leaf_spte() to know when the last-level pages it found may be stale. So
-every store into ``spt`` goes through the methods here (a page's own row may be filled before it is linked).
+usable must be checked again, and leaf_spte() to know when the walks it remembers may have changed. So every
+store into ``spt`` goes through the methods here (a page's own row may be filled before it is linked).
 """
 
 from __future__ import annotations
