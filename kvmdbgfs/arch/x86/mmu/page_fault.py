@@ -182,9 +182,9 @@ def paging64_pte_prefetch(mmu: KvmMmu, sp: KvmMmuPage, index: int) -> None:
     if not mmu.memory.holds_table(sp.gfn):  # a page the guest never wrote: no PTE to prefetch
         return
     gptes = mmu.memory.table(sp.gfn)[first : first + PTE_PREFETCH_NUM].tolist()
-    pool, sp_id = mmu.pool, sp.id
+    words, row = mmu.pool.words, sp.id * SPTE_ENT_PER_PAGE
     for entry, gpte in enumerate(gptes, start=first):
-        if entry == index or pool.get(sp_id, entry) & SPTE_MMU_PRESENT_MASK:
+        if entry == index or words[row + entry] & SPTE_MMU_PRESENT_MASK:
             continue
         if not prefetch_gpte(mmu, sp, entry, gpte):
             break
@@ -207,9 +207,9 @@ def direct_pte_prefetch(mmu: KvmMmu, sp: KvmMmuPage, index: int) -> None:
     """__direct_pte_prefetch(): map each run of empty entries of the 8-entry block by gfn."""
     first = index & ~(PTE_PREFETCH_NUM - 1)
     start = None
-    pool, sp_id = mmu.pool, sp.id
+    words, row = mmu.pool.words, sp.id * SPTE_ENT_PER_PAGE
     for entry in range(first, first + PTE_PREFETCH_NUM):
-        if entry == index or pool.get(sp_id, entry) & SPTE_MMU_PRESENT_MASK:
+        if entry == index or words[row + entry] & SPTE_MMU_PRESENT_MASK:
             if start is None:
                 continue
             if not direct_pte_prefetch_many(mmu, sp, start, entry):

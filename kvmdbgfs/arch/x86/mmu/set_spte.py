@@ -78,11 +78,12 @@ def mmu_set_spte(
 ) -> RetPf:
     """mmu_set_spte(): map ``gfn`` at entry ``index`` of ``sp``; rmap_add it unless it was mapped already.
 
-    Every fault and every prefetched entry comes here, so it reads the entry with ndarray.item and tests bits
-    in place (is_shadow_present_pte(), sptep())."""
+    Every fault and every prefetched entry comes here, so it reads the entry through the pool's memoryview and
+    tests bits in place (is_shadow_present_pte(), sptep())."""
     pool = mmu.pool
     sp_id, level = sp.id, sp.level
-    old = pool.get(sp_id, index)
+    at = sp_id * SPTE_ENT_PER_PAGE + index
+    old = pool.words[at]
     was_rmapped = False
     flush = False
     if old & SPTE_MMU_PRESENT_MASK:
@@ -94,7 +95,7 @@ def mmu_set_spte(
             flush = True
         else:
             was_rmapped = True
-        old = pool.get(sp_id, index)
+        old = pool.words[at]
     spte, wrprot = make_spte(mmu, ms, level, pte_access, gfn, old, prefetch)
     ret = RET_PF_FIXED
     if old == spte:
@@ -105,9 +106,9 @@ def mmu_set_spte(
         ret = RET_PF_EMULATE
     if flush:
         mmu.flush_remote_tlbs()
-    pool.access[sp_id, index] = pte_access
+    pool.access_bytes[at] = pte_access
     if not was_rmapped:
-        mmu.leaf.rmap_add(ms, gfn, level, (sp_id * SPTE_ENT_PER_PAGE + index + 1) << 3)  # sptep()
+        mmu.leaf.rmap_add(ms, gfn, level, (at + 1) << 3)  # sptep()
     return ret
 
 

@@ -8,7 +8,8 @@ out, like pages from the zeroing shadow-page cache.
 ``revoke_seq`` moves whenever a translation may have gone: a present spte is cleared, loses W or U,
 gains NX, or points to another frame or page size (as a non-leaf spte: another child page), and when a page
 is freed (its id may come back as a new root). A batch of accesses uses it to know when translations it found
-usable must be checked again.
+usable must be checked again, and leaf_spte() to know when the walks it remembers may have changed. So every
+store into ``spt`` goes through the methods here (a page's own row may be filled before it is linked).
 """
 
 from __future__ import annotations
@@ -28,21 +29,13 @@ from kvmdbgfs.arch.x86.mmu.spte import (
 )
 
 INITIAL_PAGES = 64
-# For a walk from a page of level L: the shift of the address bits that index each level, top first.
-LEVEL_SHIFTS = tuple(tuple(PAGE_SHIFT + 9 * (level - 1) for level in range(top, 0, -1)) for top in range(6))
+WALK_SPAN_SHIFT = PAGE_SHIFT + 9  # addresses alike above these bits take the same walk down to the last level
 SPTE_TARGET_MASK = SPTE_BASE_ADDR_MASK | PT_PAGE_SIZE_MASK  # what a present spte translates to
 
 
-def revokes(old: int, new: int) -> bool:
-    """Whether storing ``new`` over ``old`` may take a translation away (see ``revoke_seq``)."""
-    return bool(
-        old & ~new & SPTE_PERM_MASK
-        or old & SPTE_MMU_PRESENT_MASK and (new & ~old & PT64_NX_MASK or (old ^ new) & SPTE_TARGET_MASK)
-    )
-
-
 def revokes_any(old: np.ndarray, new: np.ndarray) -> bool:
-    """revokes() of several stores."""
+    """Whether storing ``new`` over ``old`` may take a translation away (see ``revoke_seq``), for any of
+    several stores: a permission lost, or a present spte that gains NX or translates elsewhere."""
     present = (old & U64(SPTE_MMU_PRESENT_MASK)) != 0
     moved = ((new & ~old & U64(PT64_NX_MASK)) | ((old ^ new) & U64(SPTE_TARGET_MASK))) != 0
     return bool(((old & ~new & U64(SPTE_PERM_MASK)) != 0).any() or (present & moved).any())
@@ -65,28 +58,41 @@ class SptPool:
         self.next_id = 1
         self.revoke_seq = 0
         self._bind()
+        self._forget_walks()
 
     def _bind(self) -> None:
         """Views of the arrays, made again whenever they are replaced. ``get(sp_id, index)``: one spte as a
         Python int; it is ``spt.item`` itself: the fault paths read sptes about a million times in a boot, and
-        a Python method around it cost a frame each time. ``_words``: ``spt`` as one flat run of u64 (row
+        a Python method around it cost a frame each time. ``words``: ``spt`` as one flat run of u64 (row
         ``sp_id`` from ``sp_id * 512``) and ``_levels``: ``level``, both memoryviews, whose indexing costs a
         fraction of ndarray.item or of an ndarray store (measured in instructions: about 120 against 850 for a
-        read, 270 against 740 for a store) in the scalar paths below."""
+        read, 270 against 740 for a store) in the scalar paths below and in the fault path's reads of single
+        sptes (stores go through set(), for revoke_seq). ``access_bytes``: ``access`` as one flat memoryview
+        the same way, for mmu_set_spte's store of one entry's access."""
         self.get = self.spt.item
-        self._words = memoryview(self.spt).cast("B").cast("Q")
+        self.words = memoryview(self.spt).cast("B").cast("Q")
         self._levels = memoryview(self.level)
+        self.access_bytes = memoryview(self.access).cast("B")
 
     def __getstate__(self) -> dict[str, object]:
         """Pickled (boot snapshots) and deep-copied without the views, which are made again after."""
         state = self.__dict__.copy()
-        for view in ("get", "_words", "_levels"):
+        for view in ("get", "words", "_levels", "access_bytes", "_walks", "_walks_seq"):
             del state[view]
         return state
 
     def __setstate__(self, state: dict[str, object]) -> None:
         self.__dict__.update(state)
         self._bind()
+        self._forget_walks()
+
+    def _forget_walks(self) -> None:
+        """leaf_spte()'s memory of its walks: (root id, address >> WALK_SPAN_SHIFT) -> (row start in ``words``,
+        shift) of the entry that ended the last walk there (a last-level entry, a huge leaf, or one not
+        present), valid while ``revoke_seq`` is ``_walks_seq``: the links above that entry only change by a
+        store that moves revoke_seq (cleared, repointed, made a huge leaf) or by freeing a page."""
+        self._walks: dict[tuple[int, int], tuple[int, int]] = {}
+        self._walks_seq = self.revoke_seq
 
     @property
     def capacity(self) -> int:
@@ -119,10 +125,13 @@ class SptPool:
     def set(self, sp_id: int, index: int, spte: int) -> None:
         """mmu_spte_set / mmu_spte_update / mmu_spte_clear: store one spte."""
         at = sp_id * SPTE_ENT_PER_PAGE + index
-        old = self._words[at]
-        if old != spte and revokes(old, spte):
+        old = self.words[at]
+        if old != spte and (  # revokes_any() of this one store, on ints
+            old & ~spte & SPTE_PERM_MASK
+            or old & SPTE_MMU_PRESENT_MASK and (spte & ~old & PT64_NX_MASK or (old ^ spte) & SPTE_TARGET_MASK)
+        ):
             self.revoke_seq += 1
-        self._words[at] = spte
+        self.words[at] = spte
 
     def store_many(self, sp_id: int, indices: np.ndarray, sptes: np.ndarray) -> np.ndarray:
         """Store several sptes of one page; returns their old values."""
@@ -152,11 +161,11 @@ class SptPool:
     def clear_bits_one(self, sp_id: int, index: int, bits: int) -> bool:
         """clear_bits() of one spte, with scalar reads: whether it had any of ``bits``."""
         at = sp_id * SPTE_ENT_PER_PAGE + index
-        old = self._words[at]
+        old = self.words[at]
         if not old & bits:
             return False
         self.revoke_seq += 1
-        self._words[at] = old & ~bits
+        self.words[at] = old & ~bits
         return True
 
     def leaf_sptes(self, root_id: int, addrs: np.ndarray) -> np.ndarray:
@@ -179,15 +188,27 @@ class SptPool:
 
     def leaf_spte(self, root_id: int, addr: int) -> int:
         """leaf_sptes() of one address, walked in Python (cheaper than numpy for one). At the last level the
-        walk ends whatever bit 7 is (PAT there, not a large page)."""
-        words = self._words
-        sp_id = root_id
-        spte = 0
-        for shift in LEVEL_SHIFTS[self._levels[root_id]]:
-            spte = words[sp_id * SPTE_ENT_PER_PAGE + ((addr >> shift) & (SPTE_ENT_PER_PAGE - 1))]
+        walk ends whatever bit 7 is (PAT there, not a large page). Where a walk ended is remembered (see
+        _forget_walks), as a paging-structure cache would: the next walk in the same 2 MiB from the same root
+        starts from that entry, read live (a link made there since is followed down)."""
+        if self._walks_seq != self.revoke_seq:
+            self._forget_walks()
+        words = self.words
+        span = (root_id, addr >> WALK_SPAN_SHIFT)
+        walk = self._walks.get(span)
+        if walk is None:
+            row, shift = root_id * SPTE_ENT_PER_PAGE, PAGE_SHIFT + 9 * (self._levels[root_id] - 1)
+        else:
+            row, shift = walk
+        while True:
+            spte = words[row + ((addr >> shift) & (SPTE_ENT_PER_PAGE - 1))]
             if not spte & SPTE_MMU_PRESENT_MASK:
-                return 0
-            if spte & PT_PAGE_SIZE_MASK:
-                return spte
-            sp_id = (spte & SPTE_BASE_ADDR_MASK) >> PAGE_SHIFT
+                spte = 0
+                break
+            if spte & PT_PAGE_SIZE_MASK or shift == PAGE_SHIFT:
+                break
+            row, shift = ((spte & SPTE_BASE_ADDR_MASK) >> PAGE_SHIFT) * SPTE_ENT_PER_PAGE, shift - 9
+            walk = None  # it ends lower now
+        if walk is None:
+            self._walks[span] = (row, shift)
         return spte
