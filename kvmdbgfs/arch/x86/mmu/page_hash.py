@@ -13,6 +13,7 @@ from kvmdbgfs.arch.x86.mmu.spte import (
     PG_LEVEL_4K,
     PT_PAGE_SIZE_MASK,
     SPTE_BASE_ADDR_MASK,
+    SPTE_ENT_PER_PAGE,
     SPTE_MMU_PRESENT_MASK,
     is_large_pte,
     is_shadow_present_pte,
@@ -84,7 +85,7 @@ def kvm_mmu_get_child_sp(
     """kvm_mmu_get_child_sp(): (the child, True) when the entry already links one (the kernel's -EEXIST, after
     which the caller follows the link: spte_to_child_sp()), else (the page to link, False). The entry is
     read once, for both."""
-    spte = mmu.pool.get(parent.id, index)
+    spte = mmu.pool.words[parent.id * SPTE_ENT_PER_PAGE + index]
     if spte & (SPTE_MMU_PRESENT_MASK | PT_PAGE_SIZE_MASK) == SPTE_MMU_PRESENT_MASK:
         return mmu.sps.by_id[(spte & SPTE_BASE_ADDR_MASK) >> PAGE_SHIFT], True
     return kvm_mmu_get_shadow_page(mmu, gfn, mmu_page_role(parent.level - 1, direct, access)), False
@@ -92,12 +93,12 @@ def kvm_mmu_get_child_sp(
 
 def child_sp(mmu: KvmMmu, parent: KvmMmuPage, index: int) -> KvmMmuPage:
     """spte_to_child_sp() of a link."""
-    return mmu.sps.by_id[spte_to_pfn(mmu.pool.get(parent.id, index))]
+    return mmu.sps.by_id[spte_to_pfn(mmu.pool.words[parent.id * SPTE_ENT_PER_PAGE + index])]
 
 
 def link_shadow_page(mmu: KvmMmu, parent: KvmMmuPage, index: int, sp: KvmMmuPage) -> None:
     """link_shadow_page(): replace a huge leaf if there is one, point the entry at ``sp``, add the parent pte."""
-    if is_shadow_present_pte(mmu.pool.get(parent.id, index)):
+    if is_shadow_present_pte(mmu.pool.words[parent.id * SPTE_ENT_PER_PAGE + index]):
         mmu.leaf.drop_sptes(parent.id, parent.level, np.array([index]))  # drop_large_spte
         mmu.flush_remote_tlbs()
     mmu.pool.set(parent.id, index, make_nonleaf_spte(sp.id))
@@ -108,7 +109,7 @@ def link_shadow_page(mmu: KvmMmu, parent: KvmMmuPage, index: int, sp: KvmMmuPage
 
 def validate_direct_spte(mmu: KvmMmu, parent: KvmMmuPage, index: int, direct_access: int) -> None:
     """validate_direct_spte(): a direct child of other access is unlinked (and re-created by the caller)."""
-    spte = mmu.pool.get(parent.id, index)
+    spte = mmu.pool.words[parent.id * SPTE_ENT_PER_PAGE + index]
     if not is_shadow_present_pte(spte) or is_large_pte(spte):
         return
     child = mmu.sps.by_id[spte_to_pfn(spte)]
