@@ -1,6 +1,6 @@
 """The guest page-table walks of paging_tmpl.py on random tables: the CPU's walk under EPT (walk_addr_generic
 without a walker), the shadow MMU's walk_addr and the numpy translate_gvas must agree on every address; only
-walk_addr writes, and only the A/D bits its walk needs.
+walk_addr writes, and only the A/D bits its walk needs. gptes_access() grants what gpte_access() grants.
 
 Settings are explicit (examples, no deadline) so the run time stays bounded in CI.
 """
@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from kvmdbgfs.arch.x86.mmu.paging_tmpl import (
     gpte_access,
+    gptes_access,
     protect_clean_gpte,
     translate_gvas,
     walk_addr,
@@ -150,3 +151,13 @@ def test_a_write_sets_d_where_only_d_is_missing() -> None:
     assert not memory.read_pte(4, 9) & PT_DIRTY_MASK  # a read leaves D alone
     assert walk_addr(memory, ROOT, gva, True, False) is not None
     assert memory.read_pte(4, 9) & PT_DIRTY_MASK
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 2**64 - 1), min_size=1, max_size=600), st.booleans())
+def test_gptes_access_is_gpte_access_of_each(gptes: list[int], protect_clean: bool) -> None:
+    """The numpy gptes_access() grants what the scalar gpte_access() (and protect_clean_gpte()) grant."""
+    wanted = [protect_clean_gpte(gpte_access(g), g) if protect_clean else gpte_access(g) for g in gptes]
+    got = gptes_access(np.array(gptes, np.uint64), protect_clean)
+    assert got.dtype == np.uint8
+    assert got.tolist() == wanted
