@@ -323,10 +323,10 @@ class PteListDesign(ABC):
 
     def _make_pair(self, heads: np.ndarray, index: int, old: int, new: int) -> None:
         """_make_pairs() of one head, with Python ints."""
-        desc = self.pool.alloc_one()
-        table = self.pool.sptes
-        table[desc, 0] = old
-        table[desc, 1] = new
+        pool = self.pool
+        desc = pool.alloc_one()
+        pool.sptes_view[desc * pool.ext] = old
+        pool.sptes_view[desc * pool.ext + 1] = new
         self._set_used_one(desc, 2)
         self.costs.slot_writes += 2
         self._placed_one(old, desc, 0)
@@ -368,11 +368,11 @@ class PteListDesign(ABC):
 
     def _chain(self, desc: int) -> list[int]:
         """Descriptor ``desc`` and those its ``more`` pointers lead to, in chain order (scalar reads)."""
-        more = self.pool.more
+        more = self.pool.more_view
         chain = []
         while desc:
             chain.append(desc)
-            desc = more.item(desc)
+            desc = more[desc]
         return chain
 
     def _entries(self, rows: np.ndarray, descs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -452,17 +452,17 @@ class PteListDesign(ABC):
         """__pte_list_remove's search along one chain with scalar reads, from ``desc`` (after ``prev``, at chain
         position ``depth``) to the first slot holding ``target``; None if the chain ends first. Counts nothing:
         the hit carries the descriptors visited and slots read."""
-        table, more, ext = self.pool.sptes, self.pool.more.item, self.PTE_LIST_EXT
+        table, more, ext = self.pool.sptes_view, self.pool.more_view, self.PTE_LIST_EXT
         visits = reads = 0
         while desc:
             visits += 1
-            slots = table[desc].tolist()
+            slots = table[desc * ext : desc * ext + ext].tolist()
             used = ext - slots.count(0)  # entries are a prefix of non-zero sptes
             if target in slots:
                 slot = slots.index(target)
                 return Hit(desc, slot, prev, used, depth, visits, reads + slot + 1)
             reads += self._miss_reads_one(used)
-            prev, desc, depth = desc, more(desc), depth + 1
+            prev, desc, depth = desc, more[desc], depth + 1
         return None
 
     def _locate(self, first: int, spte: int) -> Hit | None:
@@ -503,10 +503,10 @@ class PteListDesign(ABC):
 
     def _used_one(self, desc: int) -> int:
         """_used() of one descriptor, as a Python int."""
-        return self.pool.spte_count.item(desc)
+        return self.pool.spte_count_view[desc]
 
     def _set_used_one(self, desc: int, used: int) -> None:
-        self.pool.spte_count[desc] = used
+        self.pool.spte_count_view[desc] = used
 
     def _occupancy_reads(self, used: np.ndarray) -> int:
         """Slots read to learn how many entries descriptors hold (none: the counter says)."""

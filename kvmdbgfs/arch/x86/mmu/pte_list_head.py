@@ -56,15 +56,15 @@ class DesignC(PteListDesign):
         pool, costs = self.pool, self.costs
         costs.desc_visits += 1
         costs.slot_writes += 1
-        head, slot = first, pool.spte_count.item(first)
-        count = pool.tail_count.item(first) + slot
+        head, slot = first, pool.spte_count_view[first]
+        count = pool.tail_count_view[first] + slot
         if slot == self.PTE_LIST_EXT:
             head, slot = pool.alloc_one(), 0
-            pool.more[head] = first
-            pool.tail_count[head] = count
+            pool.more_view[head] = first
+            pool.tail_count_view[head] = count
             heads[index] = (head << 1) | 1
-        pool.sptes[head, slot] = spte
-        pool.spte_count[head] = slot + 1
+        pool.sptes_view[head * self.PTE_LIST_EXT + slot] = spte
+        pool.spte_count_view[head] = slot + 1
         self._placed_one(spte, head, slot)
         return count
 
@@ -104,18 +104,18 @@ class DesignC(PteListDesign):
 
     def _fill_from_head_one(self, heads: np.ndarray, index: int, first: int, desc: int, slot: int) -> None:
         """_fill_from_head() of one list, with Python ints."""
-        pool, costs = self.pool, self.costs
-        table, last = pool.sptes, pool.spte_count.item(first) - 1
-        moved = table.item(first, last)
-        table[desc, slot] = moved
-        table[first, last] = 0
-        pool.spte_count[first] = last
+        pool, costs, ext = self.pool, self.costs, self.PTE_LIST_EXT
+        table, last = pool.sptes_view, pool.spte_count_view[first] - 1
+        moved = table[first * ext + last]
+        table[desc * ext + slot] = moved
+        table[first * ext + last] = 0
+        pool.spte_count_view[first] = last
         costs.desc_visits += desc != first
         costs.slot_reads += 1
         costs.slot_writes += 2
         self._placed_one(moved, desc, slot)
         if not last:
-            nxt = pool.more.item(first)
+            nxt = pool.more_view[first]
             heads[index] = (nxt << 1) | 1 if nxt else 0
             pool.free([first])
 
@@ -171,7 +171,7 @@ class DesignD(DesignC):
         """The back-pointer names the slot (one visit, one read), if it holds ``spte``."""
         pos = self.rmap_pos[spte >> 3]
         desc, slot = divmod(pos, POS_STRIDE)
-        if not pos or self.pool.sptes.item(desc, slot) != spte:
+        if not pos or self.pool.sptes_view[desc * self.PTE_LIST_EXT + slot] != spte:
             return None
         return Hit(desc, slot, 0, 0, 0, 1, 1)
 

@@ -53,6 +53,14 @@ class DescPool:
     tail_count: np.ndarray
     room: np.ndarray  # hints of the tail designs (pte_list_tail.py)
     room_depth: np.ndarray
+    # memoryviews of the arrays above for the scalar paths (see _bind)
+    sptes_view: memoryview
+    free_ids_view: memoryview
+    more_view: memoryview
+    spte_count_view: memoryview
+    tail_count_view: memoryview
+    room_view: memoryview
+    room_depth_view: memoryview
 
     def __init__(
         self, ext: int, meta: tuple[str, ...], costs: RmapCosts, capacity: int = 64, hints: tuple[str, ...] = ()
@@ -66,6 +74,26 @@ class DescPool:
             setattr(self, name, np.zeros(capacity, np.int32))
         self.free_ids = np.arange(capacity - 1, 0, -1, dtype=np.int32)
         self.nfree = capacity - 1
+        self._bind()
+
+    def _bind(self) -> None:
+        """Views of the arrays, made again whenever they are replaced (as SptPool._bind). The designs' scalar
+        paths (one descriptor at a time: every fault's rmap_add, most removals) read and store single entries
+        through them: indexing a memoryview costs a fraction of ndarray.item or of an ndarray element store.
+        ``sptes_view``: ``sptes`` as one flat run of int64 (slot ``slot`` of descriptor ``desc`` at
+        ``desc * ext + slot``); ``<name>_view`` of each int32 array (``meta``, ``hints``, ``free_ids``)."""
+        self.sptes_view = memoryview(self.sptes).cast("B").cast("q")
+        self.free_ids_view = memoryview(self.free_ids)
+        for name in self.zeroed:
+            setattr(self, f"{name}_view", memoryview(getattr(self, name)))
+
+    def __getstate__(self) -> dict[str, object]:
+        """Pickled (boot snapshots) and deep-copied without the views, which are made again after."""
+        return {name: value for name, value in self.__dict__.items() if not name.endswith("_view")}
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__dict__.update(state)
+        self._bind()
 
     @property
     def capacity(self) -> int:
@@ -106,7 +134,7 @@ class DescPool:
             self._grow(1)
         self.nfree -= 1
         self.costs.allocs += 1
-        return self.free_ids.item(self.nfree)
+        return self.free_ids_view[self.nfree]
 
     def free(self, ids: np.ndarray) -> None:
         """Return descriptors to the slab (mmu_free_pte_list_desc), cleared for their next allocation."""
@@ -132,3 +160,4 @@ class DescPool:
         free_ids[new - old : new - old + self.nfree] = self.free_ids[: self.nfree]
         self.free_ids = free_ids
         self.nfree += new - old
+        self._bind()

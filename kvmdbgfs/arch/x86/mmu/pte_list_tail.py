@@ -39,13 +39,18 @@ class TailAppendDesign(PteListDesign):
         column, least = self._fullness()
         return column[descs] >= least
 
+    def _fullness_view(self) -> tuple[memoryview, int, int, int]:
+        """_fullness() for the scalar walk: (a pool view, stride, offset, least): a descriptor ``desc`` is full
+        when ``view[desc * stride + offset] >= least``."""
+        return self.pool.spte_count_view, 1, 0, self.PTE_LIST_EXT
+
     def _walk_from(self, desc: int, visited: int) -> tuple[int, int, bool]:
         """The add walk's loop, with scalar reads, from ``desc`` at chain position ``visited``: (where it
         stops, its position, whether it has room). Two reads a descriptor."""
-        column, least = self._fullness()
-        probe, more = column.item, self.pool.more.item
-        while probe(desc) >= least:
-            nxt = more(desc)
+        column, stride, offset, least = self._fullness_view()
+        more = self.pool.more_view
+        while column[desc * stride + offset] >= least:
+            nxt = more[desc]
             if not nxt:
                 return desc, visited, False
             desc, visited = nxt, visited + 1
@@ -126,22 +131,22 @@ class TailAppendDesign(PteListDesign):
         """_add_many() of one list: the walk, resumed from the list's hint (left where it stops), stops at the
         first non-full descriptor, or grows the tail."""
         ext, costs, pool = self.PTE_LIST_EXT, self.costs, self.pool
-        hinted = pool.room_depth.item(first)
-        desc, visited, room = self._walk_from(pool.room.item(first) if hinted else first, hinted or 1)
-        pool.room[first] = desc
-        pool.room_depth[first] = visited
+        hinted = pool.room_depth_view[first]
+        desc, visited, room = self._walk_from(pool.room_view[first] if hinted else first, hinted or 1)
+        pool.room_view[first] = desc
+        pool.room_depth_view[first] = visited
         costs.desc_visits += visited
         costs.slot_reads += visited * self.FULL_TEST_READS
         costs.slot_writes += 1
         if room:
             used = self._used_one(desc)
             costs.slot_reads += self._occupancy_reads_one(used)
-            pool.sptes[desc, used] = spte
+            pool.sptes_view[desc * ext + used] = spte
             self._set_used_one(desc, used + 1)
             return (visited - 1) * ext + used
         new = pool.alloc_one()
-        pool.more[desc] = new
-        pool.sptes[new, 0] = spte
+        pool.more_view[desc] = new
+        pool.sptes_view[new * ext] = spte
         self._set_used_one(new, 1)
         return visited * ext
 
@@ -169,20 +174,21 @@ class TailAppendDesign(PteListDesign):
     def _remove_at(self, heads: np.ndarray, index: int, first: int, spte: int, hit: Hit) -> None:
         """_remove_many() of one list, with Python ints."""
         pool, costs = self.pool, self.costs
-        table, desc, last = pool.sptes, hit.desc, hit.used - 1
-        table[desc, hit.slot] = table.item(desc, last)
-        table[desc, last] = 0
+        table, desc, last = pool.sptes_view, hit.desc, hit.used - 1
+        row = desc * self.PTE_LIST_EXT
+        table[row + hit.slot] = table[row + last]
+        table[row + last] = 0
         self._set_used_one(desc, last)
         costs.desc_visits += hit.visits
         costs.slot_reads += hit.reads + self._last_slot_reads_one(last)
         costs.slot_writes += 2
-        if hit.depth <= pool.room_depth.item(first):  # as _room_after_remove
-            pool.room[first] = desc if last else hit.prev
-            pool.room_depth[first] = hit.depth if last else hit.depth - 1
+        if hit.depth <= pool.room_depth_view[first]:  # as _room_after_remove
+            pool.room_view[first] = desc if last else hit.prev
+            pool.room_depth_view[first] = hit.depth if last else hit.depth - 1
         if not last:  # as _unlink
-            nxt = pool.more.item(desc)
+            nxt = pool.more_view[desc]
             if hit.prev:
-                pool.more[hit.prev] = nxt
+                pool.more_view[hit.prev] = nxt
             else:
                 heads[index] = (nxt << 1) | 1 if nxt else 0
             pool.free([desc])
@@ -235,7 +241,8 @@ class DesignA(TailAppendDesign):
         """No counter to keep: the NULL slots are the count."""
 
     def _used_one(self, desc: int) -> int:
-        return self.PTE_LIST_EXT - self.pool.sptes[desc].tolist().count(0)
+        ext = self.PTE_LIST_EXT
+        return ext - self.pool.sptes_view[desc * ext : desc * ext + ext].tolist().count(0)
 
     def _set_used_one(self, desc: int, used: int) -> None:
         """No counter to keep."""
@@ -243,6 +250,9 @@ class DesignA(TailAppendDesign):
     def _fullness(self) -> tuple[np.ndarray, int]:
         """``desc->sptes[PTE_LIST_EXT-1]`` is non-NULL (sptes are positive)."""
         return self.pool.sptes[:, self.PTE_LIST_EXT - 1], 1
+
+    def _fullness_view(self) -> tuple[memoryview, int, int, int]:
+        return self.pool.sptes_view, self.PTE_LIST_EXT, self.PTE_LIST_EXT - 1, 1
 
     def _occupancy_reads(self, used: np.ndarray) -> int:
         return self._null_scan_reads(used)
