@@ -74,16 +74,14 @@ def _sync_sptes(mmu: KvmMmu, sp: KvmMmuPage, indices: np.ndarray, row: np.ndarra
     access = sp.access & gptes_access(gptes, protect_clean=True)
     changed = ~drop & (mmu.pool.access[sp.id, indices] != access)
     if np.count_nonzero(changed):
-        indices, access = indices[changed], access[changed]
-        mmu.pool.access[sp.id, indices] = access
-        flush |= _update_sptes(mmu, sp, indices, sptes_to_pfn(gptes[changed]), access, old[changed])
+        flush |= _update_sptes(mmu, sp, indices[changed], sptes_to_pfn(gptes[changed]), access[changed], old[changed])
     return flush
 
 
 def _sync_sptes_few(mmu: KvmMmu, sp: KvmMmuPage, indices: list[int], old: list[int]) -> bool:
     """sync_sptes() of a few present entries (``old`` their sptes), one by one with Python ints: the same
     drops, updates and result as the numpy path, without its fixed cost per call. The recorded access bits
-    are read and stored through the pool's flat memoryview (``access_bytes``)."""
+    are read through the pool's flat memoryview (``access_bytes``)."""
     access_bytes, row = mmu.pool.access_bytes, sp.id * SPTE_ENT_PER_PAGE
     dropped: list[int] = []
     changed: list[tuple[int, int, int, int]] = []  # (index, gfn, access, old spte)
@@ -100,8 +98,6 @@ def _sync_sptes_few(mmu: KvmMmu, sp: KvmMmuPage, indices: list[int], old: list[i
         mmu.leaf.drop_sptes(sp.id, sp.level, np.array(dropped, np.int64))
     flush = bool(dropped)
     if changed:
-        for index, _, access, _ in changed:
-            access_bytes[row + index] = access
         at, gfns, access_bits, sptes = zip(*changed)
         flush |= _update_sptes(
             mmu,
@@ -117,8 +113,9 @@ def _sync_sptes_few(mmu: KvmMmu, sp: KvmMmuPage, indices: list[int], old: list[i
 def _update_sptes(
     mmu: KvmMmu, sp: KvmMmuPage, indices: np.ndarray, gfns: np.ndarray, access: np.ndarray, old: np.ndarray
 ) -> bool:
-    """The part of FNAME(sync_spte) for entries whose access changed (already recorded by the caller): remake
-    the sptes; True if a writable spte lost W (a flush is due)."""
+    """The part of FNAME(sync_spte) for entries whose access changed: record it and remake the sptes;
+    True if a writable spte lost W (a flush is due)."""
+    mmu.pool.access[sp.id, indices] = access
     new = make_sptes_synchronizing(mmu, gfns, access, old)
     mmu.pool.store_many(sp.id, indices, new)
     return bool((((old & U64(SPTE_MMU_WRITEABLE)) != 0) & ((new & U64(PT_WRITABLE_MASK)) == 0)).any())
