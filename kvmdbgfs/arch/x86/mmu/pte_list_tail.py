@@ -29,25 +29,20 @@ class TailAppendDesign(PteListDesign):
     POOL_HINTS = ("room", "room_depth")
     FULL_TEST_READS: ClassVar[int] = 0  # slots the add walk reads to test a descriptor (none: the counter says)
 
-    def _fullness(self) -> tuple[np.ndarray, int]:
-        """What the add walk's loop tests: a descriptor is full when its entry in the array is at least the
-        number (here ``spte_count == PTE_LIST_EXT``)."""
-        return self.pool.spte_count, self.PTE_LIST_EXT
+    def _fullness(self) -> tuple[memoryview, int, int, int]:
+        """What the add walk's loop tests, as (a pool view, stride, offset, least): a descriptor ``desc`` is
+        full when ``view[desc * stride + offset] >= least`` (here ``spte_count == PTE_LIST_EXT``)."""
+        return self.pool.spte_count_view, 1, 0, self.PTE_LIST_EXT
 
     def _is_full(self, descs: np.ndarray) -> np.ndarray:
-        """The add walk's loop condition."""
-        column, least = self._fullness()
-        return column[descs] >= least
-
-    def _fullness_view(self) -> tuple[memoryview, int, int, int]:
-        """_fullness() for the scalar walk: (a pool view, stride, offset, least): a descriptor ``desc`` is full
-        when ``view[desc * stride + offset] >= least``."""
-        return self.pool.spte_count_view, 1, 0, self.PTE_LIST_EXT
+        """The add walk's loop condition, for many descriptors (_fullness() over the view as an array)."""
+        view, stride, offset, least = self._fullness()
+        return np.asarray(view)[offset::stride][descs] >= least
 
     def _walk_from(self, desc: int, visited: int) -> tuple[int, int, bool]:
         """The add walk's loop, with scalar reads, from ``desc`` at chain position ``visited``: (where it
         stops, its position, whether it has room). Two reads a descriptor."""
-        column, stride, offset, least = self._fullness_view()
+        column, stride, offset, least = self._fullness()
         more = self.pool.more_view
         while column[desc * stride + offset] >= least:
             nxt = more[desc]
@@ -247,11 +242,8 @@ class DesignA(TailAppendDesign):
     def _set_used_one(self, desc: int, used: int) -> None:
         """No counter to keep."""
 
-    def _fullness(self) -> tuple[np.ndarray, int]:
+    def _fullness(self) -> tuple[memoryview, int, int, int]:
         """``desc->sptes[PTE_LIST_EXT-1]`` is non-NULL (sptes are positive)."""
-        return self.pool.sptes[:, self.PTE_LIST_EXT - 1], 1
-
-    def _fullness_view(self) -> tuple[memoryview, int, int, int]:
         return self.pool.sptes_view, self.PTE_LIST_EXT, self.PTE_LIST_EXT - 1, 1
 
     def _occupancy_reads(self, used: np.ndarray) -> int:
