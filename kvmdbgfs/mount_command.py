@@ -2,7 +2,7 @@
 
     kvmdbgfs mount MOUNTPOINT [--scenario default|empty|FILE] [--kernel PROFILE|FILE]
                               [--clock realtime|manual] [--host KEY=VALUE] [--control SOCKET] [--allow-other]
-                              [--log FILE] [--qemu-processes] [--no-cache]
+                              [--log FILE] [--qemu-processes] [--no-cache] [--boot-workers N]
                               [--background [--wait-booted | --no-wait-booted] [--ready-timeout SECONDS]]
 
 (also `python -m kvmdbgfs mount` and the checkout's `mount.py`). Runs in the foreground; Ctrl-C (SIGINT),
@@ -31,6 +31,7 @@ from kvmdbgfs.kvm.profiles import DEFAULT_PROFILE, get_profile
 from kvmdbgfs.mountpoint import MountpointError, fuse_unavailable, prepare_mountpoint
 from kvmdbgfs.progress import progress_bar
 from kvmdbgfs.scenario import ScenarioBoot, build_host, load_scenario
+from kvmdbgfs.vmm.boot_ahead import spare_cpus
 from kvmdbgfs.vmm.bootcache import BootCache, default_directory
 from kvmdbgfs.vmm.clock import CLOCK_MODES
 from kvmdbgfs.vmm.standin import StandinError
@@ -61,6 +62,14 @@ def parse_args(argv: list[str] | None, prog: str) -> argparse.Namespace:
     parser.add_argument(
         "--no-cache", action="store_true", help="boot every guest, neither using nor filling the boot cache"
     )
+    parser.add_argument(
+        "--boot-workers",
+        type=processes,
+        default=spare_cpus(),
+        metavar="N",
+        help="boot the scenario's later guests in up to N processes of their own, into the cache "
+        f"(default {spare_cpus()}: this machine's CPUs less one; 0: all in the server)",
+    )
     parser.add_argument("--allow-other", action="store_true", help="let other users read the mount")
     parser.add_argument("--log", type=Path, metavar="FILE", help="write the output to FILE (`status` names it)")
     parser.add_argument(
@@ -88,6 +97,14 @@ def parse_args(argv: list[str] | None, prog: str) -> argparse.Namespace:
         help="give each VM a real process that looks like QEMU (its pid names the VM directory)",
     )
     return parser.parse_args(argv)
+
+
+def processes(text: str) -> int:
+    """An argparse type (its name is in the error): a whole number of processes, 0 or more."""
+    value = int(text)
+    if value < 0:
+        raise ValueError(text)
+    return value
 
 
 BACKGROUND_FLAGS = {"--background", "--wait-booted", "--no-wait-booted"}
@@ -171,6 +188,8 @@ def show_boot(boot: ScenarioBoot, prog: str) -> None:
                 progress(*boot.progress())
         cache = boot.vmm.boot_cache
         restored = f"{cache.restored} of {len(boot.jobs)} restored from the boot cache" if cache else "no boot cache"
+        if boot.ahead is not None and boot.ahead.handed:
+            restored += f", {boot.ahead.handed} of them booted by worker processes"
         say(prog, f"guests booted ({restored}){'' if boot.error is None else f'; but {boot.error}'}")
 
 
@@ -209,7 +228,7 @@ def main(argv: list[str] | None = None, prog: str = "mount.py") -> int:
         return fail(prog, f"control socket {socket_path}: {exc.strerror or exc}")
     try:
         cache = None if args.no_cache else BootCache(default_directory())
-        vmm, boot = build_host(scenario, args.kernel, args.clock, host, cache, args.qemu_processes)
+        vmm, boot = build_host(scenario, args.kernel, args.clock, host, cache, args.qemu_processes, args.boot_workers)
     except (ValueError, StandinError) as exc:
         control.close()
         return fail(prog, str(exc))

@@ -28,6 +28,7 @@ from kvmdbgfs.host_model import HostModel, host_model
 from kvmdbgfs.kvm.host import KvmHost
 from kvmdbgfs.kvm.vm import VmConfig
 from kvmdbgfs.regular_file import read_regular_file
+from kvmdbgfs.vmm.boot_ahead import BootAhead
 from kvmdbgfs.vmm.bootcache import BootCache
 from kvmdbgfs.vmm.clock import CLOCK_MODES
 from kvmdbgfs.vmm.vmm import Vmm
@@ -132,11 +133,13 @@ def scenario_plans(host: KvmHost, scenario: Scenario) -> list[VmPlan]:
 class ScenarioBoot:
     """The scenario's workloads (the guests' boots first), running while the tree is served, as guests boot on
     a real host. Once every one has ended, the host clock starts where the furthest guest got (the host has
-    been up as long as its guests ran) and ``vmm.started`` is set; ``error`` is the first failure."""
+    been up as long as its guests ran) and ``vmm.started`` is set; ``error`` is the first failure. ``ahead``
+    hands the later boots to worker processes, if it may."""
 
-    def __init__(self, vmm: Vmm, jobs: list[tuple[QemuProcess, WorkloadJob]]) -> None:
+    def __init__(self, vmm: Vmm, jobs: list[tuple[QemuProcess, WorkloadJob]], ahead: BootAhead | None = None) -> None:
         self.vmm = vmm
         self.jobs = jobs
+        self.ahead = ahead
         self.error: str | None = None
         vmm.started.clear()
         self._thread = threading.Thread(target=self._wait_all, name="scenario boot", daemon=True)
@@ -180,11 +183,13 @@ def build_host(
     host: HostModel | None = None,
     boot_cache: BootCache | None = None,
     qemu_processes: bool = False,
+    boot_workers: int = 0,
 ) -> tuple[Vmm, ScenarioBoot]:
     """A host with the scenario's VMs created and their workloads queued: it can be served at once, and the
     guests boot while it is (``ScenarioBoot``), from ``boot_cache`` where it has their boots; with
-    ``qemu_processes`` each VM has a real stand-in QEMU process. ``host`` replaces the scenario's [host] (the
-    mount's `--host` options applied to it)."""
+    ``boot_workers`` (and a cache) the boots after the first that it lacks run in up to that many worker
+    processes at once (kvmdbgfs/vmm/boot_ahead.py); with ``qemu_processes`` each VM has a real stand-in QEMU
+    process. ``host`` replaces the scenario's [host] (the mount's `--host` options applied to it)."""
     vmm = Vmm(
         profile=kernel,
         seed=scenario.seed,
@@ -193,9 +198,12 @@ def build_host(
         boot_cache=boot_cache,
         qemu_processes=qemu_processes,
     )
+    ahead = BootAhead(vmm.host_model, vmm.seed, boot_workers) if boot_cache is not None and boot_workers > 0 else None
     jobs = []
     for plan in scenario_plans(vmm.host, scenario):
         job = [make_job(plan.workload, plan.settings)] if plan.workload is not None else []
+        if job and jobs:
+            job[0].ahead = ahead
         vm = vmm.create_vm(plan.config, job)
         jobs += [(vm, first) for first in job]
-    return vmm, ScenarioBoot(vmm, jobs)
+    return vmm, ScenarioBoot(vmm, jobs, ahead)

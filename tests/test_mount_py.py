@@ -144,6 +144,10 @@ REFUSALS: dict[str, tuple[Callable[[Path], tuple[Path, list[str]]], str]] = {
         lambda tmp: (_empty_dir(tmp), ["--scenario", "/dev/zero"]),
         "mount.py: error: scenario '/dev/zero': not a regular file",
     ),
+    "negative-boot-workers": (
+        lambda tmp: (_empty_dir(tmp), ["--boot-workers", "-1"]),
+        "mount.py: error: argument --boot-workers: invalid processes value: '-1'",
+    ),
     "control-in-missing-directory": (
         lambda tmp: (_empty_dir(tmp), ["--control", str(tmp / "no" / "such" / "dir.sock")]),
         "mount.py: error: control socket {tmp}/no/such/dir.sock: …",

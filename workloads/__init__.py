@@ -66,7 +66,7 @@ def make_job(name: str, overrides: Mapping[str, Any]) -> WorkloadJob:
             cache.save(key, vm, summary)
         return summary
 
-    return WorkloadJob(name, run)
+    return WorkloadJob(name, run, settings)
 
 
 def start_workload(vm: QemuProcess, name: str, overrides: Mapping[str, Any]) -> WorkloadJob:

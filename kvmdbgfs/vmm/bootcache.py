@@ -232,6 +232,14 @@ class BootCache:
         }
         return hashlib.sha256(json.dumps(described, sort_keys=True, default=repr).encode()).hexdigest()
 
+    def holds(self, key: str) -> bool:
+        """An entry for ``key`` is on disk or being written (whether it is sound is restore()'s to find)."""
+        path = self.directory / key
+        with _pending_lock:
+            if path in _pending:
+                return True
+        return path.is_file()
+
     # -- restore --------------------------------------------------------------------------------------------
 
     def restore(self, key: str, vm: QemuProcess) -> dict[str, Any] | None:

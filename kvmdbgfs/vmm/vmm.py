@@ -49,6 +49,7 @@ class Vmm:
         qemu_processes: bool = False,
     ) -> None:
         self.clock = HostClock(clock)
+        self.host_model = host
         self.qemu_processes = qemu_processes
         self.pid_max = host_pid_max()
         host_cpu = HostCpu(l1d_flush=host.l1d_flush, nx_huge_pages=host.nx_huge_pages)
