@@ -3,6 +3,7 @@ one; a changed key misses; a bad entry is a warning and a miss, never trusted.""
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import shutil
@@ -10,6 +11,8 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+
+import numpy as np
 
 import pytest
 from conftest import REPO, mount_env, wait_until
@@ -113,6 +116,25 @@ def test_a_boot_ends_before_its_snapshot_is_written(tmp_path: Path, monkeypatch)
     finally:
         written.set()
         first.shutdown()
+
+
+def test_large_sparse_arrays_are_pickled_by_their_nonzero_entries_and_come_back_whole(fresh_vm: QemuProcess) -> None:
+    rng = np.random.default_rng(0)
+    sparse = np.zeros((300, 512), np.uint64)
+    sparse[rng.integers(0, 300, 50), rng.integers(0, 512, 50)] = rng.integers(1, 1 << 63, 50, dtype=np.uint64)
+    arrays = {
+        "sparse": sparse, "same": sparse, "bools": np.zeros(1 << 17, bool), "dense": rng.integers(-5, 5, 1 << 15),
+        "negative zeros": np.full(1 << 14, -0.0), "strided": sparse[:, ::2], "small": np.arange(8, dtype=np.int8),
+    }
+    buffer = io.BytesIO()
+    bootcache._Saver(buffer, fresh_vm).dump(arrays)
+    loaded = bootcache._Loader(io.BytesIO(buffer.getvalue()), fresh_vm).load()
+    for name, array in arrays.items():
+        assert (loaded[name].dtype, loaded[name].shape, loaded[name].tobytes()) == (array.dtype, array.shape, array.tobytes())
+        assert loaded[name].flags.writeable and loaded[name].flags.c_contiguous
+    assert loaded["same"] is loaded["sparse"]
+    dense_bytes = sum(arrays[name].nbytes for name in ("dense", "negative zeros", "strided", "small"))
+    assert len(buffer.getvalue()) < dense_bytes + 4096  # the sparse and the all-zero ones take next to nothing
 
 
 def test_a_changed_key_misses(cache: BootCache, fresh_vm: QemuProcess, monkeypatch) -> None:
