@@ -44,7 +44,9 @@ def booted(scenario: Scenario, cache: BootCache | None, workers: int) -> tuple[V
     return vmm, boot
 
 
-def trees(scenario: Scenario, cache: BootCache | None, workers: int) -> tuple[dict[str, str], dict[str, str], ScenarioBoot]:
+def trees(
+    scenario: Scenario, cache: BootCache | None, workers: int
+) -> tuple[dict[str, str], dict[str, str], ScenarioBoot]:
     """The tree once booted, then after rmap_fork on the last VM; and the boot."""
     vmm, boot = booted(scenario, cache, workers)
     try:
@@ -76,7 +78,9 @@ def started_workers(monkeypatch) -> list[subprocess.Popen[bytes]]:
     return started
 
 
-def test_a_worker_boots_the_second_guest_into_the_cache_with_the_same_bytes(tmp_path: Path, emulated, started_workers) -> None:
+def test_a_worker_boots_the_second_guest_into_the_cache_with_the_same_bytes(
+    tmp_path: Path, emulated, started_workers
+) -> None:
     cache = BootCache(tmp_path / "cache")
     first, after, boot = trees(SCENARIO, cache, 1)
     assert (first, after) == emulated
@@ -112,8 +116,25 @@ def test_a_failing_worker_is_a_warning_and_the_guest_boots_here(tmp_path: Path, 
         first, after, boot = trees(SCENARIO, cache, 1)
     assert (first, after) == emulated and boot.ahead.handed == 0 and cache.restored == 0
     (record,) = caplog.records
-    assert record.message.startswith("boot ahead of ") and "the worker failed: ValueError: unknown workload" in record.message
+    assert record.message.startswith("boot ahead of ")
+    assert "the worker failed: ValueError: unknown workload" in record.message
     assert record.message.endswith("; it boots here")
+
+
+def test_a_worker_that_cannot_save_passes_its_warning_on(tmp_path: Path, caplog) -> None:
+    (tmp_path / "cache").mkdir(mode=0o777)
+    (tmp_path / "cache").chmod(0o777)  # others may write it: no snapshot is saved there (nor read)
+    with caplog.at_level(logging.WARNING):
+        vmm, boot = booted(SCENARIO, BootCache(tmp_path / "cache"), 1)
+    vmm.shutdown()
+    second = boot.jobs[-1][0].name
+    worker = [r.message for r in caplog.records if r.name == LOG]
+    unsafe = "the cache directory is not a directory only the user can write"
+    assert len(worker) == 3 and worker[0].startswith(f"boot ahead of {second}: the worker: boot cache: ignoring ")
+    assert worker[1:] == [
+        f"boot ahead of {second}: the worker: boot cache: not saving {second}: {unsafe}",
+        f"boot ahead of {second}: the worker failed: RuntimeError: it wrote no boot snapshot; it boots here",
+    ]
 
 
 def test_a_silent_worker_is_given_up(tmp_path: Path, monkeypatch, caplog, started_workers) -> None:

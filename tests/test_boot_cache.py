@@ -130,8 +130,9 @@ def test_large_sparse_arrays_are_pickled_by_their_nonzero_entries_and_come_back_
     bootcache._Saver(buffer, fresh_vm).dump(arrays)
     loaded = bootcache._Loader(io.BytesIO(buffer.getvalue()), fresh_vm).load()
     for name, array in arrays.items():
-        assert (loaded[name].dtype, loaded[name].shape, loaded[name].tobytes()) == (array.dtype, array.shape, array.tobytes())
-        assert loaded[name].flags.writeable and loaded[name].flags.c_contiguous
+        got, want = loaded[name], array
+        assert (got.dtype, got.shape, got.tobytes()) == (want.dtype, want.shape, want.tobytes())
+        assert got.flags.writeable and got.flags.c_contiguous
     assert loaded["same"] is loaded["sparse"]
     dense_bytes = sum(arrays[name].nbytes for name in ("dense", "negative zeros", "strided", "small"))
     assert len(buffer.getvalue()) < dense_bytes + 4096  # the sparse and the all-zero ones take next to nothing

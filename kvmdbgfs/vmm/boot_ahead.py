@@ -15,7 +15,8 @@ leaves no entry behind is a warning, and the guest boots here. A worker dies wit
 (PR_SET_PDEATHSIG) and is killed when its VM is destroyed or its boot cancelled while it runs.
 
 The worker's side is ``python -m kvmdbgfs.vmm.boot_ahead``: one JSON request on stdin, JSON lines on stdout
-(``{"progress": [done, total]}``, then ``{"done": true}`` or ``{"error": "..."}``).
+(``{"progress": [done, total]}``, ``{"warning": "..."}`` for each warning it logs, then ``{"done": true}`` or
+``{"error": "..."}``).
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ class BootAhead:
             log.warning("boot ahead of %s: no worker process (%s); it boots here", vm.name, exc)
             return
         try:
-            outcome = _follow(worker, job)
+            outcome = _follow(worker, job, vm.name)
         finally:
             _stop_worker(worker)
             self._slots.release()
@@ -89,13 +90,14 @@ class BootAhead:
             self.handed += 1
             return
         log.warning("boot ahead of %s: %s; it boots here", vm.name,
-                    "the worker wrote no snapshot" if outcome == "done" else outcome)
+                    "the worker wrote no snapshot under this VM's key" if outcome == "done" else outcome)
 
     def _request(self, vm: QemuProcess, job: WorkloadJob, cache: BootCache) -> dict[str, Any]:
         return {
             "host_model": asdict(self.host_model),
             "host_seed": self.host_seed,
             "config": asdict(vm.kvm.config),
+            "identity": [vm.pid, vm.fd],
             "workload": job.name,
             "settings": job.settings,
             "cache": str(cache.directory),
@@ -117,9 +119,9 @@ def _start_worker(request: dict[str, Any]) -> subprocess.Popen[bytes]:
     return worker
 
 
-def _follow(worker: subprocess.Popen[bytes], job: WorkloadJob) -> str | None:
-    """The worker's reports passed on to ``job.progress`` until its end: "done", a reason it failed, or None
-    when the job was cancelled meanwhile."""
+def _follow(worker: subprocess.Popen[bytes], job: WorkloadJob, vm_name: str) -> str | None:
+    """The worker's reports passed on (progress to ``job.progress``, warnings to the log) until its end: "done",
+    a reason it failed, or None when the job was cancelled meanwhile."""
     assert worker.stdout is not None
     fd = worker.stdout.fileno()
     pending = b""
@@ -145,6 +147,9 @@ def _follow(worker: subprocess.Popen[bytes], job: WorkloadJob) -> str | None:
                 return "done"
             if "error" in report:
                 return f"the worker failed: {report['error']}"
+            if "warning" in report:
+                log.warning("boot ahead of %s: the worker: %s", vm_name, report["warning"])
+                continue
             done, total = report["progress"]
             job.set_progress(int(done), int(total))
     return None
@@ -174,8 +179,16 @@ def _report(message: dict[str, Any]) -> None:
     sys.stdout.flush()
 
 
+class _ReportWarnings(logging.Handler):
+    """The worker's warnings, each a report line (its stderr goes nowhere)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        _report({"warning": record.getMessage()})
+
+
 def boot_into_cache(request: dict[str, Any]) -> None:
-    """Create the request's VM on a host of its own, run its boot (the cache saves it) and wait for the write."""
+    """Create the request's VM on a host of its own, run its boot (the cache saves it) and wait for the write;
+    RuntimeError if no entry was written."""
     from kvmdbgfs.vmm.bootcache import BootCache
     from kvmdbgfs.vmm.vmm import Vmm
     from kvmdbgfs.workloads import make_job, wait_workload
@@ -185,14 +198,19 @@ def boot_into_cache(request: dict[str, Any]) -> None:
               host=HostModel(**request["host_model"]), boot_cache=cache)
     try:
         job = make_job(request["workload"], request["settings"])
-        vmm.create_vm(VmConfig(**request["config"]), [job])
-        wait_workload(job, lambda done, total: _report({"progress": [done, total]}), timeout=None)
+        pid, fd = (int(number) for number in request["identity"])
+        vm = vmm.create_vm(VmConfig(**request["config"]), identity=(pid, fd))
+        key = cache.key(vm, job.name, job.settings)  # fresh: the manual clock stays at 0, nothing has run
+        wait_workload(vm.submit(job), lambda done, total: _report({"progress": [done, total]}), timeout=None)
     finally:
         vmm.shutdown()
+    if key is None or not cache.holds(key):
+        raise RuntimeError("it wrote no boot snapshot")
 
 
 def main() -> int:
     _die_with(int(sys.argv[1]))
+    logging.getLogger().addHandler(_ReportWarnings(logging.WARNING))
     try:
         boot_into_cache(json.loads(sys.stdin.buffer.read()))
     except Exception as exc:  # reported to the VM that waits: it boots the guest itself

@@ -66,10 +66,13 @@ class Vmm:
         self.started.set()
         self._guest_numbers = itertools.count()
 
-    def create_vm(self, config: VmConfig, jobs: Sequence[WorkloadJob] = ()) -> QemuProcess:
+    def create_vm(
+        self, config: VmConfig, jobs: Sequence[WorkloadJob] = (), identity: tuple[int, int] | None = None
+    ) -> QemuProcess:
         """Start a QEMU process: pid and fd, KVM_CREATE_VM, memslots, vCPUs; it runs ``jobs`` first. With
         ``qemu_processes`` its pid and vCPU thread ids are a stand-in process's (StandinError when it cannot
-        start)."""
+        start). ``identity``, a (pid, VM fd), is taken as given: a boot worker's copy of another host's VM
+        (boot_ahead.py), which its messages then name as that host does."""
         self.host.validate_config(config)
         guest = f"vm{next(self._guest_numbers)}"
         standin = StandinProcess(guest, config.vcpus, config.memory) if self.qemu_processes else None
@@ -78,10 +81,13 @@ class Vmm:
                 if config.seed is None:
                     config = replace(config, seed=self.seed * 1_000_003 + self._vms_created)
                 self._vms_created += 1
-                pid = standin.pid if standin else self._alloc_pid(config.vcpus)
+                if identity is not None:
+                    pid, fd = identity
+                else:
+                    pid = standin.pid if standin else self._alloc_pid(config.vcpus)
+                    fd = FIRST_VM_FD + int(self._rng.integers(0, 6))
                 # QEMU's main thread and its RCU thread come before the vCPU threads.
                 vcpu_tids = standin.vcpu_tids if standin else [pid + 2 + vcpu for vcpu in range(config.vcpus)]
-                fd = FIRST_VM_FD + int(self._rng.integers(0, 6))
                 kvm = self.host.kvm_create_vm(config, f"{pid}-{fd}")
                 assert config.seed is not None
                 vm = QemuProcess(
