@@ -99,9 +99,11 @@ def _serving_process(name: str, command: list[str], directory: Path, probe: str,
 
 
 @contextlib.contextmanager
-def mounted(scenario: str, clock: str = "realtime", env: dict[str, str] | None = None) -> Iterator[Served]:
+def mounted(
+    scenario: str, clock: str = "realtime", env: dict[str, str] | None = None, args: tuple[str, ...] = ()
+) -> Iterator[Served]:
     """mount.py (as tests/conftest.py starts it) serving ``scenario``, a built-in name or TOML text, with
-    ``clock`` and ``env`` added to its environment; up once a file inside can be stat'ed."""
+    ``clock``, further ``args``, and ``env`` added to its environment; up once a file inside can be stat'ed."""
     with tempfile.TemporaryDirectory(prefix="kvmdbgfs-bench-") as tmp:
         directory = Path(tmp)
         if "\n" in scenario:
@@ -109,7 +111,7 @@ def mounted(scenario: str, clock: str = "realtime", env: dict[str, str] | None =
             scenario = str(directory / "scenario.toml")
         control = directory / "control.sock"
         command = [sys.executable, str(REPO / "mount.py"), "--control", str(control), "--scenario", scenario,
-                   "--clock", clock]
+                   "--clock", clock, *args]
         with _serving_process("mount.py", command, directory, "exits", control, env or {}) as served:
             wait_for(control.exists, STOP_TIMEOUT_S, "the control socket")
             yield served

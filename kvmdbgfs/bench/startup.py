@@ -3,7 +3,8 @@
 1. Time to serve: from starting mount.py until a file inside the mount can be stat'ed, against the bare
    mfusepy filesystem's start (kvmdbgfs.bench.bare_fs: the interpreter, mfusepy and the mount alone).
 2. Cold boot: from starting mount.py until every guest of the scenario has booted (`status`), with an empty
-   boot cache (KVMDBGFS_CACHE_DIR).
+   boot cache (KVMDBGFS_CACHE_DIR); beside it the same with every guest booted in the server
+   (`--boot-workers 0`: no worker process boots the second guest ahead).
 3. Cached boot: the same with the cache directory a cold start filled, against the cold boot.
 """
 
@@ -15,6 +16,7 @@ import time
 
 from kvmdbgfs.bench.mounts import bare_mounted, mounted, wait_booted
 from kvmdbgfs.bench.report import Figure, at_most
+from kvmdbgfs.vmm.boot_ahead import spare_cpus
 
 TITLE = "issue 14: start-up of the default scenario (mount.py, manual clock)"
 ROUNDS, BARE_RUNS_PER_ROUND = 2, 3
@@ -24,10 +26,10 @@ COLD_BOOT_S = 5.0  # nothing in the run boots the scenario some other way: absol
 CACHED_RATIO = 0.2  # issue 14: cached at most 1 s against a cold 5 s
 
 
-def start(cache: str) -> tuple[float, float]:
-    """Start mount.py with the default scenario and the boot cache in ``cache``: seconds until served, and
-    until every guest booted."""
-    with mounted("default", "manual", env={"KVMDBGFS_CACHE_DIR": cache}) as served:
+def start(cache: str, *args: str) -> tuple[float, float]:
+    """Start mount.py with the default scenario, ``args`` and the boot cache in ``cache``: seconds until served,
+    and until every guest booted."""
+    with mounted("default", "manual", env={"KVMDBGFS_CACHE_DIR": cache}, args=args) as served:
         wait_booted(served)
         return served.start_seconds, time.monotonic() - served.started
 
@@ -38,20 +40,24 @@ def bare_start() -> float:
 
 
 def run() -> tuple[list[Figure], list[str]]:
-    serve, cold, cached, bare = [], [], [], []
-    for _ in range(ROUNDS):  # interleaved: cold (an empty cache), cached (the cache that start filled), bare
+    serve, cold, alone, cached, bare = [], [], [], [], []
+    for _ in range(ROUNDS):  # interleaved: cold (an empty cache), cached (the cache that start filled), cold with
+        # no boot worker, bare
         with tempfile.TemporaryDirectory(prefix="kvmdbgfs-bench-cache-") as cache:
             served_s, booted_s = start(cache)
             serve.append(served_s)
             cold.append(booted_s)
             cached.append(start(cache)[1])
+        with tempfile.TemporaryDirectory(prefix="kvmdbgfs-bench-cache-") as cache:
+            alone.append(start(cache, "--boot-workers", "0")[1])
         bare += [bare_start() for _ in range(BARE_RUNS_PER_ROUND)]
     median = statistics.median
     runs = f"median of {ROUNDS}"
     figures = [
         Figure("start-up", "mount.py default: served", median(serve), "s", runs, median(bare), "bare mfusepy start",
                at_most(SERVE_RATIO), detail=f"bare: median of {len(bare)}"),
-        Figure("start-up", "mount.py default: cold boot", median(cold), "s", runs, target=at_most(COLD_BOOT_S, True)),
+        Figure("start-up", "mount.py default: cold boot", median(cold), "s", runs, median(alone), "--boot-workers 0",
+               at_most(COLD_BOOT_S, True), detail=f"boot workers: {spare_cpus()} (the CPUs less one)"),
         Figure("start-up", "mount.py default: cached boot", median(cached), "s", runs, median(cold), "cold boot",
                at_most(CACHED_RATIO)),
     ]
@@ -60,7 +66,7 @@ def run() -> tuple[list[Figure], list[str]]:
         "be stat'ed (served) and until `status` says the guests booted (boot); each round a cold start with an "
         "empty boot cache (KVMDBGFS_CACHE_DIR), then a start with the cache it left (cached)",
         f"served: issue 14's 1 s is about {SERVE_RATIO:.0f}x the bare filesystem's start on a quiet 2-core machine "
-        "(0.16-0.2 s), so the target is that ratio; cold boot stays absolute (issue 14's 5 s): nothing in the run "
-        "boots the scenario another way",
+        "(0.16-0.2 s), so the target is that ratio; cold boot stays absolute (issue 14's 5 s): the run with every "
+        "guest booted in the server is printed beside it, but it is the slower way, no floor",
     ]
     return figures, notes
