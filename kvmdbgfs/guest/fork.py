@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from copy import copy
 
 import numpy as np
 
@@ -93,7 +92,7 @@ def dup_mmap(ctx: KernelContext, parent: Mm, child: Mm) -> None:
         if stop <= added:  # the usual call: the walk is still in the VMA it last copied
             return
         for vma in parent.vmas[added:stop]:
-            dup = copy(vma)  # vm_area_dup: a shallow copy
+            dup = vma.dup()
             if dup.file is not None:
                 dup.file.mappings += 1
             child.append(dup)

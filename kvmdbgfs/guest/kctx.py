@@ -49,8 +49,11 @@ class KernelContext:
         return gfns
 
     def alloc_table(self) -> int:
-        """A zeroed page-table page (GFP_PGTABLE_USER / GFP_PGTABLE_KERNEL)."""
-        return int(self.alloc(1, PAGE_TABLE, zero=True)[0])
+        """A zeroed page-table page (GFP_PGTABLE_USER / GFP_PGTABLE_KERNEL): alloc() of one page, on Python ints
+        (fork allocates thousands, one at a time)."""
+        gfn = self.pages.alloc_page(PAGE_TABLE)
+        self.kernel_access(direct_map([gfn]), write=True)
+        return gfn
 
     def free_tables(self, gfns: list[int] | np.ndarray) -> None:
         """pte_free / pmd_free / pud_free / pgd_free: the pages go back to the allocator."""

@@ -20,7 +20,6 @@ from kvmdbgfs.guest.pgtable import (
     overlapping,
     pgd_stores,
     present_entries,
-    ptes_gfn,
     walk_ranges,
 )
 from kvmdbgfs.guest.pte import PT_PAGE_SIZE_MASK, PT_PRESENT_MASK, level_span, pte_gfn
@@ -143,29 +142,34 @@ def zap_pmd(
     for start, end in parts:
         present = present_entries(ptes, *entry_range(va, 1, start, end))
         if present:
-            _zap_ptes(ctx, tlb, va, pt, ptes, np.array(present, np.int64))
+            _zap_ptes(ctx, tlb, va, pt, ptes, present)
 
 
-def _zap_ptes(ctx: KernelContext, tlb: MmuGather, va: int, pt: int, ptes: np.ndarray, indices: np.ndarray) -> None:
-    """zap_pte_range's loop over the present PTEs ``indices`` of PT page ``pt`` (at ``va``)."""
-    gfns = ptes_gfn(ptes[indices])
-    normal = gfns != ctx.zero_pfn  # vm_normal_page: the zero page is not gathered
-    while len(indices):
-        cut = _gather_cut(normal, tlb.room())
-        ctx.stores(pt, indices[:cut], np.zeros(cut, np.uint64))
-        tlb.adjust_range(va + int(indices[0]) * PAGE_SIZE, va + (int(indices[cut - 1]) + 1) * PAGE_SIZE)
-        tlb.remove_pages(gfns[:cut][normal[:cut]])
+def _zap_ptes(ctx: KernelContext, tlb: MmuGather, va: int, pt: int, ptes: np.ndarray, indices: list[int]) -> None:
+    """zap_pte_range's loop over the present PTEs ``indices`` of PT page ``pt`` (at ``va``). A PT page mostly
+    holds a few of them, so the loop runs on Python ints: one store batch and one gather call per cut."""
+    gfns = [pte_gfn(pte) for pte in ptes[indices].tolist()]
+    while indices:
+        cut, pages = _gather_cut(gfns, ctx.zero_pfn, tlb.room())
+        ctx.stores(pt, np.array(indices[:cut], np.int64), np.zeros(cut, np.uint64))
+        tlb.adjust_range(va + indices[0] * PAGE_SIZE, va + (indices[cut - 1] + 1) * PAGE_SIZE)
+        tlb.remove_pages(np.array(pages, np.int64))
         if tlb.room() == 0:
             tlb.flush_mmu()
-        indices, gfns, normal = indices[cut:], gfns[cut:], normal[cut:]
+        indices, gfns = indices[cut:], gfns[cut:]
 
 
-def _gather_cut(normal: np.ndarray, room: int) -> int:
-    """How many of the PTEs left are zapped before the gather is full: all of them unless their pages
-    (``normal``) fill the ``room`` left, else up to the PTE whose page fills it."""
-    if np.count_nonzero(normal) < room:
-        return len(normal)
-    return int(np.flatnonzero(np.cumsum(normal) == room)[0]) + 1
+def _gather_cut(gfns: list[int], zero_pfn: int, room: int) -> tuple[int, list[int]]:
+    """How many of the PTEs left (mapping ``gfns``) are zapped before the gather is full, and the pages they
+    gather (vm_normal_page: the zero page is not gathered): all of them unless their pages fill the ``room``
+    left, else up to the PTE whose page fills it."""
+    pages = []
+    for n, gfn in enumerate(gfns):
+        if gfn != zero_pfn:
+            pages.append(gfn)
+            if len(pages) == room:
+                return n + 1, pages
+    return len(gfns), pages
 
 
 def zap_huge_pmd(ctx: KernelContext, tlb: MmuGather, mm: Mm, va: int, pd: int, index: int) -> None:
@@ -212,6 +216,8 @@ def _free_below(
                 continue
         cleared.append(index)
         tlb.remove_table(pte_gfn(entry), lo if level == 2 else lo & ~(span - 1))
+    if not cleared:
+        return
     indices, zeros = np.array(cleared, np.int64), np.zeros(len(cleared), np.uint64)
     if level == 4:
         pgd_stores(ctx, table, indices, zeros)  # pgd_clear: a PTI user twin is cleared too

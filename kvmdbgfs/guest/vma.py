@@ -30,8 +30,8 @@ class Vma:
     grows_down: bool = False
     hugepage: bool = False  # MADV_HUGEPAGE
 
-    def __copy__(self) -> Vma:
-        """vm_area_dup's shallow copy, without copy.copy's generic reduce protocol (fork copies every VMA)."""
+    def dup(self) -> Vma:
+        """vm_area_dup: a shallow copy, without copy.copy's dispatch (fork copies every VMA)."""
         dup = Vma.__new__(Vma)
         dup.__dict__.update(self.__dict__)
         return dup

@@ -10,12 +10,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 from kvmdbgfs.arch.x86.mmu.page_fault import prefetch_gpte
 from kvmdbgfs.arch.x86.mmu.shadow_page import KvmMmuPage
-from kvmdbgfs.arch.x86.mmu.spte import is_last_spte, is_shadow_present_pte, spte_index, spte_to_pfn
-from kvmdbgfs.arch.x86.mmu.sync import sync_sptes
+from kvmdbgfs.arch.x86.mmu.spte import SPTE_ENT_PER_PAGE, is_last_spte, is_shadow_present_pte, spte_index, spte_to_pfn
+from kvmdbgfs.arch.x86.mmu.sync import sync_spte
 from kvmdbgfs.arch.x86.mmu.zap import mmu_page_zap_pte
 
 if TYPE_CHECKING:
@@ -36,7 +34,7 @@ def kvm_mmu_invalidate_addr(mmu: KvmMmu, vcpu: MmuVcpu, gva: int) -> None:
                 update(mmu, sp, index)
             if not sp.unsync_children:
                 break
-            spte = mmu.pool.get(sp.id, index)
+            spte = mmu.pool.words[sp.id * SPTE_ENT_PER_PAGE + index]
             if not is_shadow_present_pte(spte) or is_last_spte(spte, sp.level):
                 break
             sp = mmu.sps.by_id[spte_to_pfn(spte)]
@@ -44,14 +42,14 @@ def kvm_mmu_invalidate_addr(mmu: KvmMmu, vcpu: MmuVcpu, gva: int) -> None:
 
 def _sync_present(mmu: KvmMmu, sp: KvmMmuPage, index: int) -> None:
     """v6.4+: kvm_sync_spte() on the entry if it is present; flush if that changed it."""
-    if sync_sptes(mmu, sp, np.array([index])):
+    if sync_spte(mmu, sp, index):
         mmu.flush_remote_tlbs()
 
 
 def _zap_and_prefetch(mmu: KvmMmu, sp: KvmMmuPage, index: int) -> None:
     """Up to v6.3: mmu_page_zap_pte() on the entry, a flush if it was present, then FNAME(prefetch_gpte)()
     from the guest's PTE as it is now (FNAME(update_pte) before v5.16)."""
-    was_present = is_shadow_present_pte(mmu.pool.get(sp.id, index))
+    was_present = is_shadow_present_pte(mmu.pool.words[sp.id * SPTE_ENT_PER_PAGE + index])
     mmu_page_zap_pte(mmu, sp, index)
     if was_present:
         mmu.flush_remote_tlbs()

@@ -40,7 +40,7 @@ from kvmdbgfs.arch.x86.mmu.page_fault import kvm_mmu_do_page_fault
 from kvmdbgfs.arch.x86.mmu.paging_tmpl import translate_gvas, walk_addr_generic
 from kvmdbgfs.arch.x86.mmu.pte_write import kvm_mmu_track_write
 from kvmdbgfs.arch.x86.mmu.roots import kvm_set_cr3, vcpu_enter, vcpu_enter_pending
-from kvmdbgfs.arch.x86.mmu.set_spte import RetPf
+from kvmdbgfs.arch.x86.mmu.set_spte import RET_PF_EMULATE
 from kvmdbgfs.arch.x86.mmu.shadow_page import ParentPtes, ShadowPages
 from kvmdbgfs.arch.x86.mmu.spt_pool import SptPool
 from kvmdbgfs.arch.x86.mmu.spte import (
@@ -254,15 +254,15 @@ class KvmMmu:
         return vcpu
 
     def _first_miss(
-        self, vcpu: MmuVcpu, gvas: list[int], start: int, write: bool, user: bool, fetch: bool
+        self, vcpu: MmuVcpu, gvas: list[int], start: int, write: bool, user: bool, masks: tuple[int, int]
     ) -> tuple[int, int, int]:
-        """The first of ``gvas[start:]`` the hardware cannot translate: (its index, addr, leaf spte), or
-        (len(gvas), 0, 0) if it translates them all. Addresses the guest's own tables do not map (EPT: the
-        guest takes its #PF without an exit) are passed over: _addrs() of one address at a time, whose walk
-        gives -1 << PAGE_SHIFT for them."""
+        """The first of ``gvas[start:]`` the hardware cannot translate with ``masks`` (ACCESS_MASKS of the
+        access): (its index, addr, leaf spte), or (len(gvas), 0, 0) if it translates them all. Addresses the
+        guest's own tables do not map (EPT: the guest takes its #PF without an exit) are passed over: _addrs()
+        of one address at a time, whose walk gives -1 << PAGE_SHIFT for them."""
         root = self._root_id(vcpu)
         leaf_spte = self._pool().leaf_spte
-        mask, needed = ACCESS_MASKS[write, user, fetch]
+        mask, needed = masks
         shadow_paging, memory, cr3 = self.shadow_paging, self.memory, vcpu.cr3
         for n in range(start, len(gvas)):
             addr = gvas[n] if shadow_paging else walk_addr_generic(memory, cr3, gvas[n], write, user) << PAGE_SHIFT
@@ -282,18 +282,22 @@ class KvmMmu:
             self._access_many(vcpu_id, gvas, write, user, fetch)
             return
         addrs = gvas.tolist()
+        last = len(addrs) - 1
+        masks = ACCESS_MASKS[write, user, fetch]
         quiet = self._translating(vcpu_id)
         if quiet is not None:
-            start, addr, spte = self._first_miss(quiet, addrs, 0, write, user, fetch)
-            if start == len(addrs):
+            start, addr, spte = self._first_miss(quiet, addrs, 0, write, user, masks)
+            if start > last:
                 return
         with self.locked.for_exit:
             vcpu = self._enter_access(vcpu_id)
             if quiet is None:
-                start, addr, spte = self._first_miss(vcpu, addrs, 0, write, user, fetch)
-            while start < len(addrs):
+                start, addr, spte = self._first_miss(vcpu, addrs, 0, write, user, masks)
+            while start <= last:
                 self._access_fault(vcpu, addr, write, user, spte, fetch)
-                start, addr, spte = self._first_miss(vcpu, addrs, start + 1, write, user, fetch)
+                if start == last:  # the fault was on the last address: nothing left to check
+                    return
+                start, addr, spte = self._first_miss(vcpu, addrs, start + 1, write, user, masks)
 
     def _access_many(self, vcpu_id: int, gvas: np.ndarray, write: bool, user: bool, fetch: bool) -> None:
         """access() of more than SCALAR_BATCH addresses: the hardware's check of all of them with numpy, then,
@@ -336,7 +340,7 @@ class KvmMmu:
             vcpu.count_exit()
             ret = kvm_mmu_do_page_fault(self, vcpu, addr, write, user, present, fetch)
             retry = False
-            if ret == RetPf.EMULATE:
+            if ret == RET_PF_EMULATE:
                 vcpu.stat.insn_emulation += 1
                 if not attempt:
                     assert vcpu.cr3 is not None
@@ -390,7 +394,7 @@ class KvmMmu:
         vcpu.count_exit()
         ret = kvm_mmu_do_page_fault(self, vcpu, addr, True, False, present)
         self.memory.store_pte(gfn, index, value)
-        if ret == RetPf.EMULATE:
+        if ret == RET_PF_EMULATE:
             vcpu.stat.insn_emulation += 1
             kvm_mmu_track_write(self, gfn, index, value)
         vcpu_enter(self, vcpu)

@@ -98,7 +98,7 @@ def shadow_page_table_clear_flood(mmu: KvmMmu, vcpu: MmuVcpu, gva: int) -> None:
     sp = vcpu.root
     while sp is not None:
         sp.write_flooding_count = 0
-        spte = mmu.pool.get(sp.id, spte_index(gva, sp.level))
+        spte = mmu.pool.words[sp.id * SPTE_ENT_PER_PAGE + spte_index(gva, sp.level)]
         linked = is_shadow_present_pte(spte) and not is_last_spte(spte, sp.level)
         sp = mmu.sps.by_id[spte_to_pfn(spte)] if linked else None  # spte_to_child_sp()
 
@@ -160,7 +160,7 @@ def nx_disallowed_hugepage_adjust(mmu: KvmMmu, fault: HugePageFault, sp: KvmMmuP
     is on."""
     if not fault.nx_huge_page_workaround_enabled:
         return
-    spte = mmu.pool.get(sp.id, index)
+    spte = mmu.pool.words[sp.id * SPTE_ENT_PER_PAGE + index]
     marked = True
     if mmu.rules.nx_marks_every_disallowed_page and is_shadow_present_pte(spte) and not is_last_spte(spte, level):
         marked = child_sp(mmu, sp, index).nx_huge_page_disallowed

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from kvmdbgfs.arch.x86.mmu.shadow_page import KvmMmuPage
-from kvmdbgfs.arch.x86.mmu.spte import PG_LEVEL_4K, is_shadow_present_pte
+from kvmdbgfs.arch.x86.mmu.spte import PG_LEVEL_4K, SPTE_ENT_PER_PAGE, is_shadow_present_pte
 from kvmdbgfs.arch.x86.mmu.zap import kvm_mmu_prepare_zap_page, kvm_mmu_remote_flush_or_zap, mmu_page_zap_pte
 
 if TYPE_CHECKING:
@@ -43,7 +43,7 @@ def kvm_mmu_track_write(mmu: KvmMmu, gfn: int, index: int, new: int) -> None:
             kvm_mmu_prepare_zap_page(mmu, sp, invalid_list)
             mmu.stat.mmu_flooded += 1
             continue
-        entry = mmu.pool.get(sp.id, index)
+        entry = mmu.pool.words[sp.id * SPTE_ENT_PER_PAGE + index]
         mmu_page_zap_pte(mmu, sp, index)
         if new and sp.level != PG_LEVEL_4K:
             mmu.stat.mmu_pde_zapped += 1

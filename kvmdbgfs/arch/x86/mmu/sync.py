@@ -51,13 +51,16 @@ _GPTE_VALID = U64(PT_PRESENT_MASK | PT_ACCESSED_MASK)
 _FRAME = U64(SPTE_BASE_ADDR_MASK)  # a guest PTE's frame bits are where an spte's are
 
 
-def sync_sptes(mmu: KvmMmu, sp: KvmMmuPage, indices: np.ndarray) -> bool:
-    """FNAME(sync_spte) on the present entries among ``indices`` of a last-level page; True if a flush is due."""
-    return _sync_sptes(mmu, sp, indices, mmu.pool.spt[sp.id, indices])
+def sync_spte(mmu: KvmMmu, sp: KvmMmuPage, index: int) -> bool:
+    """FNAME(sync_spte) on entry ``index`` of a last-level page, if present; True if a flush is due. The entry
+    is read as a Python int: an absent one (most of INVLPG's) costs no array operation."""
+    spte = mmu.pool.words[sp.id * SPTE_ENT_PER_PAGE + index]
+    return bool(spte & SPTE_MMU_PRESENT_MASK) and _sync_sptes_few(mmu, sp, [index], [spte])
 
 
 def _sync_sptes(mmu: KvmMmu, sp: KvmMmuPage, indices: np.ndarray, row: np.ndarray) -> bool:
-    """sync_sptes() given the entries' sptes (``row``, read before any of them changes)."""
+    """FNAME(sync_spte) on the present entries among ``indices`` of a last-level page, given their sptes
+    (``row``, read before any of them changes); True if a flush is due."""
     present = (row & _PRESENT).nonzero()[0]
     if not len(present):
         return False
@@ -79,7 +82,7 @@ def _sync_sptes(mmu: KvmMmu, sp: KvmMmuPage, indices: np.ndarray, row: np.ndarra
 
 
 def _sync_sptes_few(mmu: KvmMmu, sp: KvmMmuPage, indices: list[int], old: list[int]) -> bool:
-    """sync_sptes() of a few present entries (``old`` their sptes), one by one with Python ints: the same
+    """_sync_sptes() of a few present entries (``old`` their sptes), one by one with Python ints: the same
     drops, updates and result as the numpy path, without its fixed cost per call. The recorded access bits
     are read through the pool's flat memoryview (``access_bytes``)."""
     access_bytes, row = mmu.pool.access_bytes, sp.id * SPTE_ENT_PER_PAGE

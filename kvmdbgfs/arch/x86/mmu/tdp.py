@@ -35,6 +35,7 @@ from kvmdbgfs.arch.x86.mmu.spte import (
     PT_PAGE_SIZE_MASK,
     PT_WRITABLE_MASK,
     SPTE_BASE_ADDR_MASK,
+    SPTE_ENT_PER_PAGE,
     SPTE_MMU_PRESENT_MASK,
     SPTE_MMU_WRITEABLE,
     U64,
@@ -93,7 +94,7 @@ class TdpMmu:
         sp_id, level = self.get_root(), PT64_ROOT_4LEVEL
         while True:
             index = spte_index(gpa, level)
-            spte = self.pool.get(sp_id, index)
+            spte = self.pool.words[sp_id * SPTE_ENT_PER_PAGE + index]
             if fault.nx_huge_page_workaround_enabled:
                 marked = not self.rules.nx_marks_every_disallowed_page or spte_to_pfn(spte) in self.nx_disallowed
                 disallowed_hugepage_adjust(fault, spte, level, marked)
@@ -112,7 +113,7 @@ class TdpMmu:
             if possible:
                 self.possible_nx_huge_pages.track(child, child)
             sp_id, level = child, level - 1
-        old = self.pool.get(sp_id, index)
+        old = self.pool.words[sp_id * SPTE_ENT_PER_PAGE + index]
         access = huge_page_access(ACC_ALL, level, self.nx_huge_pages)
         new = leaf_spte_bits(access, level, gfn_round_for_level(gfn, level), accessed=True)
         new |= PT_WRITABLE_MASK | SPTE_MMU_WRITEABLE | PT_DIRTY_MASK

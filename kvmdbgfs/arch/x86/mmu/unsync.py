@@ -19,6 +19,7 @@ from kvmdbgfs.arch.x86.mmu.shadow_page import KvmMmuPage
 from kvmdbgfs.arch.x86.mmu.spte import (
     PG_LEVEL_4K,
     PT64_ROOT_4LEVEL,
+    SPTE_ENT_PER_PAGE,
     is_large_pte,
     is_shadow_present_pte,
     spte_to_pfn,
@@ -133,7 +134,7 @@ def _unsync_walk(mmu: KvmMmu, sp: KvmMmuPage, pvec: MmuPages) -> int:
         low = bitmap & -bitmap
         bitmap ^= low
         index = low.bit_length() - 1
-        ent = mmu.pool.get(sp.id, index)
+        ent = mmu.pool.words[sp.id * SPTE_ENT_PER_PAGE + index]
         if not is_shadow_present_pte(ent) or is_large_pte(ent):
             clear_unsync_child_bit(sp, index)
             continue

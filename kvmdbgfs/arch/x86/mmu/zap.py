@@ -19,6 +19,7 @@ from kvmdbgfs.arch.x86.mmu.page_track import unaccount_shadowed
 from kvmdbgfs.arch.x86.mmu.shadow_page import KvmMmuPage
 from kvmdbgfs.arch.x86.mmu.spte import (
     PG_LEVEL_4K,
+    SPTE_ENT_PER_PAGE,
     SPTE_MMU_PRESENT_MASK,
     U64,
     is_last_spte,
@@ -49,7 +50,7 @@ def drop_parent_pte(mmu: KvmMmu, child: KvmMmuPage, parent_sptep: int) -> None:
 
 def mmu_page_zap_pte(mmu: KvmMmu, sp: KvmMmuPage, index: int) -> None:
     """mmu_page_zap_pte(): drop a leaf (rmap_remove) or unlink a child page."""
-    spte = mmu.pool.get(sp.id, index)
+    spte = mmu.pool.words[sp.id * SPTE_ENT_PER_PAGE + index]
     if not is_shadow_present_pte(spte):
         return
     if is_last_spte(spte, sp.level):
