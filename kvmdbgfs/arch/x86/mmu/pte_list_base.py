@@ -34,6 +34,7 @@ def desc_head(descs: np.ndarray) -> np.ndarray:
 
 SCAN_CHUNK = 1 << 18  # heads per chunk of scan_heads: 2 MiB, read once from memory
 SCALAR_WALK_ROWS = 8  # chain walks with at most this many chains left go on in Python
+DENSE_SPAN = 8  # occurrence_rounds counts per head when the heads span at most this many times their number
 
 
 def scan_heads(heads: np.ndarray) -> tuple[int, np.ndarray]:
@@ -79,9 +80,14 @@ def list_heads(heads: np.ndarray) -> np.ndarray:
 
 
 def occurrence_rounds(indices: np.ndarray) -> list[np.ndarray]:
-    """Positions of a batch split into rounds: round r holds the r-th occurrence of every head."""
+    """Positions of a batch split into rounds: round r holds the r-th occurrence of every head. Distinct heads
+    (the bulk case) are recognised by a count per head when they lie within DENSE_SPAN times their number of
+    each other (a sort of 100k heads took 6 of add_batch's 15 ms)."""
     n = len(indices)
     if n <= 1:
+        return [np.arange(n)]
+    low = int(indices.min())
+    if int(indices.max()) - low < DENSE_SPAN * n and int(np.bincount(indices - low).max()) == 1:
         return [np.arange(n)]
     order = np.argsort(indices, kind="stable")
     ranked = indices[order]
