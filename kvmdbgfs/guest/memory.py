@@ -12,6 +12,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from kvmdbgfs.guest.pte import PT64_ENT_PER_PAGE
+from kvmdbgfs.instance_state import set_attributes
 
 
 TABLE_CHUNK = 1024  # pages per chunk of table arrays: 4 MiB, the size from which numpy asks for huge pages
@@ -40,7 +41,7 @@ class GuestMemory:
         return {"_tables": self._tables}
 
     def __setstate__(self, state: dict[str, object]) -> None:
-        self.__dict__.update(state)
+        set_attributes(self, state)
         self._words = {gfn: memoryview(entries) for gfn, entries in self._tables.items()}
         self._spare = []
         self._chunk, self._chunk_used = np.zeros((0, PT64_ENT_PER_PAGE), np.uint64), 0

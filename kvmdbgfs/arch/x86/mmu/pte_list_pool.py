@@ -6,6 +6,8 @@ from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
+from kvmdbgfs.instance_state import set_attributes
+
 # Descriptor ids are int32 (the ``more`` field stores one); id 0 is reserved as NULL.
 DESC_ID_MAX = np.iinfo(np.int32).max
 
@@ -92,7 +94,7 @@ class DescPool:
         return {name: value for name, value in self.__dict__.items() if not name.endswith("_view")}
 
     def __setstate__(self, state: dict[str, object]) -> None:
-        self.__dict__.update(state)
+        set_attributes(self, state)
         self._bind()
 
     @property

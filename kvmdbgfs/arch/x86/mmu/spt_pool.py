@@ -27,6 +27,7 @@ from kvmdbgfs.arch.x86.mmu.spte import (
     U64,
     sptes_to_pfn,
 )
+from kvmdbgfs.instance_state import set_attributes
 
 INITIAL_PAGES = 64
 WALK_SPAN_SHIFT = PAGE_SHIFT + 9  # addresses alike above these bits take the same walk down to the last level
@@ -82,7 +83,7 @@ class SptPool:
         return state
 
     def __setstate__(self, state: dict[str, object]) -> None:
-        self.__dict__.update(state)
+        set_attributes(self, state)
         self._bind()
         self._forget_walks()
 
