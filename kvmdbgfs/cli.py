@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from kvmdbgfs import nsexec, snapshot_command
+from kvmdbgfs.arg_types import seconds
 from kvmdbgfs.control.client import DEFAULT_TIMEOUT_S, ProgressCallback, RequestError, request
 from kvmdbgfs.control.paths import UnsafeRuntimeDir, find_socket
 from kvmdbgfs.daemon import STOP_TIMEOUT_S, ServerFailed, unmount
@@ -29,14 +29,6 @@ EXIT_INTERRUPTED = 128 + 2  # the shell's status for a command ended by SIGINT
 def integer(text: str) -> int:
     """An argparse type (its name is in the error): a whole number in ASCII digits."""
     return parse_int(text)
-
-
-def seconds(text: str) -> float:
-    """An argparse type (its name is in the error): a finite number of seconds above 0."""
-    value = float(text)
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(text)
-    return value
 
 
 class _Parser(argparse.ArgumentParser):

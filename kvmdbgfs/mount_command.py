@@ -20,7 +20,7 @@ import threading
 from dataclasses import asdict
 from pathlib import Path
 
-from kvmdbgfs.cli import seconds
+from kvmdbgfs.arg_types import processes, seconds
 from kvmdbgfs.control.listener import ControlServer
 from kvmdbgfs.control.paths import UnsafeRuntimeDir, default_log_path, default_socket_path, pointer_path
 from kvmdbgfs.control.server import ControlHandlers
@@ -97,14 +97,6 @@ def parse_args(argv: list[str] | None, prog: str) -> argparse.Namespace:
         help="give each VM a real process that looks like QEMU (its pid names the VM directory)",
     )
     return parser.parse_args(argv)
-
-
-def processes(text: str) -> int:
-    """An argparse type (its name is in the error): a whole number of processes, 0 or more."""
-    value = int(text)
-    if value < 0:
-        raise ValueError(text)
-    return value
 
 
 BACKGROUND_FLAGS = {"--background", "--wait-booted", "--no-wait-booted"}
