@@ -121,6 +121,19 @@ def test_a_failing_worker_is_a_warning_and_the_guest_boots_here(tmp_path: Path, 
     assert record.message.endswith("; it boots here")
 
 
+def test_a_failure_to_follow_the_worker_leaves_the_guest_to_boot_here(
+    tmp_path: Path, emulated, monkeypatch, caplog
+) -> None:
+    def broken(*_args: object) -> str:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(boot_ahead, "_follow", broken)
+    with caplog.at_level(logging.ERROR, logger=LOG):
+        first, after, boot = trees(SCENARIO, BootCache(tmp_path / "cache"), 1)
+    assert (first, after) == emulated and boot.ahead.handed == 0
+    assert "following the worker failed; it boots here" in caplog.text and "RuntimeError: a bug" in caplog.text
+
+
 def test_a_worker_that_cannot_save_passes_its_warning_on(tmp_path: Path, caplog) -> None:
     (tmp_path / "cache").mkdir(mode=0o777)
     (tmp_path / "cache").chmod(0o777)  # others may write it: no snapshot is saved there (nor read)

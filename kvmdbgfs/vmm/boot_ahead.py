@@ -81,6 +81,9 @@ class BootAhead:
             return
         try:
             outcome = _follow(worker, job, vm.name)
+        except Exception:  # a bug here must not end the VM's thread: the guest boots here instead
+            log.exception("boot ahead of %s: following the worker failed; it boots here", vm.name)
+            return
         finally:
             _stop_worker(worker)
             self._slots.release()
