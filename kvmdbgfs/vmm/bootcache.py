@@ -302,8 +302,7 @@ class BootCache:
             log.warning("boot cache: ignoring %s: %s", path, exc)
             return None
         try:
-            summary, states = _Loader(_ChunkedReader(payload), vm).load()
-            self._apply(vm, states)
+            summary = self._put_back(vm, payload)
         except Exception as exc:  # an entry that cannot be applied is not trusted any further
             log.warning("boot cache: ignoring %s: %s", path, exc)
             return None
@@ -336,6 +335,12 @@ class BootCache:
         if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o022:
             raise ValueError("the cache directory is not a directory only the user can write")
 
+    def _put_back(self, vm: QemuProcess, payload: bytes) -> dict[str, Any]:
+        """Unpickle a snapshot's payload onto ``vm`` (restore, and a save's own copy); the workload's summary."""
+        summary, states = _Loader(_ChunkedReader(payload), vm).load()
+        self._apply(vm, states)
+        return summary
+
     @staticmethod
     def _apply(vm: QemuProcess, states: dict[tuple[str, int], dict[str, Any]]) -> None:
         roots = _roots(vm)
@@ -362,7 +367,7 @@ class BootCache:
             log.warning("boot cache: not saving %s: %s", vm.name, exc)
             return
         payload = buffer.getvalue()
-        self._apply(vm, _Loader(_ChunkedReader(payload), vm).load()[1])
+        self._put_back(vm, payload)
         path = self.directory / key
         with _pending_lock:
             write = _pending[path] = _writer.submit(self._write_entry, key, payload, vm.name)
