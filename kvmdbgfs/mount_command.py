@@ -68,7 +68,7 @@ def parse_args(argv: list[str] | None, prog: str) -> argparse.Namespace:
         default=spare_cpus(),
         metavar="N",
         help="boot the scenario's later guests in up to N processes of their own, into the cache "
-        f"(default {spare_cpus()}: this machine's CPUs less one; 0: all in the server)",
+        "(default %(default)s: this machine's CPUs less one; 0: all in the server)",
     )
     parser.add_argument("--allow-other", action="store_true", help="let other users read the mount")
     parser.add_argument("--log", type=Path, metavar="FILE", help="write the output to FILE (`status` names it)")
