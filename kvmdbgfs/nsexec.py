@@ -40,6 +40,7 @@ from typing import Any
 
 from kvmdbgfs.control.client import RequestError, request
 from kvmdbgfs.control.paths import UnsafeRuntimeDir, find_socket, pointer_path, write_pointer
+from kvmdbgfs.parent_death import die_with_parent
 
 PROG = "kvmdbgfs exec"
 DEBUGFS = "/sys/kernel/debug"
@@ -55,7 +56,6 @@ CLONE_NEWNS = 0x00020000
 CLONE_NEWUSER = 0x10000000
 MS_BIND, MS_REC, MS_PRIVATE = 0x1000, 0x4000, 0x40000
 MNT_DETACH = 2
-PR_SET_PDEATHSIG = 1
 AT_FDCWD = -100
 SYS_OPEN_TREE, SYS_MOVE_MOUNT = 428, 429  # the same numbers on every architecture (unified table)
 OPEN_TREE_CLONE, OPEN_TREE_CLOEXEC = 1, os.O_CLOEXEC
@@ -263,7 +263,7 @@ def _server_status(control: Path) -> dict[str, Any]:
 
 def _end_with_parent() -> None:
     """In the server's child: SIGTERM when `exec` dies, even by SIGKILL (PR_SET_PDEATHSIG)."""
-    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    die_with_parent(signal.SIGTERM)
 
 
 def _terminated(signum: int, frame: object) -> None:

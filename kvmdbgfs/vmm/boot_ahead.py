@@ -22,7 +22,6 @@ The worker's side is ``python -m kvmdbgfs.vmm.boot_ahead``: one JSON request on 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import logging
 import os
@@ -38,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 from kvmdbgfs.host_model import HostModel
 from kvmdbgfs.kvm.vm import VmConfig
+from kvmdbgfs.parent_death import die_with_parent
 
 if TYPE_CHECKING:
     from kvmdbgfs.vmm.bootcache import BootCache
@@ -47,7 +47,6 @@ log = logging.getLogger(__name__)
 
 STALL_S = 30.0  # a worker that reports nothing for this long is given up (it reports twice a second)
 POLL_S = 0.1  # how often the waiting VM thread looks at its job's cancel flag
-PR_SET_PDEATHSIG = 1
 PACKAGE_PARENT = Path(__file__).resolve().parents[2]  # the directory kvmdbgfs is imported from
 
 
@@ -171,8 +170,7 @@ def _stop_worker(worker: subprocess.Popen[bytes]) -> None:
 
 def _die_with(parent: int) -> None:
     """PR_SET_PDEATHSIG: SIGKILL when the process that started this one exits (and it may have already)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    die_with_parent(signal.SIGKILL)
     if os.getppid() != parent:
         os._exit(1)
 
