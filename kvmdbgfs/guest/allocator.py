@@ -35,6 +35,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from kvmdbgfs.zero_extend import zero_extended
+
 PAGE_FREE, PAGE_RESERVED, PAGE_KERNEL, PAGE_TABLE, PAGE_ANON, PAGE_CACHE, PAGE_HOLE = range(7)
 HPAGE_PMD_NR = 512
 SCALAR_REFS = 8  # up to this many frames, get() counts the references one by one on Python ints
@@ -269,7 +271,7 @@ class PageAllocator:
         if self.movable is not None:
             raise ValueError("a movable zone is already online (the model keeps one)")
         if end > len(self.kind):  # the struct page arrays reach the new frames
-            self.refcount = np.concatenate([self.refcount, np.zeros(end - len(self.kind), np.int32)])
+            self.refcount = zero_extended(self.refcount, end)
             self.kind = np.concatenate([self.kind, np.full(end - len(self.kind), PAGE_HOLE, np.uint8)])
         if (self.kind[start:end] != PAGE_HOLE).any():
             raise ValueError(f"frames {start:#x}-{end:#x} are already RAM")

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 
 from kvmdbgfs.instance_state import set_attributes
+from kvmdbgfs.zero_extend import zero_extended
 
 # Descriptor ids are int32 (the ``more`` field stores one); id 0 is reserved as NULL.
 DESC_ID_MAX = np.iinfo(np.int32).max
@@ -154,9 +155,9 @@ class DescPool:
             new *= 2
         if new - 1 > DESC_ID_MAX:
             raise MemoryError(f"pte_list_desc pool cannot exceed {DESC_ID_MAX} descriptors")
-        self.sptes = np.concatenate([self.sptes, np.zeros((new - old, self.ext), np.int64)])
+        self.sptes = zero_extended(self.sptes, new)
         for name in self.zeroed:
-            setattr(self, name, np.concatenate([getattr(self, name), np.zeros(new - old, np.int32)]))
+            setattr(self, name, zero_extended(getattr(self, name), new))
         free_ids = np.empty(new - 1, np.int32)
         free_ids[: new - old] = np.arange(new - 1, old - 1, -1)
         free_ids[new - old : new - old + self.nfree] = self.free_ids[: self.nfree]

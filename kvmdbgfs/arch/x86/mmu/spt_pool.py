@@ -28,6 +28,7 @@ from kvmdbgfs.arch.x86.mmu.spte import (
     sptes_to_pfn,
 )
 from kvmdbgfs.instance_state import set_attributes
+from kvmdbgfs.zero_extend import zero_extended
 
 INITIAL_PAGES = 64
 WALK_SPAN_SHIFT = PAGE_SHIFT + 9  # addresses alike above these bits take the same walk down to the last level
@@ -40,14 +41,6 @@ def revokes_any(old: np.ndarray, new: np.ndarray) -> bool:
     present = (old & U64(SPTE_MMU_PRESENT_MASK)) != 0
     moved = ((new & ~old & U64(PT64_NX_MASK)) | ((old ^ new) & U64(SPTE_TARGET_MASK))) != 0
     return bool(((old & ~new & U64(SPTE_PERM_MASK)) != 0).any() or (present & moved).any())
-
-
-def _doubled(rows: np.ndarray) -> np.ndarray:
-    """``rows`` followed by as many zero rows. np.zeros pages in lazily, so only the old rows are
-    written (np.concatenate with a zero half would write both halves)."""
-    out = np.zeros((2 * len(rows), *rows.shape[1:]), rows.dtype)
-    out[: len(rows)] = rows
-    return out
 
 
 class SptPool:
@@ -120,7 +113,9 @@ class SptPool:
 
     def _grow(self) -> None:
         """Double every array; the new rows are zero."""
-        self.spt, self.access, self.level = _doubled(self.spt), _doubled(self.access), _doubled(self.level)
+        size = 2 * self.capacity
+        self.spt, self.access = zero_extended(self.spt, size), zero_extended(self.access, size)
+        self.level = zero_extended(self.level, size)
         self._bind()
 
     def set(self, sp_id: int, index: int, spte: int) -> None:
