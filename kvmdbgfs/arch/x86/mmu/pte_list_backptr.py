@@ -76,7 +76,8 @@ class BackPointers:
 
     @staticmethod
     def _by_chunk(keys: np.ndarray) -> Iterator[tuple[int, slice | np.ndarray]]:
-        """(chunk number, which keys) for each chunk the keys fall in; one slice when it is one chunk."""
+        """(chunk number, which keys) for each chunk the keys fall in: their positions (see PteListDesign._split),
+        or one slice when it is one chunk."""
         if not len(keys):
             return
         numbers = keys >> CHUNK_SHIFT
@@ -84,5 +85,6 @@ class BackPointers:
         if low == high:
             yield low, slice(None)
             return
-        for number in np.unique(numbers).tolist():
-            yield number, numbers == number
+        present = np.flatnonzero(np.bincount(numbers - low))  # no wider than the list of chunks
+        for number in (present + low).tolist():
+            yield number, np.flatnonzero(numbers == number)

@@ -81,18 +81,19 @@ class TailAppendDesign(PteListDesign):
             self.costs.slot_reads += len(rows) * self.FULL_TEST_READS
             full = self._is_full(descs)
             nxt = pool.more[descs]
-            done = ~full | (nxt == 0)
+            on = full & (nxt != 0)  # the walk goes on to the next descriptor
+            done, going = np.flatnonzero(~on), np.flatnonzero(on)  # positions, not masks (see PteListDesign._split)
             ended = rows[done]
             end_desc[ended], end_depth[ended], room[ended] = descs[done], depth[done], ~full[done]
-            going = ~done
             rows, descs, depth = rows[going], nxt[going], depth[going] + 1
         pool.room[first], pool.room_depth[first] = end_desc, end_depth
         counts = (end_depth - room) * ext
-        stop = end_desc[room]
+        roomy = np.flatnonzero(room)
+        stop = end_desc[roomy]
         used = self._used(stop)
         self.costs.slot_reads += self._occupancy_reads(used)
-        counts[room] += used
-        pool.sptes[stop, used] = sptes[room]
+        counts[roomy] += used
+        pool.sptes[stop, used] = sptes[roomy]
         self._set_used(stop, used + 1)
         grown = np.flatnonzero(~room)
         if len(grown):
