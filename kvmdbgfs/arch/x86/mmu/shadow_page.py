@@ -14,6 +14,7 @@ import numpy as np
 
 from kvmdbgfs.arch.x86.mmu.pte_list import make_pte_list
 from kvmdbgfs.arch.x86.mmu.spt_pool import SptPool
+from kvmdbgfs.zero_extend import zero_extended
 
 KVM_MMU_HASH_SHIFT = 12
 KVM_NUM_MMU_PAGES = 1 << KVM_MMU_HASH_SHIFT
@@ -141,9 +142,7 @@ class ParentPtes:
 
     def _heads(self) -> np.ndarray:
         if len(self.heads) < self.pool.capacity:
-            grown = np.zeros(self.pool.capacity, np.int64)
-            grown[: len(self.heads)] = self.heads
-            self.heads = grown
+            self.heads = zero_extended(self.heads, self.pool.capacity)
         return self.heads
 
     def add(self, sp: KvmMmuPage, parent_sptep: int) -> None:
