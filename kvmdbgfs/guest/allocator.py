@@ -77,6 +77,12 @@ class FreeList:
         self.top -= n
         return gfns
 
+    def pop_one(self) -> int:
+        """pop(1) as an int (the list must not be empty)."""
+        self.top -= 1
+        gfn: int = self.stack.item(self.top)
+        return gfn
+
     def peek(self, n: int) -> np.ndarray:
         """What pop(n) would return, leaving the list as it is."""
         return self.stack[max(self.top - n, 0) : self.top][::-1].copy()
@@ -179,8 +185,7 @@ class PageAllocator:
         own = self._lists[gfp_migratetype(kind)]
         if self.movable is not None or not own.top:
             return int(self.alloc(1, kind)[0])
-        own.top -= 1
-        gfn: int = own.stack.item(own.top)
+        gfn = own.pop_one()
         self.refcount[gfn] = 1
         self.kind[gfn] = kind
         return gfn
