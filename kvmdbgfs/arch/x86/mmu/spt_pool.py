@@ -55,14 +55,15 @@ class SptPool:
         self._forget_walks()
 
     def _bind(self) -> None:
-        """Views of the arrays, made again whenever they are replaced. ``get(sp_id, index)``: one spte as a
-        Python int; it is ``spt.item`` itself: the fault paths read sptes about a million times in a boot, and
-        a Python method around it cost a frame each time. ``words``: ``spt`` as one flat run of u64 (row
-        ``sp_id`` from ``sp_id * 512``) and ``_levels``: ``level``, both memoryviews, whose indexing costs a
+        """Views of the arrays, made again whenever they are replaced. ``words``: ``spt`` as one flat run of u64
+        (row ``sp_id`` from ``sp_id * 512``) and ``_levels``: ``level``, both memoryviews, whose indexing costs a
         fraction of ndarray.item or of an ndarray store (measured in instructions: about 120 against 850 for a
-        read, 270 against 740 for a store) in the scalar paths below and in the fault path's reads of single
-        sptes (stores go through set(), for revoke_seq). ``access_bytes``: ``access`` as one flat memoryview
-        the same way, for mmu_set_spte's store of one entry's access."""
+        read, 270 against 740 for a store). The MMU's paths read single sptes as
+        ``words[sp_id * SPTE_ENT_PER_PAGE + index]`` in place, as the scalar paths below do: the fault paths
+        read sptes about a million times in a boot, and a Python method around the read would cost a frame each
+        time (stores go through set(), for revoke_seq). ``get(sp_id, index)``: the same read as ``spt.item``
+        itself, for readers off those paths (the tests). ``access_bytes``: ``access`` as one flat memoryview the
+        same way, for mmu_set_spte's store of one entry's access."""
         self.get = self.spt.item
         self.words = memoryview(self.spt).cast("B").cast("Q")
         self._levels = memoryview(self.level)
