@@ -20,7 +20,8 @@ from kvmdbgfs.vmm.boot_ahead import spare_cpus
 
 TITLE = "issue 14: start-up of the default scenario (mount.py, manual clock)"
 ROUNDS, BARE_RUNS_PER_ROUND = 2, 3
-# Issue 14: served within 1 s, where the bare filesystem starts in 0.16-0.2 s on a quiet 2-core machine.
+# Issue 14: served within 1 s, about 5x the bare filesystem's start on a quiet 2-core machine when the target was
+# set (0.16-0.2 s). The bare start has since measured 0.07-0.08 s there, which makes the ratio the stricter one.
 SERVE_RATIO = 5.0
 COLD_BOOT_S = 5.0  # absolute: the boot with no worker printed beside it is the slower way, not a floor
 CACHED_RATIO = 0.2  # issue 14: cached at most 1 s against a cold 5 s
@@ -66,8 +67,9 @@ def run() -> tuple[list[Figure], list[str]]:
         "start-up: mount.py --scenario default --clock manual, timed from the process start until a file inside can "
         "be stat'ed (served) and until `status` says the guests booted (boot); each round a cold start with an "
         "empty boot cache (KVMDBGFS_CACHE_DIR), then a start with the cache it left (cached)",
-        f"served: issue 14's 1 s is about {SERVE_RATIO:.0f}x the bare filesystem's start on a quiet 2-core machine "
-        "(0.16-0.2 s), so the target is that ratio; cold boot stays absolute (issue 14's 5 s): the run with every "
-        "guest booted in the server is printed beside it, but it is the slower way, no floor",
+        f"served: issue 14's 1 s was about {SERVE_RATIO:.0f}x the bare filesystem's start on a quiet 2-core machine "
+        "(0.16-0.2 s), so the target is that ratio (stricter than 1 s wherever the bare start is faster); cold "
+        "boot stays absolute (issue 14's 5 s): the run with every guest booted in the server is printed beside it, "
+        "but it is the slower way, no floor",
     ]
     return figures, notes
