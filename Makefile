@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 BENCHES ?=
 BASELINE ?=
 
-.PHONY: run test bench clean setup fuse test-tools
+.PHONY: run test bench clean setup fuse bytecode test-tools
 
 run: setup
 	@mkdir -p $(MNT)
@@ -25,7 +25,14 @@ test: setup test-tools
 bench: setup
 	$(PY) -m kvmdbgfs.bench $(BENCHES) $(if $(BASELINE),--baseline $(BASELINE))
 
-setup: fuse $(STAMP)
+setup: fuse $(STAMP) bytecode
+
+# The project's bytecode, as pip writes it for an installed package. An editable install has none until an
+# import writes it, which never happens where PYTHONDONTWRITEBYTECODE is set (as on this project's machines):
+# every start of mount.py would compile each module again (0.1 s of a 0.3 s start). Only changed sources are
+# compiled (0.04 s when none changed).
+bytecode: $(STAMP)
+	@$(PY) -m compileall -q kvmdbgfs workloads mount.py >/dev/null
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || $(MAKE) --no-print-directory apt-python3-venv
