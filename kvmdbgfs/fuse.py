@@ -170,7 +170,7 @@ class DebugfsOperations(mfusepy.Operations):
         with self._open_files_lock:
             file = self._open_files.pop(fh, None)
         if file is not None:
-            file.dentry.fops.release(file)
+            file.f_op.release(file)
         return 0
 
     def open_file_count(self) -> int:

@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None, prog: str = "mount.py") -> int:
     try:
         get_profile(args.kernel)
         scenario = load_scenario(args.scenario)
-        host = host_model({**asdict(scenario.host), **parse_host_overrides(args.host)})
+        machine = host_model({**asdict(scenario.host), **parse_host_overrides(args.host)})
         note = prepare_mountpoint(args.mountpoint)
     except (ValueError, MountpointError) as exc:
         return fail(prog, str(exc))
@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None, prog: str = "mount.py") -> int:
         return fail(prog, f"control socket {socket_path}: {exc.strerror or exc}")
     try:
         cache = None if args.no_cache else BootCache(default_directory())
-        vmm, boot = build_host(scenario, args.kernel, args.clock, host, cache, args.qemu_processes, args.boot_workers)
+        vmm, boot = build_host(scenario, args.kernel, args.clock, machine, cache, args.qemu_processes, args.boot_workers)
     except (ValueError, StandinError) as exc:
         control.close()
         return fail(prog, str(exc))

@@ -199,7 +199,7 @@ def build_host(
         qemu_processes=qemu_processes,
     )
     ahead = BootAhead(vmm.host_model, vmm.seed, boot_workers) if boot_cache is not None and boot_workers > 0 else None
-    jobs = []
+    jobs: list[tuple[QemuProcess, WorkloadJob]] = []
     for plan in scenario_plans(vmm.host, scenario):
         job = [make_job(plan.workload, plan.settings)] if plan.workload is not None else []
         if job and jobs:

@@ -94,14 +94,13 @@ def _read_file(dentry: Dentry) -> bytes:
     """open, read() to the end, release: what `cat` gets through the mount."""
     file = vfs_open(dentry, os.O_RDONLY)
     try:
-        assert dentry.fops is not None
         parts, offset = [], 0
-        while chunk := dentry.fops.read(file, READ_CHUNK, offset):
+        while chunk := file.f_op.read(file, READ_CHUNK, offset):
             parts.append(chunk)
             offset += len(chunk)
         return b"".join(parts)
     finally:
-        dentry.fops.release(file)
+        file.f_op.release(file)
 
 
 def read_tree(root: Dentry) -> list[Entry]:

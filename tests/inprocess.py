@@ -25,7 +25,7 @@ def cat(root: Dentry, path: str) -> str:
     try:
         return read_all(file).decode()
     finally:
-        file.dentry.fops.release(file)
+        file.f_op.release(file)
 
 
 def write(root: Dentry, path: str, data: bytes) -> int:
@@ -34,7 +34,7 @@ def write(root: Dentry, path: str, data: bytes) -> int:
     try:
         return vfs_write(file, data, 0)
     finally:
-        file.dentry.fops.release(file)
+        file.f_op.release(file)
 
 
 def walk_files(dentry: Dentry, prefix: str = "") -> list[str]:

@@ -241,7 +241,7 @@ def test_open_pins_the_vm_and_the_last_close_removes_it(make_vmm) -> None:
     assert read_all(file) == b"42\n"
     # A new open of the destroyed-but-pinned VM succeeds and pins it too.
     assert cat(root, f"{kvm.name}/mmu_cache_miss") == "42\n"
-    file.dentry.fops.release(file)
+    file.f_op.release(file)
     assert kvm.users_count == 0
     assert kvm.name not in root.children and host.vm_list == []
     assert errno_of(lambda: vfs_open(file.dentry, os.O_RDONLY)) == errno.ENOENT
@@ -265,7 +265,7 @@ def test_an_open_vcpu_file_keeps_nothing_and_reads_eio(make_vmm) -> None:
     assert (cat(root, "mmu_cache_miss"), cat(root, "exits")) == ("2\n", "3\n")
     for file in files:
         assert errno_of(lambda: read_all(file)) == errno.EIO
-        file.dentry.fops.release(file)
+        file.f_op.release(file)
     assert errno_of(lambda: vfs_open(files[0].dentry, os.O_RDONLY)) == errno.ENOENT
 
 
@@ -290,7 +290,7 @@ def test_destroy_twice_or_unknown_is_refused(make_vmm) -> None:
     with pytest.raises(LookupError, match="no VM named"):
         vmm.destroy_vm("1-1")
     assert kvm.users_count == 1
-    file.dentry.fops.release(file)
+    file.f_op.release(file)
 
 
 def test_tdp_vm_has_no_rmaps_and_an_empty_mmu_rmaps_stat(make_vmm) -> None:

@@ -14,11 +14,14 @@ import multiprocessing
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 
 from kvmdbgfs.arch.x86.debugfs import kvm_mmu_rmaps_stat_show
+from kvmdbgfs.arch.x86.kvm_arch import KvmArch
 from kvmdbgfs.bench.mounts import Served, bare_mounted, mounted, read_file, wait_booted
 from kvmdbgfs.bench.report import Figure, at_least, at_most, interleaved_medians, timed
 from kvmdbgfs.bench.rmap import read_heads
@@ -71,7 +74,7 @@ def read_rate_figures() -> tuple[list[Figure], list[str]]:
             int(read_file(path))  # each serves a number
         reads_per_second(pool, paths["bare"], max(READERS))  # starts the pool's processes
         rates = {
-            readers: interleaved_medians({name: lambda p=path, n=readers: reads_per_second(pool, p, n)
+            readers: interleaved_medians({name: partial(reads_per_second, pool, path, readers)
                                           for name, path in paths.items()}, ROUNDS)
             for readers in READERS
         }
@@ -110,7 +113,8 @@ def stat_read_times(vmm: Vmm, cache: Path) -> tuple[dict[str, float], bytes, Kvm
     """mount.py serving the 16 GiB guest from ``cache``: the medians of its mmu_rmaps_stat read, of the numpy
     floor over ``vmm``'s guest (the same one: the same text) and of the bare read of as many bytes."""
     (kvm,) = vmm.host.vm_list
-    arrays = [heads for slot in kvm.arch.memslots if slot.rmap is not None for heads in slot.rmap]
+    memslots = cast(KvmArch, kvm.arch).memslots
+    arrays = [heads for slot in memslots if slot.rmap is not None for heads in slot.rmap]
     with mounted(BIG_GUEST, "manual", env={"KVMDBGFS_CACHE_DIR": str(cache)}) as served:
         wait_booted(served)
         path = served.path / kvm.name / "mmu_rmaps_stat"

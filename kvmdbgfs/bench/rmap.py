@@ -16,6 +16,7 @@ import numpy as np
 
 from kvmdbgfs.arch.x86.mmu.memslot import PG_LEVEL_2M, PG_LEVEL_4K, KvmMemorySlot
 from kvmdbgfs.arch.x86.mmu.pte_list import PTE_LIST_DESIGNS, PteListDesign, make_pte_list
+from kvmdbgfs.arch.x86.mmu.pte_list_head import DesignD
 from kvmdbgfs.arch.x86.mmu.rmap import KvmRmaps
 from kvmdbgfs.arch.x86.mmu.rmaps_stat import mmu_rmaps_stat_show
 from kvmdbgfs.bench.report import CPU_TIME, Figure, Target, at_least, at_most, best_time, timed
@@ -118,7 +119,7 @@ def busy_guest(design: str, rng: np.random.Generator) -> tuple[KvmRmaps, list[Kv
     sptes are numbered densely, as the MMU allocates them."""
     rmaps, slots = shadow_vm(design, GUEST_LAYOUT, address_spaces=2)
     for slot in slots:
-        for heads in slot.rmap:
+        for heads in slot.rmap or []:
             heads.fill(
                 0
             )  # real pages, as vzalloc gives; untouched np.zeros pages read as the shared zero page
@@ -156,14 +157,14 @@ def read_heads(arrays: list[np.ndarray]) -> list[int]:
 def stat_row(name: str, rng: np.random.Generator) -> Figure:
     """mmu_rmaps_stat of a busy 16 GiB guest against one numpy read of its head arrays."""
     rmaps, slots = busy_guest(name, rng)
-    arrays = [heads for slot in slots for heads in slot.rmap]
+    arrays = [heads for slot in slots for heads in slot.rmap or []]
     floor = seconds = float("inf")
     for _ in range(STAT_REPEAT):  # interleaved, so both see the same machine state
         floor = min(floor, best_time(lambda: read_heads(arrays), 1, CPU_TIME))
         seconds = min(seconds, best_time(lambda: mmu_rmaps_stat_show(slots, rmaps.pte_list, "ffs"), 1, CPU_TIME))
     heads = f"{sum(len(a) for a in arrays) / 1e6:.2f}M heads"
     # v5.14 has no mmu_rmaps_stat: design A is shown for the vectorised chain walk only.
-    item, target = f"design {name}", at_most(STAT_TARGET_RATIO)
+    item, target = f"design {name}", at_most(STAT_TARGET_RATIO)  # type: str, Target | None
     if name == "A":
         item, target = "design A (no file in v5.14)", None
     return Figure("mmu_rmaps_stat 16G", item, seconds * 1e3, "ms", f"best of {STAT_REPEAT}, CPU", floor * 1e3,
@@ -177,14 +178,14 @@ def kernel_size(size: int) -> Target:
 
 def memory_rows() -> list[Figure]:
     _, slots = shadow_vm("C", GUEST_LAYOUT, address_spaces=2)
-    arrays = [heads for slot in slots for heads in slot.rmap]
+    arrays = [heads for slot in slots for heads in slot.rmap or []]
     per_head = sum(heads.nbytes for heads in arrays) / sum(len(heads) for heads in arrays)
     rows = [Figure("memory", "per rmap head (16G guest)", per_head, "B", "exact", target=kernel_size(8))]
     for name in PTE_LIST_DESIGNS:
         pte_list, _, _ = mixed_heads(name, 50_000, np.random.default_rng(1))
         rows.append(Figure("memory", f"per descriptor {name}", pte_list.pool.bytes_per_desc, "B", "exact",
                            target=kernel_size(pte_list.DESC_BYTES)))
-    d = make_pte_list("D")
+    d = DesignD()
     rows.append(Figure("memory", "D back-pointer per spte", d.rmap_pos_bytes_per_spte, "B", "exact",
                        reference="kernel C: 0 B"))
     return rows

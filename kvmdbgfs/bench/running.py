@@ -142,7 +142,8 @@ def sampler_intervals(root: Path, seconds: float) -> tuple[list[float], float, i
     once, as kvm_stat finds its fields once); the intervals between sample starts, the longest sample and the
     files read per sample."""
     files = [path for name in os.listdir(root) if "-" in name for path in stat_files(root / name)]
-    starts, longest = [], 0.0
+    starts: list[float] = []
+    longest = 0.0
     end = time.monotonic() + seconds
     while (now := time.monotonic()) < end or len(starts) < 2:  # at least one interval
         starts.append(now)

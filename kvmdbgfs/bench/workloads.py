@@ -13,10 +13,11 @@ from __future__ import annotations
 import statistics
 import tempfile
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 
-from kvmdbgfs.arch.x86.kvm_arch import X86KvmArchFactory
+from kvmdbgfs.arch.x86.kvm_arch import KvmArch, X86KvmArchFactory
 from kvmdbgfs.bench.report import CPU_TIME, Figure, at_most, timed
 from kvmdbgfs.guest.distro import Program
 from kvmdbgfs.guest.kernel import GuestKernel
@@ -34,7 +35,7 @@ SEED_MS = {"A": 367.2, "B": 265.2}  # v5.14 and v5.15 (design B) in the seed's c
 FORK_TARGET_S, BOOT_TARGET_S = 1.0, 3.0
 FORK_RUNS = 3
 FORK_METHOD = f"median of {FORK_RUNS} fresh guests, CPU"
-GUEST = {"memory": "6G", "vcpus": 2, "mmu": "shadow"}
+GUEST: dict[str, Any] = {"memory": "6G", "vcpus": 2, "mmu": "shadow"}
 BOOT = {"uptime": 10}
 FORK = {"children": 500}
 HOG = Program("hog", "memhog", ("libc.so.6",), heap_kib=64, text_frac=0.1)
@@ -64,7 +65,7 @@ def fork_runs(design: str) -> tuple[float, list[float], float, int, dict]:
             cache.save(key, vm, booted)
             cache.flush()
             vmm.boot_cache = cache  # the VMs made from here on restore that boot
-            costs = vm.kvm.arch.rmaps.pte_list.costs
+            costs = cast(KvmArch, vm.kvm.arch).rmaps.pte_list.costs
             visits_before = costs.desc_visits
             seconds, summary = rmap_fork(vm)
             runs = [seconds]
@@ -119,7 +120,8 @@ def bare_vm() -> Kvm:
 def fork_64m(batch: bool) -> float:
     """Seconds to fork a process that has written 64 MiB of private memory."""
     kvm = bare_vm()
-    kernel = GuestKernel(kvm.config.memory, kvm.arch.guest_hardware, np.random.default_rng(2), nr_vcpus=2, batch=batch)
+    hardware = cast(KvmArch, kvm.arch).guest_hardware
+    kernel = GuestKernel(kvm.config.memory, hardware, np.random.default_rng(2), nr_vcpus=2, batch=batch)
     system = kernel.boot()
     hog = kernel.spawn(HOG, system.session[-1])
     region = hog.mmap(HOG_BYTES, name="hog")

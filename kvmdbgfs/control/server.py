@@ -13,7 +13,7 @@ import json
 import logging
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from kvmdbgfs.control.client import RequestError
 from kvmdbgfs.kvm.host import require_type
@@ -26,6 +26,9 @@ from kvmdbgfs.vmm.standin import StandinError
 from kvmdbgfs.vmm.vmm import Vmm
 from kvmdbgfs.workloads import WORKLOADS, describe_workload, start_workload, wait_workload
 from kvmdbgfs.workloads.base import Progress, no_progress
+
+if TYPE_CHECKING:
+    from kvmdbgfs.arch.x86.kvm_arch import KvmArch
 
 # Requests that only read the host: served ahead of the guests' emulation (kvmdbgfs.sched). The others
 # wait for the VMs' threads, which must not be held back meanwhile.
@@ -44,6 +47,7 @@ class ClientGone(Exception):
 def describe_vm(kvm: Kvm, vm: QemuProcess | None) -> dict[str, Any]:
     """What `vm list` reports of a VM: the kernel's side, and QEMU's while its process runs."""
     config = kvm.config
+    pte_list = cast("KvmArch", kvm.arch).rmaps.pte_list  # an x86 VM's struct kvm_arch
     return {
         **(vm.describe() if vm is not None else {"workload": None, "queued": []}),
         "name": kvm.name,
@@ -52,12 +56,12 @@ def describe_vm(kvm: Kvm, vm: QemuProcess | None) -> dict[str, Any]:
         "mmu": config.mmu,
         "kernel": kvm.profile.name,
         "rmap_buckets": kvm.profile.rmap_bucket,  # how mmu_rmaps_stat buckets its counts: ffs or fls
-        "rmap_design": kvm.arch.rmaps.pte_list.name,
+        "rmap_design": pte_list.name,
         "seed": config.seed,
         "users_count": kvm.users_count,
         "destroyed": kvm.creator_ref_dropped,
-        "rmap_costs": kvm.arch.rmaps.pte_list.costs.as_dict(),
-        "live_descs": kvm.arch.rmaps.pte_list.live_descs,
+        "rmap_costs": pte_list.costs.as_dict(),
+        "live_descs": pte_list.live_descs,
     }
 
 

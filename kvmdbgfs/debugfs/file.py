@@ -10,10 +10,12 @@ from kvmdbgfs.debugfs.errors import EINVAL, EIO, EISDIR, ENOENT, kernel_error
 
 
 class File:
-    """struct file: one open of a dentry, with the fops' per-open ``private_data``."""
+    """struct file: one open of a dentry, with its fops (``f_op``, the dentry's when opened) and their per-open
+    ``private_data``."""
 
-    def __init__(self, dentry: Dentry, flags: int) -> None:
+    def __init__(self, dentry: Dentry, f_op: FileOperations, flags: int) -> None:
         self.dentry = dentry
+        self.f_op = f_op
         self.flags = flags
         self.private_data: Any = None
         # Serialises read/write on one open, as seq_file and simple_attr hold a mutex.
@@ -47,8 +49,8 @@ def vfs_open(dentry: Dentry, flags: int) -> File:
         raise kernel_error(EISDIR)
     if dentry.removed or dentry.fops is None:
         raise kernel_error(ENOENT)
-    file = File(dentry, flags)
-    dentry.fops.open(file)
+    file = File(dentry, dentry.fops, flags)
+    file.f_op.open(file)
     return file
 
 
@@ -63,13 +65,13 @@ def debugfs_file_get(file: File) -> None:
 def vfs_read(file: File, size: int, offset: int) -> bytes:
     """vfs_read() on an open debugfs file: full_proxy_read()."""
     debugfs_file_get(file)
-    return file.dentry.fops.read(file, size, offset)
+    return file.f_op.read(file, size, offset)
 
 
 def vfs_write(file: File, data: bytes, offset: int) -> int:
     """vfs_write() on an open debugfs file: full_proxy_write()."""
     debugfs_file_get(file)
-    return file.dentry.fops.write(file, data, offset)
+    return file.f_op.write(file, data, offset)
 
 
 def read_from_buffer(buf: bytes, size: int, offset: int) -> bytes:

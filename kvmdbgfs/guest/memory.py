@@ -42,7 +42,7 @@ class GuestMemory:
 
     def __setstate__(self, state: dict[str, object]) -> None:
         set_attributes(self, state)
-        self._words = {gfn: memoryview(entries) for gfn, entries in self._tables.items()}
+        self._words = {gfn: entries.data for gfn, entries in self._tables.items()}
         self._spare = []
         self._chunk, self._chunk_used = np.zeros((0, PT64_ENT_PER_PAGE), np.uint64), 0
 
@@ -63,7 +63,7 @@ class GuestMemory:
                 self._chunk, self._chunk_used = np.zeros((TABLE_CHUNK, PT64_ENT_PER_PAGE), np.uint64), 0
             entries = self._chunk[self._chunk_used]
             self._chunk_used += 1
-            words = memoryview(entries)
+            words = entries.data
         self._tables[gfn], self._words[gfn] = entries, words
         return entries
 

@@ -251,9 +251,9 @@ def get_profile(name: str) -> KernelProfile:
             raise ValueError(f"{name}: another profile named {profile.name!r} is already loaded")
         return profile
     base, plus, variant = name.partition("+")
-    profile = PROFILES.get(base)
-    if profile is None or (plus and variant not in RMAP_BUCKETS):
+    known = PROFILES.get(base)
+    if known is None or (plus and variant not in RMAP_BUCKETS):
         raise ValueError(f"unknown kernel profile {name!r} (known: {', '.join(profile_names())})")
     if variant == "fls":
-        return replace(profile, name=name, rmap_bucket="fls")
-    return profile
+        return replace(known, name=name, rmap_bucket="fls")
+    return known

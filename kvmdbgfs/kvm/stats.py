@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -59,6 +60,12 @@ class StatBlock:
     Counters are ints; histograms are numpy arrays. debugfs reads a histogram's
     first bucket only, since it reads one u64 at the descriptor's offset.
     """
+
+    if TYPE_CHECKING:  # the attributes are the descriptors' names, set in __init__ (see kvm/profiles.py)
+
+        def __getattr__(self, name: str) -> Any: ...
+
+        def __setattr__(self, name: str, value: Any) -> None: ...
 
     def __init__(self, descs: tuple[StatDesc, ...]) -> None:
         for desc in descs:

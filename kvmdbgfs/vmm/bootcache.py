@@ -46,7 +46,7 @@ import zlib
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -54,6 +54,7 @@ from kvmdbgfs.instance_state import set_attributes
 from kvmdbgfs.kvm.host import KvmHost
 
 if TYPE_CHECKING:
+    from kvmdbgfs.arch.x86.kvm_arch import KvmArch
     from kvmdbgfs.vmm.qemu import QemuProcess
 
 log = logging.getLogger(__name__)
@@ -234,7 +235,7 @@ class _Loader(pickle.Unpickler):
     _LOCKS = {"lock": threading.Lock, "RLock": threading.RLock, "Condition": threading.Condition,
               "Event": threading.Event}
 
-    def __init__(self, file: io.BytesIO, vm: QemuProcess) -> None:
+    def __init__(self, file: _ChunkedReader, vm: QemuProcess) -> None:
         super().__init__(file)
         self._roots = _roots(vm)
         self._host, self._clock = vm.kvm.host, vm.clock
@@ -273,7 +274,7 @@ class BootCache:
             "profile": repr(vm.kvm.profile),
             "host": repr(vm.kvm.host.arch_factory),
             "config": [config.memory, config.vcpus, config.mmu, config.rmap_design, vm.seed],
-            "rmap_design": vm.kvm.arch.rmaps.pte_list.name,
+            "rmap_design": cast("KvmArch", vm.kvm.arch).rmaps.pte_list.name,  # an x86 VM's struct kvm_arch
             "workload": workload,
             "settings": settings,
         }

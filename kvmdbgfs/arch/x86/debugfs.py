@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from kvmdbgfs.arch.x86.mmu.rmaps_stat import mmu_rmaps_stat_show
 from kvmdbgfs.debugfs.dentry import Dentry, create_file
@@ -11,13 +11,14 @@ from kvmdbgfs.kvm.debugfs import VmPinnedFops, create_vcpu_file
 from kvmdbgfs.kvm.vcpu import TSC_SCALING_RATIO_FRAC_BITS, KvmVcpu
 
 if TYPE_CHECKING:
+    from kvmdbgfs.arch.x86.kvm_arch import KvmArch
     from kvmdbgfs.kvm.vm import Kvm
 
 
 def kvm_mmu_rmaps_stat_show(kvm: Kvm) -> str:
     """kvm_mmu_rmaps_stat_show(): the rmap-length histogram, under mmu_lock for the whole walk."""
     with kvm.mmu_lock:
-        arch = kvm.arch
+        arch = cast("KvmArch", kvm.arch)  # an x86 VM's struct kvm_arch
         slots = arch.memslots if arch.memslots_have_rmaps() else []
         return mmu_rmaps_stat_show(slots, arch.rmaps.pte_list, kvm.profile.rmap_bucket)
 

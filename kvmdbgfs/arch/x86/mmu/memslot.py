@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast, overload
+
 import numpy as np
 
 PG_LEVEL_4K = 1
@@ -16,6 +18,10 @@ def KVM_HPAGE_GFN_SHIFT(level: int) -> int:
     return (level - PG_LEVEL_4K) * 9
 
 
+@overload
+def gfn_to_index(gfn: int, base_gfn: int, level: int) -> int: ...
+@overload
+def gfn_to_index(gfn: np.ndarray, base_gfn: int, level: int) -> np.ndarray: ...
 def gfn_to_index(gfn: int | np.ndarray, base_gfn: int, level: int) -> int | np.ndarray:
     """Index of ``gfn``'s rmap head at ``level``, counted from the level-aligned frame holding base_gfn."""
     shift = KVM_HPAGE_GFN_SHIFT(level)
@@ -52,6 +58,10 @@ class KvmMemorySlot:
     def contains(self, gfn: int) -> bool:
         return self.base_gfn <= gfn < self.base_gfn + self.npages
 
+    @overload
+    def gfn_to_rmap(self, gfn: int, level: int) -> tuple[np.ndarray, int]: ...
+    @overload
+    def gfn_to_rmap(self, gfn: np.ndarray, level: int) -> tuple[np.ndarray, np.ndarray]: ...
     def gfn_to_rmap(self, gfn: int | np.ndarray, level: int) -> tuple[np.ndarray, int | np.ndarray]:
         """gfn_to_rmap: the level's head array and the index (or indices) of ``gfn``'s head."""
         rmap = self.rmap
@@ -69,4 +79,4 @@ class KvmMemorySlot:
             if not (self.contains(lowest) and self.contains(highest)):
                 # The kernel trusts its callers; numpy would silently wrap a negative index.
                 raise IndexError(f"gfn outside memslot {self.as_id}:{self.id}")
-        return self.rmap[level - 1], gfn_to_index(gfn, self.base_gfn, level)
+        return rmap[level - 1], gfn_to_index(cast(np.ndarray, gfn), self.base_gfn, level)

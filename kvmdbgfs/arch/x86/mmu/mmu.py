@@ -264,6 +264,7 @@ class KvmMmu:
         leaf_spte = self._pool().leaf_spte
         mask, needed = masks
         shadow_paging, memory, cr3 = self.shadow_paging, self.memory, vcpu.cr3
+        assert cr3 is not None  # both callers' vCPUs loaded CR3 (_translating, _enter_access)
         for n in range(start, len(gvas)):
             addr = gvas[n] if shadow_paging else walk_addr_generic(memory, cr3, gvas[n], write, user) << PAGE_SHIFT
             if addr >= 0:

@@ -126,8 +126,7 @@ def walk_addr_generic(
     are checked on the AND of the PTEs walked, and nothing else is computed. Both walk every guest access, so
     the loop sticks to local names and Python ints: read_pte(), pt_index(), gpte_access(), the last-level
     test, pte_gfn() and protect_clean_gpte() are written out in it."""
-    recorded = walker is not None
-    if recorded:
+    if walker is not None:
         table_gfns, ptes, pt_access = walker.table_gfn, walker.ptes, walker.pt_access
     table_of = memory.words().get
     entries = table_of(root_gfn)
@@ -142,7 +141,7 @@ def walk_addr_generic(
         if not gpte & PT_PRESENT_MASK:
             return -1
         every &= gpte
-        if recorded:
+        if walker is not None:
             ptes[level - 1] = gpte
             access &= (gpte & (ACC_WRITE_MASK | ACC_USER_MASK)) | (0 if gpte & PT64_NX_MASK else ACC_EXEC_MASK)
         if gpte & PT_PAGE_SIZE_MASK and level <= PG_LEVEL_1G or level == PG_LEVEL_4K:
@@ -151,7 +150,7 @@ def walk_addr_generic(
         entries = table_of(table_gfn)
         level -= 1
         shift -= 9
-        if recorded:
+        if walker is not None:
             table_gfns[level - 1] = table_gfn
             pt_access[level - 1] = access
     if (write and not every & ACC_WRITE_MASK) or (user and not every & ACC_USER_MASK):
@@ -160,7 +159,7 @@ def walk_addr_generic(
     if level > PG_LEVEL_4K:  # the 4K page within the huge one
         pages = KVM_PAGES_PER_HPAGE(level)
         gfn = (gfn & -pages) + ((gva >> PAGE_SHIFT) & (pages - 1))
-    if recorded:
+    if walker is not None:
         walker.level = level
         walker.gfn = gfn
         walker.pte_access = access if write or gpte & PT_DIRTY_MASK else access & ~ACC_WRITE_MASK  # protect_clean

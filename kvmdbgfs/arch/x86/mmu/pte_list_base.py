@@ -50,7 +50,7 @@ def scan_heads(heads: np.ndarray) -> tuple[int, np.ndarray]:
     nonempty = 0
     for start in range(0, len(heads), SCAN_CHUNK):
         chunk = heads[start : start + SCAN_CHUNK]
-        count = np.count_nonzero(chunk)
+        count = int(np.count_nonzero(chunk))
         if count:
             nonempty += count
             bits = low[: len(chunk)]

@@ -85,10 +85,10 @@ class DescPool:
         through them: indexing a memoryview costs a fraction of ndarray.item or of an ndarray element store.
         ``sptes_view``: ``sptes`` as one flat run of int64 (slot ``slot`` of descriptor ``desc`` at
         ``desc * ext + slot``); ``<name>_view`` of each int32 array (``meta``, ``hints``, ``free_ids``)."""
-        self.sptes_view = memoryview(self.sptes).cast("B").cast("q")
-        self.free_ids_view = memoryview(self.free_ids)
+        self.sptes_view = self.sptes.data.cast("B").cast("q")
+        self.free_ids_view = self.free_ids.data
         for name in self.zeroed:
-            setattr(self, f"{name}_view", memoryview(getattr(self, name)))
+            setattr(self, f"{name}_view", getattr(self, name).data)
 
     def __getstate__(self) -> dict[str, object]:
         """Pickled (boot snapshots) and deep-copied without the views, which are made again after."""
@@ -139,7 +139,7 @@ class DescPool:
         self.costs.allocs += 1
         return self.free_ids_view[self.nfree]
 
-    def free(self, ids: np.ndarray) -> None:
+    def free(self, ids: np.ndarray | list[int]) -> None:
         """Return descriptors to the slab (mmu_free_pte_list_desc), cleared for their next allocation."""
         self.sptes[ids] = 0
         for name in self.zeroed:

@@ -65,9 +65,9 @@ class SptPool:
         itself, for readers off those paths (the tests). ``access_bytes``: ``access`` as one flat memoryview the
         same way, for mmu_set_spte's store of one entry's access."""
         self.get = self.spt.item
-        self.words = memoryview(self.spt).cast("B").cast("Q")
-        self._levels = memoryview(self.level)
-        self.access_bytes = memoryview(self.access).cast("B")
+        self.words = self.spt.data.cast("B").cast("Q")
+        self._levels = self.level.data
+        self.access_bytes = self.access.data.cast("B")
 
     def __getstate__(self) -> dict[str, object]:
         """Pickled (boot snapshots) and deep-copied without the views, which are made again after."""
