@@ -34,6 +34,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+from mypy_extensions import mypyc_attr
 
 from kvmdbgfs.zero_extend import zero_extended
 
@@ -58,6 +59,7 @@ def gfp_migratetype(kind: int) -> int:
     return MIGRATE_MOVABLE if kind in MOVABLE_KINDS else MIGRATE_UNMOVABLE
 
 
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)
 class FreeList:
     """One migratetype's free pages as a LIFO stack: the top is the next page handed out."""
 
@@ -124,6 +126,7 @@ class MovableZone:
         return (gfns >= self.start) & (gfns < self.end)
 
 
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)
 class PageAllocator:
     """Order-0 page allocation over the frames listed in ``free_runs`` (gfn ranges, in allocation order);
     the rest of ``ram`` is reserved. Memory onlined later forms a ``movable`` zone."""

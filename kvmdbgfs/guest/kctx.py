@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import numpy as np
+from mypy_extensions import mypyc_attr
 
 from kvmdbgfs.guest.allocator import PAGE_TABLE, PageAllocator
 from kvmdbgfs.guest.hardware import GuestHardware
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
     from kvmdbgfs.guest.tlb import Tlb
 
 
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)
 class KernelContext:
     """The running guest kernel's view of the machine."""
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from mypy_extensions import mypyc_attr
 
 from kvmdbgfs.guest import exec as binfmt
 from kvmdbgfs.guest import userspace
@@ -55,6 +56,7 @@ class KernelConfig:
     pti: bool = False  # page-table isolation (pti=on / pti=off on the kernel command line)
 
 
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)
 class GuestKernel:
     """The guest OS. ``batch`` selects the vectorised paths (one store_ptes per page-table page and step)."""
 

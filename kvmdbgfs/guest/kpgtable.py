@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import numpy as np
+from mypy_extensions import mypyc_attr
 
 from kvmdbgfs.guest import allocator
 from kvmdbgfs.guest.kctx import KernelContext
@@ -90,6 +91,7 @@ def table_chunks(va: int, n: int, level: int) -> Iterator[tuple[int, int, int, i
         done += count
 
 
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)
 class KernelPageTables:
     """init_mm's page tables; the entries 256..511 of its pgd are what pgd_alloc copies into every process."""
 

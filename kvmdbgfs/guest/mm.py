@@ -9,6 +9,7 @@ from __future__ import annotations
 import bisect
 
 import numpy as np
+from mypy_extensions import mypyc_attr
 
 from kvmdbgfs.guest.allocator import PAGE_TABLE
 from kvmdbgfs.guest.kctx import KernelContext
@@ -43,6 +44,7 @@ def pgd_free(ctx: KernelContext, pgd: int) -> None:
     ctx.free_tables([pgd, *(ctx.pti.pgd_free(pgd) if ctx.pti is not None else ())])
 
 
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)
 class Mm:
     """One address space. ``tlb_gen`` counts flushes (x86 mm->context.tlb_gen)."""
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+from mypy_extensions import mypyc_attr
 
 from kvmdbgfs.guest.allocator import PAGE_CACHE
 from kvmdbgfs.guest.kctx import KernelContext
@@ -36,6 +37,7 @@ class File:
         self.pages = np.full(self.nr_pages, -1, np.int64)
 
 
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)
 class PageCache:
     def __init__(self, ctx: KernelContext) -> None:
         self.ctx = ctx

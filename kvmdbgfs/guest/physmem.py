@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from mypy_extensions import mypyc_attr
+
 from kvmdbgfs.vmm.layout import HIGH_MEMORY_START, PAGE_SHIFT, MiB, q35_memslots
 
 ISA_END_PFN = (1 * MiB) >> PAGE_SHIFT
@@ -37,6 +39,7 @@ def e820_ram(memory: int) -> list[tuple[int, int]]:
     return runs
 
 
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)
 class Memblock:
     """memblock: early boot allocations, top-down from the end of RAM; all of them stay reserved."""
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import numpy as np
+from mypy_extensions import mypyc_attr
 
 from kvmdbgfs.guest.pgtable import KERNEL_PGD_BOUNDARY, KERNPG_TABLE, alloc_table_at
 from kvmdbgfs.guest.pte import pt_index
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
     from kvmdbgfs.guest.kpgtable import KernelPageTables
 
 
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)
 class PageTableIsolation:
     """The user pgd of every process pgd, and which vCPUs run on a user pgd now."""
 

@@ -9,12 +9,14 @@ of those pages again (kmem_cache_alloc, kfree).
 from __future__ import annotations
 
 import numpy as np
+from mypy_extensions import mypyc_attr
 
 from kvmdbgfs.guest.allocator import PAGE_KERNEL
 from kvmdbgfs.guest.kctx import KernelContext
 from kvmdbgfs.guest.vaddr import direct_map
 
 
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)
 class Slab:
     def __init__(self, ctx: KernelContext, rng: np.random.Generator, npages: int) -> None:
         self.ctx = ctx

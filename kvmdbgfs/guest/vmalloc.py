@@ -12,6 +12,7 @@ from __future__ import annotations
 import heapq
 
 import numpy as np
+from mypy_extensions import mypyc_attr
 
 from kvmdbgfs.guest.allocator import PAGE_KERNEL
 from kvmdbgfs.guest.kctx import KernelContext
@@ -25,6 +26,7 @@ LAZY_MAX_PAGES_PER_FLS = (32 << 20) // PAGE_SIZE
 STACK_TOUCH_PAGES = 2  # the top of the stack a running task writes to
 
 
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)
 class KernelStacks:
     """alloc_thread_stack_node / free_thread_stack over the vmalloc area."""
 

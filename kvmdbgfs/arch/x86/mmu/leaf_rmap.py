@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
+from mypy_extensions import mypyc_attr
 
 from kvmdbgfs.arch.x86.mmu.memslot import KvmMemorySlot
 from kvmdbgfs.arch.x86.mmu.mmu_memslots import MmuMemslots, MmuSlot
@@ -35,6 +36,7 @@ from kvmdbgfs.arch.x86.mmu.spte import (
 from kvmdbgfs.kvm.stats import StatBlock
 
 
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)
 class LeafRmaps:
     """The VM's KvmRmaps seen from the MMU: the page-size stats and leaf counts move with every add and removal.
 

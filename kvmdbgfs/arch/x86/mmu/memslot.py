@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import cast, overload
 
 import numpy as np
+from mypy_extensions import mypyc_attr
 
 PG_LEVEL_4K = 1
 PG_LEVEL_2M = 2
@@ -33,6 +34,7 @@ def kvm_mmu_slot_lpages(slot: KvmMemorySlot, level: int) -> int:
     return gfn_to_index(slot.base_gfn + slot.npages - 1, slot.base_gfn, level) + 1
 
 
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)
 class KvmMemorySlot:
     """struct kvm_memory_slot with the x86 ``arch.rmap[level - 1]`` head arrays."""
 

@@ -27,6 +27,7 @@ from threading import RLock
 from typing import TYPE_CHECKING
 
 import numpy as np
+from mypy_extensions import mypyc_attr
 
 from kvmdbgfs.arch.x86.mmu.leaf_rmap import LeafRmaps
 from kvmdbgfs.sched import cond_resched
@@ -84,6 +85,7 @@ ACCESS_MASKS = {(w, u, f): access_masks(w, u, f) for w in (False, True) for u in
 _STORE_MASK, _STORE_NEEDED = ACCESS_MASKS[True, False, False]  # a kernel store's (store_ptes)
 
 
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)
 class MmuLock:
     """``with mmu.locked:`` holds kvm->mmu_lock, yielding to waiting readers before taking it (cond_resched).
     ``with mmu.locked.for_exit:`` holds it for a vCPU's exit, whose GuestHardware call has yielded already
@@ -103,6 +105,7 @@ class MmuLock:
         self.for_exit.__exit__()
 
 
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)
 class _ExitLock:
     """MmuLock without its cond_resched() (see MmuLock.for_exit)."""
 
@@ -118,6 +121,7 @@ class _ExitLock:
         self.held.lock.release()
 
 
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)
 class KvmMmu:
     """One VM's MMU. ``host_max_level`` is the largest page the host backs guest RAM with
     (2: transparent huge pages, the default; 3: 1 GiB hugetlbfs; 1: small pages only); ``nx_huge_pages`` is

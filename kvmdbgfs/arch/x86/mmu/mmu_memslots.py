@@ -12,6 +12,7 @@ import bisect
 from collections.abc import Iterable
 
 import numpy as np
+from mypy_extensions import mypyc_attr
 
 from kvmdbgfs.arch.x86.mmu.memslot import KVM_NR_PAGE_SIZES, KvmMemorySlot, gfn_to_index, kvm_mmu_slot_lpages
 from kvmdbgfs.arch.x86.mmu.spte import KVM_MAX_HUGEPAGE_LEVEL, KVM_PAGES_PER_HPAGE, PG_LEVEL_2M, PG_LEVEL_4K
@@ -36,6 +37,7 @@ class MmioAccess(Exception):
     """A fault on a gfn outside every memslot: KVM would create an MMIO spte and exit to userspace (not modelled)."""
 
 
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)
 class MmuSlot:
     """One address-space-0 memslot as the MMU sees it."""
 
@@ -71,6 +73,7 @@ class MmuSlot:
             del self.write_track[gfn]
 
 
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)
 class MmuMemslots:
     """The MmuSlot of every address-space-0 memslot, sorted by base gfn."""
 

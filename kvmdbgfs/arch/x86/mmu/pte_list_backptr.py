@@ -12,12 +12,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import numpy as np
+from mypy_extensions import mypyc_attr
 
 CHUNK_SHIFT = 15  # 32768 words (256 KiB): the sptes of 64 shadow pages
 CHUNK_ENTRIES = 1 << CHUNK_SHIFT
 CHUNK_MASK = CHUNK_ENTRIES - 1
 
 
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)
 class BackPointers:
     """``table[key]`` for every key, 0 where nothing was stored; scalar and numpy access."""
 

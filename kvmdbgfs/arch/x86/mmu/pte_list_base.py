@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from typing import ClassVar, NamedTuple
 
 import numpy as np
+from mypy_extensions import mypyc_attr
 
 from kvmdbgfs.arch.x86.mmu.pte_list_pool import DescPool, RmapCosts
 
@@ -123,6 +124,7 @@ def _one(value: int) -> np.ndarray:
     return np.array([value], np.int64)
 
 
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)
 class PteListDesign(ABC):
     """One rmap list design (the pte_list_* functions of one kernel version) with its own pool and counters.
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+from mypy_extensions import mypyc_attr
 
 from kvmdbgfs.arch.x86.mmu.pte_list_backptr import BackPointers
 from kvmdbgfs.arch.x86.mmu.pte_list_base import Hit, PteListDesign, RmapCorruption, desc_head
@@ -11,6 +12,7 @@ from kvmdbgfs.arch.x86.mmu.pte_list_base import Hit, PteListDesign, RmapCorrupti
 POS_STRIDE = 16
 
 
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)
 class DesignC(PteListDesign):
     """Version C (v6.4+, Lai Jiangshan): ``more``, ``spte_count``, ``tail_count``, ``sptes[14]`` = 128 bytes.
 
@@ -120,6 +122,7 @@ class DesignC(PteListDesign):
             pool.free([first])
 
 
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)
 class DesignD(DesignC):
     """Design D (ours): design C plus a back-pointer per spte, for O(1) removal.
 

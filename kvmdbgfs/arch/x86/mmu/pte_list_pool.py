@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
+from mypy_extensions import mypyc_attr
 
 from kvmdbgfs.instance_state import set_attributes
 from kvmdbgfs.zero_extend import zero_extended
@@ -38,6 +39,7 @@ class RmapCosts:
         return asdict(self)
 
 
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)
 class DescPool:
     """Descriptors of one VM: ``sptes[id, 0:ext]`` plus int32 metadata arrays named by ``meta``.
 
@@ -91,8 +93,10 @@ class DescPool:
             setattr(self, f"{name}_view", getattr(self, name).data)
 
     def __getstate__(self) -> dict[str, object]:
-        """Pickled (boot snapshots) and deep-copied without the views, which are made again after."""
-        return {name: value for name, value in self.__dict__.items() if not name.endswith("_view")}
+        """Pickled (boot snapshots) and deep-copied without the views, which are made again after. The
+        attributes are named, not taken from ``__dict__``: a class compiled by mypyc has none."""
+        names = ("ext", "meta", "zeroed", "costs", "sptes", *self.zeroed, "free_ids", "nfree")
+        return {name: getattr(self, name) for name in names}
 
     def __setstate__(self, state: dict[str, object]) -> None:
         set_attributes(self, state)

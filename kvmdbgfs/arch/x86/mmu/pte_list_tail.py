@@ -5,10 +5,12 @@ from __future__ import annotations
 from typing import ClassVar
 
 import numpy as np
+from mypy_extensions import mypyc_attr
 
 from kvmdbgfs.arch.x86.mmu.pte_list_base import SCALAR_WALK_ROWS, Hit, PteListDesign, desc_head
 
 
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)
 class TailAppendDesign(PteListDesign):
     """pte_list_add walks from the head while descriptors are full and appends to the first
     non-full one (a fresh tail descriptor if none), so its count stops there and can
@@ -211,6 +213,7 @@ class TailAppendDesign(PteListDesign):
         self.pool.free(descs)
 
 
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)
 class DesignA(TailAppendDesign):
     """Version A (up to v5.14): ``sptes[3]`` + ``more`` = 32 bytes, no counter.
 
@@ -283,6 +286,7 @@ class DesignA(TailAppendDesign):
         return np.concatenate(rows_out), np.concatenate(sptes_out)
 
 
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)
 class DesignB(TailAppendDesign):
     """Version B (v5.15 - v6.3, Peter Xu): ``more``, ``spte_count``, ``sptes[14]`` = 128 bytes.
 

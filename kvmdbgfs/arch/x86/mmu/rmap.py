@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import numpy as np
+from mypy_extensions import mypyc_attr
 
 from kvmdbgfs.arch.x86.mmu.memslot import KVM_NR_PAGE_SIZES, KvmMemorySlot, gfn_to_index
 from kvmdbgfs.arch.x86.mmu.pte_list import make_pte_list, occurrence_rounds
@@ -30,6 +31,7 @@ class RmapAdds(NamedTuple):
     recycled: list[np.ndarray]
 
 
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)
 class KvmRmaps:
     """The rmap half of one VM's shadow MMU.
 

@@ -11,6 +11,7 @@ tables by gfn (what ``for_each_gfn_valid_sp_with_gptes`` finds by walking a buck
 from __future__ import annotations
 
 import numpy as np
+from mypy_extensions import mypyc_attr
 
 from kvmdbgfs.arch.x86.mmu.pte_list import make_pte_list
 from kvmdbgfs.arch.x86.mmu.spt_pool import SptPool
@@ -39,6 +40,7 @@ def kvm_page_table_hashfn(gfn: int) -> int:
     return ((gfn * GOLDEN_RATIO_64) & U64_MASK) >> (64 - KVM_MMU_HASH_SHIFT)
 
 
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)
 class KvmMmuPage:
     """struct kvm_mmu_page. ``unsync_child_bitmap`` is a 512-bit int."""
 
@@ -82,6 +84,7 @@ class KvmMmuPage:
         return f"<sp {self.id} gfn {self.gfn:#x} level {self.level} {kind} access {self.access}>"
 
 
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)
 class ShadowPages:
     """The VM's shadow pages: mmu_page_hash, active_mmu_pages, by id, valid pages with guest PTEs by gfn."""
 
@@ -126,6 +129,7 @@ class ShadowPages:
         return gfn in self.by_gfn
 
 
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)
 class ParentPtes:
     """Each page's ``parent_ptes``: the non-leaf sptes pointing at it, on the VM's pte_list design.
 

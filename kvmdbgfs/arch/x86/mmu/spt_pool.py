@@ -43,6 +43,10 @@ def revokes_any(old: np.ndarray, new: np.ndarray) -> bool:
     return bool(((old & ~new & U64(SPTE_PERM_MASK)) != 0).any() or (present & moved).any())
 
 
+# SptPool's state (__getstate__), in the order __init__ sets it; the rest is made again from it.
+_STATE = ("spt", "access", "level", "free_ids", "next_id", "revoke_seq")
+
+
 class SptPool:
     def __init__(self) -> None:
         self.spt = np.zeros((INITIAL_PAGES, SPTE_ENT_PER_PAGE), np.uint64)
@@ -70,11 +74,9 @@ class SptPool:
         self.access_bytes = self.access.data.cast("B")
 
     def __getstate__(self) -> dict[str, object]:
-        """Pickled (boot snapshots) and deep-copied without the views, which are made again after."""
-        state = self.__dict__.copy()
-        for view in ("get", "words", "_levels", "access_bytes", "_walks", "_walks_seq"):
-            del state[view]
-        return state
+        """Pickled (boot snapshots) and deep-copied without the views, which are made again after. The
+        attributes are named, not taken from ``__dict__``: a class compiled by mypyc has none."""
+        return {name: getattr(self, name) for name in _STATE}
 
     def __setstate__(self, state: dict[str, object]) -> None:
         set_attributes(self, state)
