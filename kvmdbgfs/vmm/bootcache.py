@@ -162,8 +162,14 @@ class _Saver(pickle.Pickler):
             return self._sparse(obj)
         cls = type(obj)
         if (not cls.__module__.startswith(PACKAGE) or cls.__reduce_ex__ is not object.__reduce_ex__
-                or cls.__reduce__ is not object.__reduce__ or hasattr(cls, "__setstate__")
-                or not hasattr(obj, "__dict__")):
+                or cls.__reduce__ is not object.__reduce__):
+            return NotImplemented
+        if hasattr(obj, "__dict__"):
+            if hasattr(cls, "__setstate__"):
+                return NotImplemented
+        elif not _is_frozen_dataclass(cls):
+            # A class compiled by mypyc (kvmdbgfs/native.py): no __dict__, and a __setstate__ of its own that
+            # sets each attribute, except through a frozen dataclass's __setattr__, which refuses.
             return NotImplemented
         reduced = obj.__reduce_ex__(PROTOCOL)
         if not isinstance(reduced[2], dict):
@@ -181,6 +187,11 @@ class _Saver(pickle.Pickler):
         if indices.size * (flat.itemsize + indices.itemsize) * 2 > obj.nbytes:
             return NotImplemented
         return dense_array, (obj.dtype.str, obj.shape, indices, flat[indices])
+
+
+def _is_frozen_dataclass(cls: type) -> bool:
+    params = getattr(cls, "__dataclass_params__", None)
+    return bool(params is not None and params.frozen)
 
 
 def dense_array(dtype: str, shape: tuple[int, ...], indices: np.ndarray, values: np.ndarray) -> np.ndarray:
