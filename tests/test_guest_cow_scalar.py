@@ -62,7 +62,9 @@ def test_few_page_private_write_faults_equal_the_numpy_path(
 ) -> None:
     scalar, scalar_calls = run_with(monkeypatch, scenario, fault.SCALAR_FAULTS, batch)
     vectorised, vectorised_calls = run_with(monkeypatch, scenario, 0, batch)
-    assert scalar_calls > 0 and vectorised_calls == 0
+    # Compiled by mypyc (kvmdbgfs/native.py), fault.py calls its own functions directly: the patched counter
+    # sees none of them (SCALAR_FAULTS is still read at each fault, so the two runs still take both paths).
+    assert (scalar_calls > 0 or not fault.__file__.endswith(".py")) and vectorised_calls == 0
     assert hw(scalar).events == hw(vectorised).events  # the same calls in the same order
     same_state(scalar, vectorised)
 

@@ -369,7 +369,7 @@ del _name, _machine, _case
 def state(rmaps: KvmRmaps, slot: KvmMemorySlot) -> tuple:
     """What a batch must reproduce: stats, costs, pool occupancy, then every list in iteration order."""
     before = (vars(rmaps.vm_stat).copy(), rmaps.pte_list.costs.as_dict(), rmaps.pte_list.live_descs)
-    lists = [[list(rmaps.pte_list.iterate(heads, i)) for i in np.flatnonzero(heads)] for heads in slot.rmap]
+    lists = [[list(rmaps.pte_list.iterate(heads, i)) for i in np.flatnonzero(heads).tolist()] for heads in slot.rmap]
     return before, lists
 
 

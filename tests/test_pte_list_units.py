@@ -244,7 +244,7 @@ def test_d_back_pointers_follow_every_move_and_are_cleared() -> None:
     design, heads, added = filled("D", 30)
     design.remove(heads, 0, added[0])
     for desc, row in enumerate(design.pool.sptes):
-        for slot, spte in enumerate(row[: design.pool.spte_count[desc]]):
+        for slot, spte in enumerate(row[: design.pool.spte_count[desc]].tolist()):
             assert design.rmap_pos[spte >> 3] == desc * 16 + slot
     design.zap(heads, 0)
     assert not design.rmap_pos.any()

@@ -97,7 +97,7 @@ def brute_force_histogram(slots: list[KvmMemorySlot], rmaps: KvmRmaps, bucket) -
     for slot in slots:
         for level in (PG_LEVEL_4K, PG_LEVEL_2M, PG_LEVEL_1G):
             heads = slot.rmap[level - 1]
-            counts = [rmaps.pte_list.count(heads, i) for i in np.flatnonzero(heads)]
+            counts = [rmaps.pte_list.count(heads, i) for i in np.flatnonzero(heads).tolist()]
             np.add.at(hist[level - 1], bucket(np.array(counts, np.int64)), 1)
             hist[level - 1, 0] += len(heads) - len(counts)
     return hist
