@@ -111,6 +111,7 @@ def max_order_blocks(free_runs: Sequence[tuple[int, int]]) -> list[np.ndarray]:
     return [parts[0] if len(parts) == 1 else np.concatenate(parts) for parts in pieces.values()]
 
 
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)
 class MovableZone:
     """ZONE_MOVABLE of onlined hot-plugged memory [start, end): only movable allocations (user anonymous
     and page-cache pages) come from it, and they prefer it (GFP_HIGHUSER_MOVABLE's zonelist starts there).

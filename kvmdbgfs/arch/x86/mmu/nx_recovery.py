@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from mypy_extensions import mypyc_attr
+
 from kvmdbgfs.arch.x86.mmu.zap import kvm_mmu_prepare_zap_page, kvm_mmu_remote_flush_or_zap
 
 if TYPE_CHECKING:
@@ -55,6 +57,7 @@ def kvm_recover_nx_huge_pages(mmu: KvmMmu, ratio: int = NX_HUGE_PAGES_RECOVERY_R
         return zapped
 
 
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)
 class NxRecoveryWorker:
     """kvm_nx_huge_page_recovery_worker(): the VM's recovery thread, on the VM's clock (ns since it was
     created): it wakes every period and runs kvm_recover_nx_huge_pages()."""

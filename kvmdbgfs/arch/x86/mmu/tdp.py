@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
+from mypy_extensions import mypyc_attr
 
 from kvmdbgfs.arch.x86.mmu.mmu_memslots import MmuMemslots
 from kvmdbgfs.arch.x86.mmu.nx_huge_pages import (
@@ -57,6 +58,7 @@ if TYPE_CHECKING:
     from kvmdbgfs.kvm.stats import StatBlock
 
 
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)
 class TdpMmu:
     def __init__(
         self,
