@@ -6,6 +6,10 @@
 
 from typing import Any
 
+from kvmdbgfs import native
+
+native.install()  # the compiled modules, when built for these sources (kvmdbgfs/native.py)
+
 
 def __getattr__(name: str) -> Any:
     """``kvmdbgfs.mounted``, imported when first used (it brings the emulator in)."""

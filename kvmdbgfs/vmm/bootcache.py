@@ -50,6 +50,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
+from kvmdbgfs import native
 from kvmdbgfs.instance_state import set_attributes
 from kvmdbgfs.kvm.host import KvmHost
 
@@ -282,6 +283,7 @@ class BootCache:
             "source": _SOURCE_DIGEST,
             "python": platform.python_version(),
             "numpy": metadata.version("numpy"),
+            "native": native.installed.name if native.installed else None,  # compiled modules pickle their own way
             "profile": repr(vm.kvm.profile),
             "host": repr(vm.kvm.host.arch_factory),
             "config": [config.memory, config.vcpus, config.mmu, config.rmap_design, vm.seed],

@@ -1,0 +1,173 @@
+"""The hot modules compiled by mypyc: built by ``python -m kvmdbgfs.native`` (``make setup``), used only while
+they are what the sources say.
+
+mypyc compiles the unchanged sources of COMPILED (the shadow MMU and the guest OS model) to C extensions, one
+implementation of the logic (issue 14). A build is kept in ``_native/<key>-mypy<version>/`` beside this file;
+``key`` is a digest of the Python the build is for and of every Python file of the package, as the build saw it.
+At import, kvmdbgfs/__init__.py calls install(): when the directory of the current key exists, a finder ahead of
+the usual ones loads each compiled module from it; otherwise nothing is installed and every module is its
+source. So an edit to any file of the package (compiled or not: mypyc inlines Final constants and relies on the
+types of what a compiled module imports) makes the next start pure until the next build, and the build is used
+all or nothing: mypyc links the compiled modules into one library (``<hash>__mypyc``), so a mix of compiled
+modules and newer sources would be unsound. KVMDBGFS_PURE=1 in the environment leaves the build unused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from collections.abc import Sequence
+from importlib.abc import MetaPathFinder
+from importlib.machinery import EXTENSION_SUFFIXES, ExtensionFileLoader, ModuleSpec
+from pathlib import Path
+from types import ModuleType
+
+PACKAGE_ROOT = Path(__file__).resolve().parent
+NATIVE_ROOT = PACKAGE_ROOT / "_native"
+installed: Path | None = None  # the build install() put in use (the boot cache keys its snapshots by it)
+
+# Compiled: every module of these folders but their __init__s and the modules below.
+COMPILED_DIRS = ("arch/x86/mmu", "guest")
+NOT_COMPILED = frozenset(
+    {
+        # A @dataclass whose field type is imported only under TYPE_CHECKING from a module in an import cycle:
+        # the compiled module crashes at import (a mypyc bug).
+        "guest/migrate.py",
+        "guest/process.py",
+        "guest/rmap.py",
+        "guest/tlb.py",
+        "guest/userspace.py",
+        "guest/virtio.py",
+        "arch/x86/mmu/nx_huge_pages.py",
+        # Vma.copy() updates the copy's __dict__; a native class has none.
+        "guest/vma.py",
+    }
+)
+
+
+def compiled_sources(root: Path = PACKAGE_ROOT) -> list[Path]:
+    """The files COMPILED names under the package directory ``root``."""
+    return [
+        path
+        for folder in COMPILED_DIRS
+        for path in sorted((root / folder).glob("*.py"))
+        if path.name != "__init__.py" and path.relative_to(root).as_posix() not in NOT_COMPILED
+    ]
+
+
+def source_key(root: Path = PACKAGE_ROOT) -> str:
+    """The digest a build of the package at ``root`` is kept under: this interpreter's version and ABI, and the
+    path and bytes of every Python file of the package."""
+    digest = hashlib.sha256(f"{sys.implementation.cache_tag} {sys.version} {EXTENSION_SUFFIXES[0]}".encode())
+    for path in sorted(root.rglob("*.py")):
+        if NATIVE_ROOT.name not in path.relative_to(root).parts:
+            digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:32]
+
+
+def module_name(path: Path, build: Path) -> str:
+    """``kvmdbgfs/guest/mm.cpython-311-x86_64-linux-gnu.so`` in ``build`` -> ``kvmdbgfs.guest.mm``."""
+    parts = path.relative_to(build).parts
+    return ".".join((*parts[:-1], parts[-1].split(".", 1)[0]))
+
+
+class NativeFinder(MetaPathFinder):
+    """Finds the modules of one build (the compiled modules and mypyc's shared library), and only those."""
+
+    def __init__(self, build: Path) -> None:
+        self.build = build
+        self.files = {module_name(path, build): path for path in build.rglob(f"*{EXTENSION_SUFFIXES[0]}")}
+
+    def find_spec(
+        self, fullname: str, path: Sequence[str] | None = None, target: ModuleType | None = None
+    ) -> ModuleSpec | None:
+        file = self.files.get(fullname)
+        if file is None:
+            return None
+        spec = ModuleSpec(fullname, ExtensionFileLoader(fullname, str(file)), origin=str(file))
+        spec.has_location = True
+        return spec
+
+
+def current_build() -> Path | None:
+    """The build of the package as its files are now, if there is one."""
+    if not NATIVE_ROOT.is_dir():
+        return None
+    key = source_key()
+    return next(iter(sorted(NATIVE_ROOT.glob(f"{key}-mypy*"))), None)
+
+
+def install() -> Path | None:
+    """Put the current build's finder first on sys.meta_path (see the module's docstring); the build used."""
+    global installed
+    if os.environ.get("KVMDBGFS_PURE") or installed is not None:
+        return installed
+    installed = current_build()
+    if installed is not None:
+        sys.meta_path.insert(0, NativeFinder(installed))
+    return installed
+
+
+def build() -> Path:
+    """Compile COMPILED with mypyc (in a copy of the package, so that what is compiled is what the key names)
+    into ``_native/<key>-mypy<version>``, unless that build exists; the build's directory. Builds of other
+    sources are removed."""
+    import shutil
+    import subprocess
+    import tempfile
+    from importlib import metadata
+
+    existing = current_build()
+    if existing is not None:
+        return existing
+    mypy_version = metadata.version("mypy")
+    with tempfile.TemporaryDirectory(prefix="kvmdbgfs-native-") as tmp:
+        work = Path(tmp)
+        package = work / PACKAGE_ROOT.name
+        shutil.copytree(
+            PACKAGE_ROOT, package, ignore=shutil.ignore_patterns("__pycache__", NATIVE_ROOT.name, "*.so")
+        )
+        target = NATIVE_ROOT / f"{source_key(package)}-mypy{mypy_version}"
+        if target.is_dir():
+            return target
+        (work / "mypy.ini").write_text(
+            "[mypy]\npython_version = 3.11\n"
+            "[mypy-mfusepy,tqdm,tqdm.*,kvmdbgfs.workloads,kvmdbgfs.workloads.*]\nignore_missing_imports = True\n"
+        )
+        sources = [path.relative_to(work).as_posix() for path in compiled_sources(package)]
+        subprocess.run(
+            [sys.executable, "-m", "mypyc", "--config-file", "mypy.ini", *sources],
+            cwd=work,
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+        NATIVE_ROOT.mkdir(exist_ok=True)
+        staged = Path(tempfile.mkdtemp(prefix=".staged-", dir=NATIVE_ROOT))
+        for library in work.rglob(f"*{EXTENSION_SUFFIXES[0]}"):
+            if library.relative_to(work).parts[0] != "build":  # mypyc's own copies, in place, are the ones
+                (staged / library.relative_to(work)).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(library, staged / library.relative_to(work))
+        staged.rename(target)  # whole or not at all
+    for old in NATIVE_ROOT.iterdir():  # builds of earlier sources, and any a failed build left
+        if old != target:
+            shutil.rmtree(old)
+    return target
+
+
+def main() -> None:
+    """``python -m kvmdbgfs.native [--check]``: build for the current sources; --check: only say which build
+    an import would use."""
+    if sys.argv[1:] == ["--check"]:
+        print(current_build() or "none: the sources have no build; every module runs as Python")
+        return
+    try:
+        import mypyc  # noqa: F401
+    except ImportError:
+        print("kvmdbgfs.native: mypy (mypyc) is not installed: nothing compiled, every module runs as Python")
+        return
+    print(f"kvmdbgfs.native: {build()}")
+
+
+if __name__ == "__main__":
+    main()
