@@ -40,7 +40,7 @@ bytecode: $(STAMP)
 # source of the package: about 100 s when any source changed since the last build, 0.1 s when none did. An import
 # uses a build only while its digest is the sources' (an edit makes every module Python until the next build).
 native: $(STAMP)
-	@$(PY) -m kvmdbgfs.native
+	@$(PY) -m kvmdbgfs.native_build
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || $(MAKE) --no-print-directory apt-python3-venv
