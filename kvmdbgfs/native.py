@@ -39,8 +39,6 @@ NOT_COMPILED = frozenset(
         "guest/userspace.py",
         "guest/virtio.py",
         "arch/x86/mmu/nx_huge_pages.py",
-        # Vma.copy() updates the copy's __dict__; a native class has none.
-        "guest/vma.py",
     }
 )
 

@@ -31,10 +31,12 @@ class Vma:
     hugepage: bool = False  # MADV_HUGEPAGE
 
     def dup(self) -> Vma:
-        """vm_area_dup: a shallow copy, without copy.copy's dispatch (fork copies every VMA)."""
-        dup = Vma.__new__(Vma)
-        dup.__dict__.update(self.__dict__)
-        return dup
+        """vm_area_dup: a shallow copy, without copy.copy's dispatch (fork copies every VMA), field by field (a
+        Vma compiled by mypyc has no __dict__ to copy; tests/test_guest_vma_dup.py keeps the list complete)."""
+        return Vma(
+            self.start, self.end, self.prot, self.shared, self.file, self.pgoff, self.name, self.anon_vma,
+            self.grows_down, self.hugepage,
+        )
 
     @property
     def npages(self) -> int:
