@@ -32,13 +32,8 @@ NOT_COMPILED = frozenset(
     {
         # A @dataclass whose field type is imported only under TYPE_CHECKING from a module in an import cycle:
         # the compiled module crashes at import (a mypyc bug).
-        "guest/migrate.py",
         "guest/process.py",
-        "guest/rmap.py",
-        "guest/tlb.py",
         "guest/userspace.py",
-        "guest/virtio.py",
-        "arch/x86/mmu/nx_huge_pages.py",
     }
 )
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+from mypy_extensions import mypyc_attr
+
 from kvmdbgfs.guest.hardware import GuestHardware
 from kvmdbgfs.guest.irq import CALL_FUNCTION_VECTOR, X2APIC_ICR, icr
 from kvmdbgfs.guest.vaddr import PAGE_SIZE
@@ -42,6 +44,7 @@ class CpuTlbState:
     loaded_gen: int = 0
 
 
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)
 class Tlb:
     def __init__(
         self, hardware: GuestHardware, nr_cpus: int, init_pgd: int, pti: PageTableIsolation | None = None

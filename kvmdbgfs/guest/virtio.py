@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from mypy_extensions import mypyc_attr
+
 if TYPE_CHECKING:
     from kvmdbgfs.guest.userspace import Userspace
 
@@ -37,6 +39,7 @@ def msix_routes(nr_vcpus: int) -> dict[str, MsixRoute]:
     }
 
 
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)
 class VirtioDrivers:
     """virtio-net's NAPI poll, virtio-blk's completion and the flusher that feeds it, on one guest."""
 

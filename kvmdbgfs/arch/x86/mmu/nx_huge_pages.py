@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from mypy_extensions import mypyc_attr
+
 from kvmdbgfs.arch.x86.mmu.mmu_memslots import MmuMemslots, MmuSlot
 from kvmdbgfs.arch.x86.mmu.spte import ACC_EXEC_MASK, PG_LEVEL_4K, is_large_pte, is_shadow_present_pte
 
@@ -65,6 +67,7 @@ def disallowed_hugepage_adjust(fault: HugePageFault, spte: int, level: int, chil
         fault.goal_level -= 1
 
 
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)
 class PossibleNxHugePages:
     """kvm->arch.possible_nx_huge_pages, oldest first, with the nx_lpage_splits stat that counts them. Pages are
     keyed by id; the value is what the MMU needs to zap one (a KvmMmuPage, or the TDP MMU's page id)."""
