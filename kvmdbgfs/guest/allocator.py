@@ -31,6 +31,8 @@ kernel each hold one); ``kind`` says what a page is used for.
 
 from __future__ import annotations
 
+from typing import Final
+
 from collections.abc import Sequence
 
 import numpy as np
@@ -39,14 +41,14 @@ from mypy_extensions import mypyc_attr
 from kvmdbgfs.zero_extend import zero_extended
 
 PAGE_FREE, PAGE_RESERVED, PAGE_KERNEL, PAGE_TABLE, PAGE_ANON, PAGE_CACHE, PAGE_HOLE = range(7)
-HPAGE_PMD_NR = 512
-SCALAR_REFS = 8  # up to this many frames, get() counts the references one by one on Python ints
-SCALAR_DISTINCT = 64  # up to this many frames, a Python set tells repeats apart faster than a sort
-PAGEBLOCK_ORDER = 9
-MAX_ORDER_NR_PAGES = 1 << 10  # MAX_PAGE_ORDER 10: a 4 MiB block
+HPAGE_PMD_NR: Final = 512
+SCALAR_REFS: Final = 8  # up to this many frames, get() counts the references one by one on Python ints
+SCALAR_DISTINCT: Final = 64  # up to this many frames, a Python set tells repeats apart faster than a sort
+PAGEBLOCK_ORDER: Final = 9
+MAX_ORDER_NR_PAGES: Final = 1 << 10  # MAX_PAGE_ORDER 10: a 4 MiB block
 MIGRATE_UNMOVABLE, MIGRATE_MOVABLE = 0, 1
-KIND_NAMES = ("free", "reserved", "kernel", "pagetable", "anon", "pagecache")  # PAGE_HOLE: not RAM
-MOVABLE_KINDS = (PAGE_ANON, PAGE_CACHE)  # __GFP_MOVABLE order-0 allocations: user anonymous and page-cache pages
+KIND_NAMES: Final = ("free", "reserved", "kernel", "pagetable", "anon", "pagecache")  # PAGE_HOLE: not RAM
+MOVABLE_KINDS: Final = (PAGE_ANON, PAGE_CACHE)  # __GFP_MOVABLE order-0 allocations: user anonymous and page-cache pages
 # Operands of the struct page arrays' dtypes, as 0-d arrays (numpy combines those with an array faster than scalars)
 _KIND_FREE, _KIND_ANON = np.array(PAGE_FREE, np.uint8), np.array(PAGE_ANON, np.uint8)
 _NO_REFS, _ONE_REF = np.array(0, np.int32), np.array(1, np.int32)

@@ -8,11 +8,13 @@ mprotect'ed read-only), data (rw-) and bss (anonymous rw-).
 
 from __future__ import annotations
 
+from typing import Final
+
 from dataclasses import dataclass
 
 from kvmdbgfs.guest.vaddr import PAGE_SIZE
 
-KIB_PER_PAGE = PAGE_SIZE // 1024
+KIB_PER_PAGE: Final = PAGE_SIZE // 1024
 
 
 @dataclass(frozen=True)
@@ -145,7 +147,7 @@ def _parse(table: str) -> list[Elf]:
 
 
 ELVES: dict[str, Elf] = {elf.name: elf for elf in _parse(_LIBS) + _parse(_EXES)}
-LD_SO = "ld-linux-x86-64.so.2"
+LD_SO: Final = "ld-linux-x86-64.so.2"
 
 _SYSTEMD = [
     "libsystemd-shared-249.so",
@@ -525,7 +527,7 @@ KTHREADS_GLOBAL += [
         "scsi_",
     )
 ]
-KTHREADS_PER_CPU = [
+KTHREADS_PER_CPU: Final = [
     "cpuhp/{}",
     "migration/{}",
     "idle_inject/{}",

@@ -11,7 +11,7 @@ program runs its start-up code (text faults with fault-around).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Final, TYPE_CHECKING
 
 import numpy as np
 
@@ -26,9 +26,9 @@ from kvmdbgfs.guest.vma import PROT_EXEC, PROT_READ, PROT_WRITE, Vma
 if TYPE_CHECKING:
     from kvmdbgfs.guest.kernel import GuestKernel
 
-STACK_INIT_PAGES = 33  # setup_arg_pages: the argument pages plus stack_guard/128 KiB of expansion
-ARG_PAGES = 2  # argv, envp and auxv strings
-RODATA_FRAC = 0.5  # share of the text fraction applied to rodata
+STACK_INIT_PAGES: Final = 33  # setup_arg_pages: the argument pages plus stack_guard/128 KiB of expansion
+ARG_PAGES: Final = 2  # argv, envp and auxv strings
+RODATA_FRAC: Final = 0.5  # share of the text fraction applied to rodata
 
 
 def map_elf(task: Task, elf: Elf, file: File, base: int) -> LoadedElf:

@@ -10,6 +10,8 @@ emits the PTE stores of the PT page as one batch when the kernel batches.
 
 from __future__ import annotations
 
+from typing import Final
+
 from collections.abc import Callable
 
 import numpy as np
@@ -32,9 +34,9 @@ from kvmdbgfs.guest.pte import (
 from kvmdbgfs.guest.vaddr import PAGE_SIZE, PMD_SHIFT, PMD_SIZE, direct_map, u64
 from kvmdbgfs.guest.vma import PROT_WRITE, Vma
 
-FAULT_AROUND_PAGES = 16  # fault_around_bytes = 64 KiB
-SCALAR_FAULTS = 8  # up to this many pages, a private write fault's work costs less on Python ints than in numpy
-WRITE_DIRTY = u64(PT_WRITABLE_MASK | PT_DIRTY_MASK)
+FAULT_AROUND_PAGES: Final = 16  # fault_around_bytes = 64 KiB
+SCALAR_FAULTS: Final = 8  # up to this many pages, a private write fault's work costs less on Python ints than in numpy
+WRITE_DIRTY: Final = u64(PT_WRITABLE_MASK | PT_DIRTY_MASK)
 _PRESENT = u64(PT_PRESENT_MASK)
 _PRESENT_WRITABLE = u64(PT_PRESENT_MASK | PT_WRITABLE_MASK)
 # int64 operands as 0-d arrays (see vaddr.u64)

@@ -12,6 +12,8 @@ The 512 frames of a THP each count the mappings of that frame.
 
 from __future__ import annotations
 
+from typing import Final
+
 import numpy as np
 
 from kvmdbgfs.guest.allocator import HPAGE_PMD_NR, PAGE_ANON
@@ -31,7 +33,7 @@ from kvmdbgfs.guest.pte import (
 from kvmdbgfs.guest.vaddr import PMD_SIZE, direct_map
 from kvmdbgfs.guest.vma import PROT_WRITE, Vma
 
-THP_MODES = ("always", "madvise", "never")  # /sys/kernel/mm/transparent_hugepage/enabled
+THP_MODES: Final = ("always", "madvise", "never")  # /sys/kernel/mm/transparent_hugepage/enabled
 
 
 def thp_enabled(ctx: KernelContext, vma: Vma) -> bool:

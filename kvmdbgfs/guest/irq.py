@@ -10,12 +10,14 @@ legacy I/O BAR). The vectors are Linux's.
 
 from __future__ import annotations
 
-LOCAL_TIMER_VECTOR = 0xEC
-CALL_FUNCTION_VECTOR = 0xFC
-RESCHEDULE_VECTOR = 0xFD
-MSR_IA32_TSC_DEADLINE = 0x6E0
-X2APIC_ICR = 0x830
-NSEC_PER_SEC = 1_000_000_000
+from typing import Final
+
+LOCAL_TIMER_VECTOR: Final = 0xEC
+CALL_FUNCTION_VECTOR: Final = 0xFC
+RESCHEDULE_VECTOR: Final = 0xFD
+MSR_IA32_TSC_DEADLINE: Final = 0x6E0
+X2APIC_ICR: Final = 0x830
+NSEC_PER_SEC: Final = 1_000_000_000
 
 
 def icr(dest_cpu: int, vector: int) -> int:

@@ -8,6 +8,8 @@ programs, run on vCPUs (context switches load CR3), use memory and exit.
 
 from __future__ import annotations
 
+from typing import Final
+
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,9 +37,9 @@ from kvmdbgfs.guest.vma import PROT_READ, PROT_WRITE
 from kvmdbgfs.guest.vmalloc import STACK_TOUCH_PAGES, KernelStacks, load_modules
 
 MiB_PAGES = (1 << 20) // PAGE_SIZE
-VDSO_PAGES = 2
-HOT_CODE_WINDOW = 4  # pages (16 KiB) of code per hot window: running code touches one page in each
-THREAD_STACK_SIZE = 8 << 20  # glibc's default pthread stack (RLIMIT_STACK)
+VDSO_PAGES: Final = 2
+HOT_CODE_WINDOW: Final = 4  # pages (16 KiB) of code per hot window: running code touches one page in each
+THREAD_STACK_SIZE: Final = 8 << 20  # glibc's default pthread stack (RLIMIT_STACK)
 
 
 @dataclass(frozen=True)

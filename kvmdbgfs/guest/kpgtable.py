@@ -17,6 +17,8 @@ Early tables come from memblock; later ones from the page allocator.
 
 from __future__ import annotations
 
+from typing import Final
+
 from collections.abc import Iterator
 
 import numpy as np
@@ -49,14 +51,14 @@ from kvmdbgfs.guest.vaddr import (
     direct_map,
 )
 
-PAGE_KERNEL = PT_PRESENT_MASK | PT_WRITABLE_MASK | PT_ACCESSED_MASK | PT_DIRTY_MASK | PT_GLOBAL_MASK | PT64_NX_MASK
-PAGE_KERNEL_LARGE = PAGE_KERNEL | PT_PAGE_SIZE_MASK
-PAGE_KERNEL_ROX_LARGE = PT_PRESENT_MASK | PT_ACCESSED_MASK | PT_DIRTY_MASK | PT_GLOBAL_MASK | PT_PAGE_SIZE_MASK
-PAGE_KERNEL_RO_LARGE = PAGE_KERNEL_ROX_LARGE | PT64_NX_MASK
-PAGES_2M = 512
-PAGES_1G = 512 * 512
+PAGE_KERNEL: Final = PT_PRESENT_MASK | PT_WRITABLE_MASK | PT_ACCESSED_MASK | PT_DIRTY_MASK | PT_GLOBAL_MASK | PT64_NX_MASK
+PAGE_KERNEL_LARGE: Final = PAGE_KERNEL | PT_PAGE_SIZE_MASK
+PAGE_KERNEL_ROX_LARGE: Final = PT_PRESENT_MASK | PT_ACCESSED_MASK | PT_DIRTY_MASK | PT_GLOBAL_MASK | PT_PAGE_SIZE_MASK
+PAGE_KERNEL_RO_LARGE: Final = PAGE_KERNEL_ROX_LARGE | PT64_NX_MASK
+PAGES_2M: Final = 512
+PAGES_1G: Final = 512 * 512
 # Statically allocated tables in the image's .data (head_64.S), as page offsets from its end.
-STATIC_TABLES = ("init_top_pgt", "level3_kernel_pgt", "level2_kernel_pgt", "level2_fixmap_pgt")
+STATIC_TABLES: Final = ("init_top_pgt", "level3_kernel_pgt", "level2_kernel_pgt", "level2_fixmap_pgt")
 
 
 def split_mem_range(start: int, end: int, gbpages: bool) -> list[tuple[int, int, int]]:

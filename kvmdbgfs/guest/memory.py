@@ -7,6 +7,8 @@ a freshly allocated and cleared page would be.
 
 from __future__ import annotations
 
+from typing import Final
+
 from collections.abc import Mapping
 
 import numpy as np
@@ -15,7 +17,7 @@ from kvmdbgfs.guest.pte import PT64_ENT_PER_PAGE
 from kvmdbgfs.instance_state import set_attributes
 
 
-TABLE_CHUNK = 1024  # pages per chunk of table arrays: 4 MiB, the size from which numpy asks for huge pages
+TABLE_CHUNK: Final = 1024  # pages per chunk of table arrays: 4 MiB, the size from which numpy asks for huge pages
 
 
 class GuestMemory:

@@ -17,7 +17,7 @@ guest eject the device (_EJ0) and QEMU delete the memslots.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Final, TYPE_CHECKING
 
 import numpy as np
 
@@ -30,8 +30,8 @@ from kvmdbgfs.guest.vaddr import PAGE_SIZE, STRUCT_PAGE_SIZE, vmemmap
 if TYPE_CHECKING:
     from kvmdbgfs.guest.kernel import GuestKernel
 
-MEMORY_BLOCK_PAGES = SECTION_PAGES  # memory_block_size_bytes(): 128 MiB on x86-64 guests below 64 GiB
-HOTPLUG_WORKER = "kworker/u"  # kacpi_hotplug_wq is an unbound workqueue
+MEMORY_BLOCK_PAGES: Final = SECTION_PAGES  # memory_block_size_bytes(): 128 MiB on x86-64 guests below 64 GiB
+HOTPLUG_WORKER: Final = "kworker/u"  # kacpi_hotplug_wq is an unbound workqueue
 
 
 def _hotplug_worker(kernel: GuestKernel) -> KernelContext:

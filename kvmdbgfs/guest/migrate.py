@@ -14,7 +14,7 @@ decides where the new pages come from (offlining isolates the old range).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Final, TYPE_CHECKING
 
 import numpy as np
 
@@ -29,7 +29,7 @@ from kvmdbgfs.guest.vaddr import direct_map
 if TYPE_CHECKING:
     from kvmdbgfs.guest.kernel import GuestKernel
 
-NR_MAX_BATCHED_MIGRATION = 512  # HPAGE_PMD_NR
+NR_MAX_BATCHED_MIGRATION: Final = 512  # HPAGE_PMD_NR
 
 
 @dataclass(frozen=True)

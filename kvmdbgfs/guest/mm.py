@@ -6,6 +6,8 @@ mappings do to page tables is in fault.py, fork.py and teardown.py.
 
 from __future__ import annotations
 
+from typing import Final
+
 import bisect
 
 import numpy as np
@@ -26,7 +28,7 @@ from kvmdbgfs.guest.vaddr import (
 )
 from kvmdbgfs.guest.vma import Vma
 
-MMAP_MIN_ADDR = 0x10000
+MMAP_MIN_ADDR: Final = 0x10000
 
 
 def pgd_alloc(ctx: KernelContext, kernel_entries: np.ndarray) -> int:

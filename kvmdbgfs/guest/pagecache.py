@@ -10,6 +10,8 @@ The cache holds one reference on each of its pages.
 
 from __future__ import annotations
 
+from typing import Final
+
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,8 +21,8 @@ from kvmdbgfs.guest.allocator import PAGE_CACHE
 from kvmdbgfs.guest.kctx import KernelContext
 from kvmdbgfs.guest.vaddr import direct_map
 
-RA_PAGES = 32  # VM_READAHEAD_PAGES: 128 KiB
-READ_INIT_RA_PAGES = 4  # get_init_ra_size for a one-page read()
+RA_PAGES: Final = 32  # VM_READAHEAD_PAGES: 128 KiB
+READ_INIT_RA_PAGES: Final = 4  # get_init_ra_size for a one-page read()
 
 
 @dataclass(eq=False)

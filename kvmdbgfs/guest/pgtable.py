@@ -6,6 +6,8 @@ Levels are numbered as KVM numbers them: 4 = PML4 (pgd), 3 = PDPT (pud),
 
 from __future__ import annotations
 
+from typing import Final
+
 import bisect
 from collections.abc import Callable, Iterator
 
@@ -32,12 +34,12 @@ from kvmdbgfs.guest.pte import (
 )
 from kvmdbgfs.guest.vaddr import u64
 
-KERNEL_PGD_BOUNDARY = 256  # pgd entries from here on map the kernel half
-KERNPG_TABLE = PT_PRESENT_MASK | PT_WRITABLE_MASK | PT_ACCESSED_MASK | PT_DIRTY_MASK  # _KERNPG_TABLE
-PAGE_TABLE = KERNPG_TABLE | PT_USER_MASK  # _PAGE_TABLE: how user page tables link their children
-PTE_CHG_MASK = PT64_BASE_ADDR_MASK | PT_ACCESSED_MASK | PT_DIRTY_MASK  # _PAGE_CHG_MASK: what pte_modify keeps
+KERNEL_PGD_BOUNDARY: Final = 256  # pgd entries from here on map the kernel half
+KERNPG_TABLE: Final = PT_PRESENT_MASK | PT_WRITABLE_MASK | PT_ACCESSED_MASK | PT_DIRTY_MASK  # _KERNPG_TABLE
+PAGE_TABLE: Final = KERNPG_TABLE | PT_USER_MASK  # _PAGE_TABLE: how user page tables link their children
+PTE_CHG_MASK: Final = PT64_BASE_ADDR_MASK | PT_ACCESSED_MASK | PT_DIRTY_MASK  # _PAGE_CHG_MASK: what pte_modify keeps
 
-U64 = np.uint64
+U64: Final = np.uint64
 _PAGE_SHIFT = u64(PAGE_SHIFT)
 _BASE_ADDR = u64(PT64_BASE_ADDR_MASK)
 _PRESENT = u64(PT_PRESENT_MASK)
@@ -64,7 +66,7 @@ def present_indices(entries: np.ndarray, i0: int, i1: int) -> np.ndarray:
     return (entries[i0:i1] & _PRESENT).nonzero()[0] + i0
 
 
-SCALAR_RANGE = 8  # ranges of at most this many entries are tested one by one in Python
+SCALAR_RANGE: Final = 8  # ranges of at most this many entries are tested one by one in Python
 
 
 def present_entries(entries: np.ndarray, i0: int, i1: int) -> list[int]:

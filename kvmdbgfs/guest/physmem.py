@@ -8,20 +8,22 @@ the end of RAM. What is left is given to the buddy allocator zone by zone.
 
 from __future__ import annotations
 
+from typing import Final
+
 from dataclasses import dataclass
 
 from mypy_extensions import mypyc_attr
 
 from kvmdbgfs.vmm.layout import HIGH_MEMORY_START, PAGE_SHIFT, MiB, q35_memslots
 
-ISA_END_PFN = (1 * MiB) >> PAGE_SHIFT
-DMA_END_PFN = (16 * MiB) >> PAGE_SHIFT  # MAX_DMA_PFN: ZONE_DMA below 16 MiB
-DMA32_END_PFN = HIGH_MEMORY_START >> PAGE_SHIFT
-KERNEL_LOAD_PFN = (16 * MiB) >> PAGE_SHIFT  # CONFIG_PHYSICAL_START
-FIRMWARE_TOP_PAGES = 36  # SeaBIOS keeps the top 144 KiB of low RAM (ACPI tables) as E820 reserved
-EBDA_PAGES = 1  # 0x9fc00-0x9ffff, the extended BIOS data area
-SECTION_PAGES = (128 * MiB) >> PAGE_SHIFT  # SPARSEMEM section
-STRUCT_PAGES_PER_PAGE = 64  # 4096 / sizeof(struct page)
+ISA_END_PFN: Final = (1 * MiB) >> PAGE_SHIFT
+DMA_END_PFN: Final = (16 * MiB) >> PAGE_SHIFT  # MAX_DMA_PFN: ZONE_DMA below 16 MiB
+DMA32_END_PFN: Final = HIGH_MEMORY_START >> PAGE_SHIFT
+KERNEL_LOAD_PFN: Final = (16 * MiB) >> PAGE_SHIFT  # CONFIG_PHYSICAL_START
+FIRMWARE_TOP_PAGES: Final = 36  # SeaBIOS keeps the top 144 KiB of low RAM (ACPI tables) as E820 reserved
+EBDA_PAGES: Final = 1  # 0x9fc00-0x9ffff, the extended BIOS data area
+SECTION_PAGES: Final = (128 * MiB) >> PAGE_SHIFT  # SPARSEMEM section
+STRUCT_PAGES_PER_PAGE: Final = 64  # 4096 / sizeof(struct page)
 
 
 def e820_ram(memory: int) -> list[tuple[int, int]]:

@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
-PT_PRESENT_MASK = 1 << 0
-PT_WRITABLE_MASK = 1 << 1
-PT_USER_MASK = 1 << 2
-PT_ACCESSED_MASK = 1 << 5
-PT_DIRTY_MASK = 1 << 6
-PT_PAGE_SIZE_MASK = 1 << 7  # PS: a 2M entry in a PD, a 1G entry in a PDPT
-PT_GLOBAL_MASK = 1 << 8
-PT64_NX_MASK = 1 << 63
-PT64_BASE_ADDR_MASK = ((1 << 52) - 1) & ~0xFFF
+from typing import Final
 
-PT64_ENT_PER_PAGE = 512
-PT64_LEVEL_BITS = 9
-PAGE_SHIFT = 12
-PT64_ROOT_4LEVEL = 4
+PT_PRESENT_MASK: Final = 1 << 0
+PT_WRITABLE_MASK: Final = 1 << 1
+PT_USER_MASK: Final = 1 << 2
+PT_ACCESSED_MASK: Final = 1 << 5
+PT_DIRTY_MASK: Final = 1 << 6
+PT_PAGE_SIZE_MASK: Final = 1 << 7  # PS: a 2M entry in a PD, a 1G entry in a PDPT
+PT_GLOBAL_MASK: Final = 1 << 8
+PT64_NX_MASK: Final = 1 << 63
+PT64_BASE_ADDR_MASK: Final = ((1 << 52) - 1) & ~0xFFF
+
+PT64_ENT_PER_PAGE: Final = 512
+PT64_LEVEL_BITS: Final = 9
+PAGE_SHIFT: Final = 12
+PT64_ROOT_4LEVEL: Final = 4
 PG_LEVEL_4K, PG_LEVEL_2M, PG_LEVEL_1G = 1, 2, 3
 
 

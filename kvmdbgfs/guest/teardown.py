@@ -9,6 +9,8 @@ gather's own batch pages.
 
 from __future__ import annotations
 
+from typing import Final
+
 import numpy as np
 
 from kvmdbgfs.guest.allocator import PAGE_KERNEL
@@ -27,12 +29,12 @@ from kvmdbgfs.guest.tlb import TLB_FLUSH_ALL
 from kvmdbgfs.guest.vaddr import MASK64, PAGE_SIZE, PMD_SIZE
 from kvmdbgfs.guest.vma import Vma
 
-MMU_GATHER_BUNDLE = 8  # pages in the mmu_gather's own local batch
-MAX_GATHER_BATCH = 510  # pages per batch page
-MAX_GATHER_BATCH_COUNT = 10000 // MAX_GATHER_BATCH
-GATHER_CAPACITY = MMU_GATHER_BUNDLE + MAX_GATHER_BATCH_COUNT * MAX_GATHER_BATCH
-FIRST_USER_ADDRESS = 0
-USER_PGTABLES_CEILING = 0  # 0: no ceiling
+MMU_GATHER_BUNDLE: Final = 8  # pages in the mmu_gather's own local batch
+MAX_GATHER_BATCH: Final = 510  # pages per batch page
+MAX_GATHER_BATCH_COUNT: Final = 10000 // MAX_GATHER_BATCH
+GATHER_CAPACITY: Final = MMU_GATHER_BUNDLE + MAX_GATHER_BATCH_COUNT * MAX_GATHER_BATCH
+FIRST_USER_ADDRESS: Final = 0
+USER_PGTABLES_CEILING: Final = 0  # 0: no ceiling
 
 
 class MmuGather:

@@ -13,7 +13,7 @@ invalidates the user ASID too, which the next return to user space then flushes.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import Final, Protocol, TYPE_CHECKING
 
 from mypy_extensions import mypyc_attr
 
@@ -24,10 +24,10 @@ from kvmdbgfs.guest.vaddr import PAGE_SIZE
 if TYPE_CHECKING:
     from kvmdbgfs.guest.pti import PageTableIsolation
 
-KVM_HC_SEND_IPI = 10
+KVM_HC_SEND_IPI: Final = 10
 
-TLB_SINGLE_PAGE_FLUSH_CEILING = 33
-TLB_FLUSH_ALL = -1
+TLB_SINGLE_PAGE_FLUSH_CEILING: Final = 33
+TLB_FLUSH_ALL: Final = -1
 
 
 class TlbMm(Protocol):

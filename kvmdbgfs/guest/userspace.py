@@ -15,7 +15,7 @@ import heapq
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Final, TYPE_CHECKING
 
 from kvmdbgfs.guest.distro import (
     BOOT_HELPERS,
@@ -42,10 +42,10 @@ from kvmdbgfs.guest.vma import PROT_READ, PROT_WRITE
 if TYPE_CHECKING:
     from kvmdbgfs.guest.kernel import GuestKernel
 
-KWORKER_PERIOD = 2.0  # vmstat_update and friends
-WAKE_STACK_PAGES = 2
-WAKE_TEXT_FRAC = 0.25  # of the program's text windows, hottest first
-THREAD_STACK_TOUCH = 4 * PAGE_SIZE
+KWORKER_PERIOD: Final = 2.0  # vmstat_update and friends
+WAKE_STACK_PAGES: Final = 2
+WAKE_TEXT_FRAC: Final = 0.25  # of the program's text windows, hottest first
+THREAD_STACK_TOUCH: Final = 4 * PAGE_SIZE
 
 
 def start_main(task: Task, program: Program) -> None:

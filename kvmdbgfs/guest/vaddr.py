@@ -7,32 +7,34 @@ by the mm with the guest's random generator.
 
 from __future__ import annotations
 
+from typing import Final
+
 import numpy as np
 
 from kvmdbgfs.guest.pte import PAGE_SHIFT
 
-PAGE_SIZE = 1 << PAGE_SHIFT
-PMD_SHIFT = 21
-PMD_SIZE = 1 << PMD_SHIFT
-MASK64 = (1 << 64) - 1
+PAGE_SIZE: Final = 1 << PAGE_SHIFT
+PMD_SHIFT: Final = 21
+PMD_SIZE: Final = 1 << PMD_SHIFT
+MASK64: Final = (1 << 64) - 1
 
 # Kernel half (PML4 entries 256..511).
-PAGE_OFFSET = 0xFFFF888000000000  # direct map of all physical memory
-VMALLOC_START = 0xFFFFC90000000000
-VMALLOC_SIZE = 32 << 40  # 32 TiB with 4-level paging
-VMEMMAP_START = 0xFFFFEA0000000000  # struct page array, 64 bytes per pfn
-START_KERNEL_MAP = 0xFFFFFFFF80000000  # __START_KERNEL_map: kernel image at phys + this
-MODULES_VADDR = 0xFFFFFFFFC0000000  # __START_KERNEL_map + KERNEL_IMAGE_SIZE (1 GiB)
-STRUCT_PAGE_SIZE = 64
+PAGE_OFFSET: Final = 0xFFFF888000000000  # direct map of all physical memory
+VMALLOC_START: Final = 0xFFFFC90000000000
+VMALLOC_SIZE: Final = 32 << 40  # 32 TiB with 4-level paging
+VMEMMAP_START: Final = 0xFFFFEA0000000000  # struct page array, 64 bytes per pfn
+START_KERNEL_MAP: Final = 0xFFFFFFFF80000000  # __START_KERNEL_map: kernel image at phys + this
+MODULES_VADDR: Final = 0xFFFFFFFFC0000000  # __START_KERNEL_map + KERNEL_IMAGE_SIZE (1 GiB)
+STRUCT_PAGE_SIZE: Final = 64
 
 # User half.
-TASK_SIZE = (1 << 47) - PAGE_SIZE
-ELF_ET_DYN_BASE = (TASK_SIZE // 3 * 2) & ~(PAGE_SIZE - 1)  # where PIE executables load
-MMAP_RND_BITS = 28  # arch_mmap_rnd: 28 bits of pages
-STACK_RND_PAGES = 1 << 22  # randomize_stack_top: 22 bits of pages
-BRK_RND = 0x02000000  # arch_randomize_brk: up to 32 MiB above the end of bss
-STACK_GUARD_GAP = 256 * PAGE_SIZE
-STACK_RLIMIT = 8 << 20
+TASK_SIZE: Final = (1 << 47) - PAGE_SIZE
+ELF_ET_DYN_BASE: Final = (TASK_SIZE // 3 * 2) & ~(PAGE_SIZE - 1)  # where PIE executables load
+MMAP_RND_BITS: Final = 28  # arch_mmap_rnd: 28 bits of pages
+STACK_RND_PAGES: Final = 1 << 22  # randomize_stack_top: 22 bits of pages
+BRK_RND: Final = 0x02000000  # arch_randomize_brk: up to 32 MiB above the end of bss
+STACK_GUARD_GAP: Final = 256 * PAGE_SIZE
+STACK_RLIMIT: Final = 8 << 20
 
 
 def u64(value: int) -> np.ndarray:
@@ -40,7 +42,7 @@ def u64(value: int) -> np.ndarray:
     return np.array(value, np.uint64)
 
 
-SCALAR_VAS = 8  # up to this many addresses, Python ints cost less than numpy's operations
+SCALAR_VAS: Final = 8  # up to this many addresses, Python ints cost less than numpy's operations
 
 
 def kernel_vas(base: int, offsets: np.ndarray | list[int], scale: int = PAGE_SIZE) -> np.ndarray:

@@ -9,7 +9,7 @@ writes; the devices answer with interrupts (the VMM's backends, kvmdbgfs.vmm.dev
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Final, TYPE_CHECKING
 
 from mypy_extensions import mypyc_attr
 
@@ -19,8 +19,8 @@ if TYPE_CHECKING:
 VIRTIO_NET_VECTOR, VIRTIO_BLK_VECTOR = 0x22, 0x23  # what the drivers' MSI-X setup assigned
 VIRTIO_NET_RX_NOTIFY_PORT, VIRTIO_NET_TX_NOTIFY_PORT, VIRTIO_BLK_NOTIFY_PORT = 0xC050, 0xC051, 0xC090
 NET_CPU, BLK_CPU = 0, 1  # the vCPUs the two MSI-X vectors are steered to (the blk one: the last vCPU if fewer)
-REPLY_EVERY = 4  # one packet in four gets an answer (an ARP or neighbour reply)
-DIRTY_WRITEBACK_INTERVAL = 5.0  # vm.dirty_writeback_centisecs = 500
+REPLY_EVERY: Final = 4  # one packet in four gets an answer (an ARP or neighbour reply)
+DIRTY_WRITEBACK_INTERVAL: Final = 5.0  # vm.dirty_writeback_centisecs = 500
 
 
 @dataclass(frozen=True)

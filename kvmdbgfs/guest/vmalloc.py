@@ -9,6 +9,8 @@ kernel range on every CPU once lazy_max_pages are pending.
 
 from __future__ import annotations
 
+from typing import Final
+
 import heapq
 
 import numpy as np
@@ -19,11 +21,11 @@ from kvmdbgfs.guest.kctx import KernelContext
 from kvmdbgfs.guest.kpgtable import KernelPageTables
 from kvmdbgfs.guest.vaddr import MODULES_VADDR, PAGE_SIZE, VMALLOC_START, kernel_vas
 
-THREAD_SIZE_PAGES = 4
-STACK_SLOT = 32 * 1024  # 16 KiB + guard page, rounded to THREAD_ALIGN
-NR_CACHED_STACKS = 2
-LAZY_MAX_PAGES_PER_FLS = (32 << 20) // PAGE_SIZE
-STACK_TOUCH_PAGES = 2  # the top of the stack a running task writes to
+THREAD_SIZE_PAGES: Final = 4
+STACK_SLOT: Final = 32 * 1024  # 16 KiB + guard page, rounded to THREAD_ALIGN
+NR_CACHED_STACKS: Final = 2
+LAZY_MAX_PAGES_PER_FLS: Final = (32 << 20) // PAGE_SIZE
+STACK_TOUCH_PAGES: Final = 2  # the top of the stack a running task writes to
 
 
 @mypyc_attr(serializable=True, allow_interpreted_subclasses=True)

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from typing import cast, overload
+from typing import Final, cast, overload
 
 import numpy as np
 from mypy_extensions import mypyc_attr
 
-PG_LEVEL_4K = 1
-PG_LEVEL_2M = 2
-PG_LEVEL_1G = 3
-KVM_NR_PAGE_SIZES = 3
-KVM_ADDRESS_SPACE_NUM = 2  # x86 with SMM: the normal and the SMM address space
+PG_LEVEL_4K: Final = 1
+PG_LEVEL_2M: Final = 2
+PG_LEVEL_1G: Final = 3
+KVM_NR_PAGE_SIZES: Final = 3
+KVM_ADDRESS_SPACE_NUM: Final = 2  # x86 with SMM: the normal and the SMM address space
 
 
 def KVM_HPAGE_GFN_SHIFT(level: int) -> int:

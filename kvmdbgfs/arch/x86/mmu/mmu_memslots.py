@@ -8,6 +8,8 @@ last_used_slot and search_memslots.
 
 from __future__ import annotations
 
+from typing import Final
+
 import bisect
 from collections.abc import Iterable
 
@@ -17,8 +19,8 @@ from mypy_extensions import mypyc_attr
 from kvmdbgfs.arch.x86.mmu.memslot import KVM_NR_PAGE_SIZES, KvmMemorySlot, gfn_to_index, kvm_mmu_slot_lpages
 from kvmdbgfs.arch.x86.mmu.spte import KVM_MAX_HUGEPAGE_LEVEL, KVM_PAGES_PER_HPAGE, PG_LEVEL_2M, PG_LEVEL_4K
 
-KVM_MEMSLOT_PAGES_TO_MMU_PAGES_RATIO = 50  # 5.x wrote it as KVM_PERMILLE_MMU_PAGES 20: the same floor(n / 50)
-KVM_MIN_ALLOC_MMU_PAGES = 64
+KVM_MEMSLOT_PAGES_TO_MMU_PAGES_RATIO: Final = 50  # 5.x wrote it as KVM_PERMILLE_MMU_PAGES 20: the same floor(n / 50)
+KVM_MIN_ALLOC_MMU_PAGES: Final = 64
 
 
 def kvm_mmu_calculate_default_mmu_pages(memslots: Iterable[KvmMemorySlot]) -> int:

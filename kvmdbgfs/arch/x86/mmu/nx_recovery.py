@@ -7,7 +7,7 @@ that every split is recovered within an hour unless the guest executes from it a
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Final, TYPE_CHECKING
 
 from mypy_extensions import mypyc_attr
 
@@ -17,9 +17,9 @@ if TYPE_CHECKING:
     from kvmdbgfs.arch.x86.mmu.mmu import KvmMmu
     from kvmdbgfs.arch.x86.mmu.shadow_page import KvmMmuPage
 
-NX_HUGE_PAGES_RECOVERY_RATIO = 60  # the module default (0 under CONFIG_PREEMPT_RT)
-NX_HUGE_PAGES_RECOVERY_PERIOD_MS = 0  # the module default: derived from the ratio
-NSEC_PER_MSEC = 1_000_000
+NX_HUGE_PAGES_RECOVERY_RATIO: Final = 60  # the module default (0 under CONFIG_PREEMPT_RT)
+NX_HUGE_PAGES_RECOVERY_PERIOD_MS: Final = 0  # the module default: derived from the ratio
+NSEC_PER_MSEC: Final = 1_000_000
 
 
 def nx_huge_pages_recovery_period_ns(

@@ -9,6 +9,8 @@ nothing in the model reads them there.
 
 from __future__ import annotations
 
+from typing import Final
+
 import sys
 from dataclasses import dataclass
 
@@ -104,8 +106,8 @@ class GuestWalker:
     pt_access: list[int]
 
 
-PT_ACCESSED_SHIFT = PT_ACCESSED_MASK.bit_length() - 1
-PT_DIRTY_SHIFT = PT_DIRTY_MASK.bit_length() - 1
+PT_ACCESSED_SHIFT: Final = PT_ACCESSED_MASK.bit_length() - 1
+PT_DIRTY_SHIFT: Final = PT_DIRTY_MASK.bit_length() - 1
 
 
 def walk_addr(memory: GuestMemory, root_gfn: int, gva: int, write: bool, user: bool) -> GuestWalker | None:

@@ -9,14 +9,16 @@ reads as 0 (not in a descriptor). The modelled cost is unchanged: one 8-byte wor
 
 from __future__ import annotations
 
+from typing import Final
+
 from collections.abc import Iterator
 
 import numpy as np
 from mypy_extensions import mypyc_attr
 
-CHUNK_SHIFT = 15  # 32768 words (256 KiB): the sptes of 64 shadow pages
-CHUNK_ENTRIES = 1 << CHUNK_SHIFT
-CHUNK_MASK = CHUNK_ENTRIES - 1
+CHUNK_SHIFT: Final = 15  # 32768 words (256 KiB): the sptes of 64 shadow pages
+CHUNK_ENTRIES: Final = 1 << CHUNK_SHIFT
+CHUNK_MASK: Final = CHUNK_ENTRIES - 1
 
 
 @mypyc_attr(serializable=True, allow_interpreted_subclasses=True)

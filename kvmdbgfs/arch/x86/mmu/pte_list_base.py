@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from typing import ClassVar, NamedTuple
+from typing import ClassVar, Final, NamedTuple
 
 import numpy as np
 from mypy_extensions import mypyc_attr
@@ -33,9 +33,9 @@ def desc_head(descs: np.ndarray) -> np.ndarray:
     return (descs.astype(np.int64) << 1) | 1
 
 
-SCAN_CHUNK = 1 << 18  # heads per chunk of scan_heads: 2 MiB, read once from memory
-SCALAR_WALK_ROWS = 8  # chain walks with at most this many chains left go on in Python
-DENSE_SPAN = 8  # occurrence_rounds counts per head when the heads span at most this many times their number
+SCAN_CHUNK: Final = 1 << 18  # heads per chunk of scan_heads: 2 MiB, read once from memory
+SCALAR_WALK_ROWS: Final = 8  # chain walks with at most this many chains left go on in Python
+DENSE_SPAN: Final = 8  # occurrence_rounds counts per head when the heads span at most this many times their number
 
 
 def scan_heads(heads: np.ndarray) -> tuple[int, np.ndarray]:

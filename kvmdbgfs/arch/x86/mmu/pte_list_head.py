@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Final
+
 import numpy as np
 from mypy_extensions import mypyc_attr
 
@@ -9,7 +11,7 @@ from kvmdbgfs.arch.x86.mmu.pte_list_backptr import BackPointers
 from kvmdbgfs.arch.x86.mmu.pte_list_base import Hit, PteListDesign, RmapCorruption, desc_head
 
 # Design D's back-pointer: desc id * POS_STRIDE + slot (0 = not in a descriptor).
-POS_STRIDE = 16
+POS_STRIDE: Final = 16
 
 
 @mypyc_attr(serializable=True, allow_interpreted_subclasses=True)

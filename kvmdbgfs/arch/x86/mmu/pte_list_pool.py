@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Final
+
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
@@ -11,7 +13,7 @@ from kvmdbgfs.instance_state import set_attributes
 from kvmdbgfs.zero_extend import zero_extended
 
 # Descriptor ids are int32 (the ``more`` field stores one); id 0 is reserved as NULL.
-DESC_ID_MAX = np.iinfo(np.int32).max
+DESC_ID_MAX: Final = np.iinfo(np.int32).max
 
 
 @dataclass

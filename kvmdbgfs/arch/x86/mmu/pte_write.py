@@ -9,7 +9,7 @@ through it in between), in which case the whole page is zapped. Guest stores are
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Final, TYPE_CHECKING
 
 from kvmdbgfs.arch.x86.mmu.shadow_page import KvmMmuPage
 from kvmdbgfs.arch.x86.mmu.spte import PG_LEVEL_4K, SPTE_ENT_PER_PAGE, is_shadow_present_pte
@@ -18,7 +18,7 @@ from kvmdbgfs.arch.x86.mmu.zap import kvm_mmu_prepare_zap_page, kvm_mmu_remote_f
 if TYPE_CHECKING:
     from kvmdbgfs.arch.x86.mmu.mmu import KvmMmu
 
-WRITE_FLOODING_THRESHOLD = 3
+WRITE_FLOODING_THRESHOLD: Final = 3
 
 
 def detect_write_flooding(sp: KvmMmuPage) -> bool:

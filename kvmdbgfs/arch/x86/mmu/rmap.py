@@ -7,7 +7,7 @@ MMU's LeafRmaps.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, Final, NamedTuple
 
 import numpy as np
 from mypy_extensions import mypyc_attr
@@ -15,7 +15,7 @@ from mypy_extensions import mypyc_attr
 from kvmdbgfs.arch.x86.mmu.memslot import KVM_NR_PAGE_SIZES, KvmMemorySlot, gfn_to_index
 from kvmdbgfs.arch.x86.mmu.pte_list import make_pte_list, occurrence_rounds
 
-RMAP_RECYCLE_THRESHOLD = 1000
+RMAP_RECYCLE_THRESHOLD: Final = 1000
 
 
 class RmapAdds(NamedTuple):

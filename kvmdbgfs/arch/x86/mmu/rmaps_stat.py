@@ -3,6 +3,8 @@ with ffs() as the kernel does (or with fls(), the log2 buckets the header promis
 
 from __future__ import annotations
 
+from typing import Final
+
 from collections.abc import Callable, Iterable
 
 import numpy as np
@@ -10,8 +12,8 @@ import numpy as np
 from kvmdbgfs.arch.x86.mmu.memslot import KVM_NR_PAGE_SIZES, KvmMemorySlot
 from kvmdbgfs.arch.x86.mmu.pte_list import PteListDesign, scan_heads
 
-RMAP_LOG_SIZE = 11
-LEVEL_NAMES = ("4K", "2M", "1G")
+RMAP_LOG_SIZE: Final = 11
+LEVEL_NAMES: Final = ("4K", "2M", "1G")
 
 
 def rmap_bucket_fls(counts: np.ndarray) -> np.ndarray:

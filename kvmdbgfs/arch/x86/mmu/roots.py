@@ -4,7 +4,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Final, TYPE_CHECKING
 
 from kvmdbgfs.arch.x86.mmu.page_hash import kvm_mmu_get_shadow_page
 from kvmdbgfs.arch.x86.mmu.shadow_page import KvmMmuPage, mmu_page_role
@@ -23,8 +23,8 @@ from kvmdbgfs.arch.x86.mmu.zap import kvm_mmu_commit_zap_page, make_mmu_pages_av
 if TYPE_CHECKING:
     from kvmdbgfs.arch.x86.mmu.mmu import KvmMmu
 
-SHADOW_ROOT_ROLE = mmu_page_role(PT64_ROOT_4LEVEL, direct=False, access=ACC_ALL)
-DIRECT_ROOT_ROLE = mmu_page_role(PT64_ROOT_4LEVEL, direct=True, access=ACC_ALL)
+SHADOW_ROOT_ROLE: Final = mmu_page_role(PT64_ROOT_4LEVEL, direct=False, access=ACC_ALL)
+DIRECT_ROOT_ROLE: Final = mmu_page_role(PT64_ROOT_4LEVEL, direct=True, access=ACC_ALL)
 
 
 def kvm_mmu_load(mmu: KvmMmu, vcpu: MmuVcpu) -> None:

@@ -10,6 +10,8 @@ tables by gfn (what ``for_each_gfn_valid_sp_with_gptes`` finds by walking a buck
 
 from __future__ import annotations
 
+from typing import Final
+
 import numpy as np
 from mypy_extensions import mypyc_attr
 
@@ -17,17 +19,17 @@ from kvmdbgfs.arch.x86.mmu.pte_list import make_pte_list
 from kvmdbgfs.arch.x86.mmu.spt_pool import SptPool
 from kvmdbgfs.zero_extend import zero_extended
 
-KVM_MMU_HASH_SHIFT = 12
-KVM_NUM_MMU_PAGES = 1 << KVM_MMU_HASH_SHIFT
-GOLDEN_RATIO_64 = 0x61C8864680B583EB
-U64_MASK = (1 << 64) - 1
+KVM_MMU_HASH_SHIFT: Final = 12
+KVM_NUM_MMU_PAGES: Final = 1 << KVM_MMU_HASH_SHIFT
+GOLDEN_RATIO_64: Final = 0x61C8864680B583EB
+U64_MASK: Final = (1 << 64) - 1
 
 # union kvm_mmu_page_role: level:4, has_4_byte_gpte:1, quadrant:2, direct:1, access:3,
 # invalid:1, efer_nx:1, cr0_wp:1, ... (bit positions as in the kernel's role.word).
-ROLE_DIRECT_SHIFT = 7
-ROLE_ACCESS_SHIFT = 8
-ROLE_EFER_NX = 1 << 12
-ROLE_CR0_WP = 1 << 13
+ROLE_DIRECT_SHIFT: Final = 7
+ROLE_ACCESS_SHIFT: Final = 8
+ROLE_EFER_NX: Final = 1 << 12
+ROLE_CR0_WP: Final = 1 << 13
 
 
 def mmu_page_role(level: int, direct: bool, access: int) -> int:

@@ -14,6 +14,8 @@ store into ``spt`` goes through the methods here (a page's own row may be filled
 
 from __future__ import annotations
 
+from typing import Final
+
 import numpy as np
 
 from kvmdbgfs.arch.x86.mmu.spte import (
@@ -30,9 +32,9 @@ from kvmdbgfs.arch.x86.mmu.spte import (
 from kvmdbgfs.instance_state import set_attributes
 from kvmdbgfs.zero_extend import zero_extended
 
-INITIAL_PAGES = 64
-WALK_SPAN_SHIFT = PAGE_SHIFT + 9  # addresses alike above these bits take the same walk down to the last level
-SPTE_TARGET_MASK = SPTE_BASE_ADDR_MASK | PT_PAGE_SIZE_MASK  # what a present spte translates to
+INITIAL_PAGES: Final = 64
+WALK_SPAN_SHIFT: Final = PAGE_SHIFT + 9  # addresses alike above these bits take the same walk down to the last level
+SPTE_TARGET_MASK: Final = SPTE_BASE_ADDR_MASK | PT_PAGE_SIZE_MASK  # what a present spte translates to
 
 
 def revokes_any(old: np.ndarray, new: np.ndarray) -> bool:

@@ -12,37 +12,39 @@ An spte's *address*, which is what the rmap and ``parent_ptes`` lists hold, is
 
 from __future__ import annotations
 
+from typing import Final
+
 import numpy as np
 
-PT_PRESENT_MASK = 1 << 0
-PT_WRITABLE_MASK = 1 << 1
-PT_USER_MASK = 1 << 2
-PT_ACCESSED_MASK = 1 << 5
-PT_DIRTY_MASK = 1 << 6
-PT_PAGE_SIZE_MASK = 1 << 7
-SPTE_HOST_WRITEABLE = 1 << 9  # DEFAULT_SPTE_HOST_WRITABLE
-SPTE_MMU_WRITEABLE = 1 << 10  # DEFAULT_SPTE_MMU_WRITABLE
-SPTE_MMU_PRESENT_MASK = 1 << 11
-PT64_NX_MASK = 1 << 63
-SPTE_BASE_ADDR_MASK = ((1 << 52) - 1) & ~0xFFF
-PAGE_SHIFT = 12
+PT_PRESENT_MASK: Final = 1 << 0
+PT_WRITABLE_MASK: Final = 1 << 1
+PT_USER_MASK: Final = 1 << 2
+PT_ACCESSED_MASK: Final = 1 << 5
+PT_DIRTY_MASK: Final = 1 << 6
+PT_PAGE_SIZE_MASK: Final = 1 << 7
+SPTE_HOST_WRITEABLE: Final = 1 << 9  # DEFAULT_SPTE_HOST_WRITABLE
+SPTE_MMU_WRITEABLE: Final = 1 << 10  # DEFAULT_SPTE_MMU_WRITABLE
+SPTE_MMU_PRESENT_MASK: Final = 1 << 11
+PT64_NX_MASK: Final = 1 << 63
+SPTE_BASE_ADDR_MASK: Final = ((1 << 52) - 1) & ~0xFFF
+PAGE_SHIFT: Final = 12
 
 # What a translation needs to be usable: losing any of these bits revokes access.
-SPTE_PERM_MASK = PT_PRESENT_MASK | PT_WRITABLE_MASK | PT_USER_MASK
+SPTE_PERM_MASK: Final = PT_PRESENT_MASK | PT_WRITABLE_MASK | PT_USER_MASK
 
 # ACC_*_MASK: access bits of a guest walk and of kvm_mmu_page_role.access.
-ACC_EXEC_MASK = 1
-ACC_WRITE_MASK = PT_WRITABLE_MASK
-ACC_USER_MASK = PT_USER_MASK
-ACC_ALL = ACC_EXEC_MASK | ACC_WRITE_MASK | ACC_USER_MASK
+ACC_EXEC_MASK: Final = 1
+ACC_WRITE_MASK: Final = PT_WRITABLE_MASK
+ACC_USER_MASK: Final = PT_USER_MASK
+ACC_ALL: Final = ACC_EXEC_MASK | ACC_WRITE_MASK | ACC_USER_MASK
 
-SPTE_ENT_PER_PAGE = 512
-PTE_PREFETCH_NUM = 8
+SPTE_ENT_PER_PAGE: Final = 512
+PTE_PREFETCH_NUM: Final = 8
 PG_LEVEL_4K, PG_LEVEL_2M, PG_LEVEL_1G = 1, 2, 3
-PT64_ROOT_4LEVEL = 4
-KVM_MAX_HUGEPAGE_LEVEL = PG_LEVEL_1G
+PT64_ROOT_4LEVEL: Final = 4
+KVM_MAX_HUGEPAGE_LEVEL: Final = PG_LEVEL_1G
 
-U64 = np.uint64
+U64: Final = np.uint64
 
 
 def KVM_PAGES_PER_HPAGE(level: int) -> int:  # noqa: N802 - kernel macro name

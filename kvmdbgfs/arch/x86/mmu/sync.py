@@ -10,7 +10,7 @@ Kernels before v5.16 flush inside the sync of each page and zap a page it left e
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Final, TYPE_CHECKING
 
 import numpy as np
 
@@ -42,10 +42,10 @@ from kvmdbgfs.arch.x86.mmu.zap import kvm_mmu_prepare_zap_page, kvm_mmu_remote_f
 if TYPE_CHECKING:
     from kvmdbgfs.arch.x86.mmu.mmu import KvmMmu, MmuVcpu
 
-SCALAR_SYNC = 4  # up to this many present entries, syncing them one by one in Python beats numpy
+SCALAR_SYNC: Final = 4  # up to this many present entries, syncing them one by one in Python beats numpy
 
 
-ALL_ENTRIES = np.arange(SPTE_ENT_PER_PAGE)
+ALL_ENTRIES: Final = np.arange(SPTE_ENT_PER_PAGE)
 _PRESENT = U64(SPTE_MMU_PRESENT_MASK)
 _GPTE_VALID = U64(PT_PRESENT_MASK | PT_ACCESSED_MASK)
 _FRAME = U64(SPTE_BASE_ADDR_MASK)  # a guest PTE's frame bits are where an spte's are
@@ -124,7 +124,7 @@ def _update_sptes(
     return bool((((old & U64(SPTE_MMU_WRITEABLE)) != 0) & ((new & U64(PT_WRITABLE_MASK)) == 0)).any())
 
 
-SYNC_ZAPPED = -1
+SYNC_ZAPPED: Final = -1
 
 
 def kvm_sync_page(mmu: KvmMmu, sp: KvmMmuPage, invalid_list: list[KvmMmuPage]) -> int:

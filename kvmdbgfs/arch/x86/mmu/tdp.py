@@ -10,7 +10,7 @@ from a huge page splits it (v6.2+; before, the huge spte was zapped) under a pag
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Final, TYPE_CHECKING
 
 import numpy as np
 from mypy_extensions import mypyc_attr
@@ -51,7 +51,7 @@ from kvmdbgfs.arch.x86.mmu.spte import (
     sptes_to_pfn,
 )
 
-U64_MAX = (1 << 64) - 1
+U64_MAX: Final = (1 << 64) - 1
 
 if TYPE_CHECKING:
     from kvmdbgfs.kvm.profiles import ShadowMmuRules

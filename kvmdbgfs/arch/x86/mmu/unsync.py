@@ -11,7 +11,7 @@ or the spte must stay read-only. Unsync pages are found again through the
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import Final, TYPE_CHECKING
 
 from kvmdbgfs.arch.x86.mmu.mmu_memslots import MmuSlot
 from kvmdbgfs.arch.x86.mmu.page_track import kvm_gfn_is_write_tracked
@@ -29,8 +29,8 @@ from kvmdbgfs.arch.x86.mmu.spte import (
 if TYPE_CHECKING:
     from kvmdbgfs.arch.x86.mmu.mmu import KvmMmu
 
-KVM_PAGE_ARRAY_NR = 16
-INVALID_INDEX = -1
+KVM_PAGE_ARRAY_NR: Final = 16
+INVALID_INDEX: Final = -1
 
 
 def kvm_unsync_page(mmu: KvmMmu, sp: KvmMmuPage) -> None:

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+from typing import Final
+
 from dataclasses import dataclass, field
 
 from kvmdbgfs.arch.x86.mmu.shadow_page import KvmMmuPage
 from kvmdbgfs.kvm.stats import StatBlock
 
-KVM_MMU_NUM_PREV_ROOTS = 3
+KVM_MMU_NUM_PREV_ROOTS: Final = 3
 
 # KVM_REQ_*: work a vCPU does before it next enters the guest, in this order.
-KVM_REQ_MMU_FREE_OBSOLETE_ROOTS = 1 << 0
-KVM_REQ_MMU_SYNC = 1 << 1
-KVM_REQ_TLB_FLUSH = 1 << 2
-KVM_REQ_TLB_FLUSH_CURRENT = 1 << 3
+KVM_REQ_MMU_FREE_OBSOLETE_ROOTS: Final = 1 << 0
+KVM_REQ_MMU_SYNC: Final = 1 << 1
+KVM_REQ_TLB_FLUSH: Final = 1 << 2
+KVM_REQ_TLB_FLUSH_CURRENT: Final = 1 << 3
 
 
 @dataclass(eq=False)

@@ -10,7 +10,7 @@ zapped with it: they linger, rmaps and all, until something zaps them in turn.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Final, TYPE_CHECKING
 
 import numpy as np
 
@@ -38,8 +38,8 @@ from kvmdbgfs.arch.x86.mmu.vcpu_mmu import KVM_REQ_MMU_FREE_OBSOLETE_ROOTS
 if TYPE_CHECKING:
     from kvmdbgfs.arch.x86.mmu.mmu import KvmMmu
 
-KVM_MIN_FREE_MMU_PAGES = 5
-KVM_REFILL_PAGES = 25
+KVM_MIN_FREE_MMU_PAGES: Final = 5
+KVM_REFILL_PAGES: Final = 25
 
 
 def drop_parent_pte(mmu: KvmMmu, child: KvmMmuPage, parent_sptep: int) -> None:
