@@ -5,7 +5,8 @@ idle for 10 s (manual clock, seed 1), then ``rmap_fork children=N``; ``--mmu`` a
 default scenario's guests: ``--uptime 60`` under ``shadow`` and ``tdp-legacy``). After each step, one SHA-256 over
 every file of the debugfs tree (read in-process, as cat would) and one over the MMU's state (rmap lists,
 shadow pages and their sptes, parents, stats, cost counters, shadowed guest tables): run it before and
-after a change and compare. It also prints the CPU time (all threads) each step took.
+after a change and compare. It also prints the CPU time (all threads) each step took, and whether the compiled
+modules were in use (kvmdbgfs/native.py).
 
     .venv/bin/python tests/emulation_digest.py [--children N] [--designs ABCD] [--no-fork] [--mmu MODE] [--uptime S]
 """
@@ -24,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from inprocess import cat, walk_files  # noqa: E402
 from mmu_testlib import mmu_state  # noqa: E402
 
+from kvmdbgfs import native  # noqa: E402
 from kvmdbgfs.kvm.host import KvmHost  # noqa: E402
 from kvmdbgfs.kvm.vm import MMU_MODES, Kvm  # noqa: E402
 from kvmdbgfs.vmm.qemu import QemuProcess  # noqa: E402
@@ -77,6 +79,7 @@ def main() -> None:
     parser.add_argument("--mmu", default="shadow", choices=MMU_MODES)
     parser.add_argument("--uptime", type=int, default=10, help="seconds of the idle boot")
     args = parser.parse_args()
+    print(f"modules: {native.installed or 'python'}", flush=True)  # compiled (kvmdbgfs/native.py) or not
     for design in args.designs:
         run_design(design, args.children, not args.no_fork, args.mmu, args.uptime)
 

@@ -69,8 +69,6 @@ COMPRESS_LEVEL = 1  # a 6 GiB guest's 92 MiB pickle becomes 3 MiB in 0.3 s; high
 # most this many bytes, each piece a call the interpreter can switch threads after. (The pickler calls
 # persistent_id, Python code, for each object: it lets other threads in already.)
 RESTORE_CHUNK = 1 << 20
-SOURCE_ROOT = Path(__file__).resolve().parents[1]  # the kvmdbgfs package (workloads installs inside it)
-WORKLOADS_ROOT = SOURCE_ROOT.parent / "workloads"  # in a checkout, workloads/ sits beside the package
 _LOCK_TYPES = (type(threading.Lock()), type(threading.RLock()), threading.Condition, threading.Event)
 # Types of which no root, host, clock or lock is an instance: persistent_id() answers them first (a 6 GiB
 # guest's save asks it 275k times, four in five for one of these).
@@ -111,17 +109,7 @@ def default_directory() -> Path:
     return Path(base) / "kvmdbgfs"
 
 
-def _source_digest() -> str:
-    """SHA-256 over the path and bytes of every Python file of the project (the package and workloads)."""
-    digest = hashlib.sha256()
-    roots = [SOURCE_ROOT] + ([WORKLOADS_ROOT] if WORKLOADS_ROOT.is_dir() else [])
-    for root in roots:
-        for path in sorted(root.rglob("*.py")):
-            digest.update(str(path.relative_to(root.parent)).encode() + b"\0" + path.read_bytes() + b"\0")
-    return digest.hexdigest()
-
-
-_SOURCE_DIGEST = _source_digest()
+_SOURCE_DIGEST = native.sources_digest(native.current_sources())  # the package and the workloads
 
 
 def _roots(vm: QemuProcess) -> dict[tuple[str, int], Any]:
