@@ -39,7 +39,12 @@ bytecode: $(STAMP)
 # The MMU and guest modules compiled by mypyc (kvmdbgfs/native.py) into kvmdbgfs/_native/, under a digest of every
 # source of the package: about 100 s when any source changed since the last build, 0.1 s when none did. An import
 # uses a build only while its digest is the sources' (an edit makes every module Python until the next build).
+# The C compiler and Python's headers are installed with apt where missing; without them, every module runs as
+# Python (slower, the same results) and native_build says so.
 native: $(STAMP)
+	@command -v gcc >/dev/null 2>&1 || $(MAKE) --no-print-directory apt-gcc || true
+	@$(PY) -c 'import sysconfig as c, pathlib as p, sys; sys.exit(not p.Path(c.get_path("include"), "Python.h").exists())'\
+		|| $(MAKE) --no-print-directory apt-python3-dev || true
 	@$(PY) -m kvmdbgfs.native_build
 
 $(STAMP): pyproject.toml

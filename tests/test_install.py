@@ -33,9 +33,11 @@ def exists(pid: int) -> bool:
 
 @pytest.fixture(scope="session")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The project's wheel, built once for the run."""
+    """The project's wheel, built once for the run: pure Python (the compiled one takes 100 s to build;
+    tests/test_build_backend.py builds one with a single module compiled and installs it)."""
     out = tmp_path_factory.mktemp("wheel")
     env = {key: value for key, value in os.environ.items() if key not in ENV_KEYS_DROPPED}
+    env["KVMDBGFS_PURE"] = "1"
     pip_wheel = (sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", out, REPO)
     result = run(*pip_wheel, cwd=out, env=env, timeout=300)
     assert result.returncode == 0, result.stderr
