@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from kvmdbgfs import native
 from kvmdbgfs.bench import __main__ as bench_main
 from kvmdbgfs.bench.record import BenchResult, RunRecord, compare, new_record, read_record, write_record
 from kvmdbgfs.bench.report import Figure, Target, at_least, at_most, format_table
@@ -138,6 +139,10 @@ def test_machine_and_commit_of_a_new_record():
         head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True)
         assert record.commit is not None and record.commit["hash"] == head.stdout.strip()
     assert sys.version.split()[0] in record.machine["python"]
+    # The compiled build in use, if any: figures from the two modes are not comparable.
+    assert record.machine["native"] == (native.installed.name if native.installed else None)
+    expected = f"modules compiled ({native.installed.name})" if native.installed else "modules Python"
+    assert expected in bench_main.machine_line(record)
 
 
 def test_main_writes_the_record_then_compares_with_it(tmp_path, monkeypatch, capsys):

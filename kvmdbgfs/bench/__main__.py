@@ -39,8 +39,9 @@ def machine_line(record: RunRecord) -> str:
     machine, commit = record.machine, record.commit or {}
     load = " ".join(f"{x:.1f}" for x in machine["load_average"])
     state = " (with uncommitted changes)" if commit.get("dirty") else ""
+    modules = f"compiled ({machine['native']})" if machine.get("native") else "Python"  # older records: Python
     return (f"machine: {machine['cpu_model'] or 'unknown CPU'}, {machine['cpus_usable']} CPUs, load average {load}; "
-            f"{machine['python']}; commit {commit.get('hash', 'unknown')[:10]}{state}")
+            f"{machine['python']}; modules {modules}; commit {commit.get('hash', 'unknown')[:10]}{state}")
 
 
 def main(argv: list[str] | None = None) -> int:

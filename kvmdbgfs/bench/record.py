@@ -13,6 +13,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from kvmdbgfs import native
 from kvmdbgfs.bench.report import Figure, format_number
 
 SCHEMA = 1
@@ -88,7 +89,8 @@ def read_record(path: Path) -> RunRecord:
 
 
 def machine_info() -> dict[str, Any]:
-    """The CPU, the load, the Python and the package versions a run measured with."""
+    """The CPU, the load, the Python, the package versions and the compiled build (kvmdbgfs/native.py) a run
+    measured with."""
     model = ""
     try:
         with open("/proc/cpuinfo") as cpuinfo:
@@ -109,6 +111,7 @@ def machine_info() -> dict[str, Any]:
         "kernel": platform.release(),
         "python": f"{platform.python_implementation()} {platform.python_version()}",
         "packages": versions,
+        "native": native.installed.name if native.installed else None,  # None: every module ran as Python
     }
 
 
