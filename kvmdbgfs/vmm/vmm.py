@@ -165,6 +165,8 @@ class Vmm:
             vms, self.vms = list(self.vms.values()), {}
         for vm in vms:
             vm.stop()
+        if vms:
+            release_frozen()  # their objects, frozen with the rest, are garbage once the host is dropped
         if self.boot_cache is not None:
             self.boot_cache.flush()
 
