@@ -346,6 +346,16 @@ def ballast(vm: QemuProcess, free: int) -> np.ndarray:
     return pages.alloc(pages.nr_free - free, PAGE_ANON)
 
 
+def ballast_leaving_no_block(vm: QemuProcess, free: int) -> np.ndarray:
+    """Allocate every free page, then free ``free`` of them again: they go back to the free lists, and no fresh
+    memory nor free THP block is left, so there is no free 2 MiB block whatever the tests before did (ballast()
+    leaves one when the unmovable free list holds fewer than ``free`` pages)."""
+    pages = vm.guest.kernel.ctx.pages
+    taken = pages.alloc(pages.nr_free, PAGE_ANON)
+    pages.free(taken[len(taken) - free :])
+    return taken[: len(taken) - free]
+
+
 def with_free_pages(vm: QemuProcess, free: int, step: Callable[[GuestKernel], Any]) -> Any:
     """``step`` run on the guest (on its vCPU thread) while only ``free`` pages are free: its value, or the
     MemoryError it raised."""
@@ -388,7 +398,7 @@ def test_a_dimm_the_guest_cannot_add_leaves_nothing(vm: QemuProcess) -> None:
     memslots."""
     slots = list(vm.kvm.arch.memslots)
     before = settled_pages(vm)
-    taken = on_vcpu_thread(vm, lambda vm: ballast(vm, 4096))
+    taken = on_vcpu_thread(vm, lambda vm: ballast_leaving_no_block(vm, 4096))
     with pytest.raises(ValueError) as error:
         run_workload(vm, "hotplug", {"size": "128M", "use": "0", "rounds": 1})
     assert str(error.value) == f"vmemmap_populate: no free 2 MiB block for the memmap ({TORN_DOWN})"
