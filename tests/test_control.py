@@ -19,14 +19,21 @@ def test_default_socket_is_private_and_found_from_the_mountpoint(tmp_path: Path)
     runtime = tmp_path / "runtime"
     runtime.mkdir(mode=0o700)
     env = dict(os.environ, XDG_RUNTIME_DIR=str(runtime), PYTHONPATH=str(REPO))
-    server = subprocess.Popen(
-        [sys.executable, str(MOUNT_PY), str(mountpoint), "--scenario", "empty"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    log = tmp_path / "mount.log"
+    with log.open("w") as errors:  # the server writes to its own copy of the descriptor
+        server = subprocess.Popen(
+            [sys.executable, str(MOUNT_PY), str(mountpoint), "--scenario", "empty"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=errors,
+        )
     try:
-        assert wait_until(lambda: is_mounted(mountpoint) and list((runtime / "kvmdbgfs").glob("*.sock")), 60)
+        # A server that exits ends the wait at once, and its output says why (it once ran out the 60 s under load).
+        sockets = runtime / "kvmdbgfs"
+        served = wait_until(
+            lambda: server.poll() is not None or (is_mounted(mountpoint) and list(sockets.glob("*.sock"))), 60
+        )
+        assert served and server.poll() is None, f"mount.py: exit {server.poll()}: {log.read_text()[-2000:]}"
         (socket_path,) = (runtime / "kvmdbgfs").glob("*.sock")
         info = socket_path.stat()
         assert stat.S_ISSOCK(info.st_mode) and stat.S_IMODE(info.st_mode) == 0o600
