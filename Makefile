@@ -42,9 +42,9 @@ bytecode: $(STAMP)
 # The C compiler and Python's headers are installed with apt where missing; without them, every module runs as
 # Python (slower, the same results) and native_build says so.
 native: $(STAMP)
-	@command -v gcc >/dev/null 2>&1 || $(MAKE) --no-print-directory apt-gcc || true
-	@$(PY) -c 'import sysconfig as c, pathlib as p, sys; sys.exit(not p.Path(c.get_path("include"), "Python.h").exists())'\
-		|| $(MAKE) --no-print-directory apt-python3-dev || true
+	@for package in $$($(PY) -m kvmdbgfs.native_build --missing-packages); do \
+		$(MAKE) --no-print-directory apt-$$package || true; \
+	done
 	@$(PY) -m kvmdbgfs.native_build
 
 $(STAMP): pyproject.toml

@@ -68,6 +68,7 @@ def build_wheel(
         (info,) = unpacked.glob("*.dist-info")
         lines = (info / "WHEEL").read_text().splitlines()
         tagged = [line for line in lines if line and not line.startswith(("Tag:", "Root-Is-Purelib:"))]
-        (info / "WHEEL").write_text("\n".join([*tagged, "Root-Is-Purelib: false", f"Tag: {platform_tag()}", ""]))
+        tag = platform_tag()
+        (info / "WHEEL").write_text("\n".join([*tagged, "Root-Is-Purelib: false", f"Tag: {tag}", ""]))
         wheel_tool("pack", "--dest-dir", wheel_directory, str(unpacked))
-        return f"{unpacked.name}-{platform_tag()}.whl"  # the name ``wheel pack`` gives it
+        return f"{unpacked.name}-{tag}.whl"  # the name ``wheel pack`` gives it

@@ -1,5 +1,6 @@
-"""``python -m kvmdbgfs.native_build [--check]`` (``make setup``): build the compiled modules for the current
-sources (kvmdbgfs/native.py); --check: only say which build an import would use. The build backend
+"""``python -m kvmdbgfs.native_build [--check | --missing-packages]`` (``make setup``): build the compiled
+modules for the current sources (kvmdbgfs/native.py); --check: only say which build an import would use;
+--missing-packages: the Debian packages the compile needs and this machine lacks. The build backend
 (kvmdbgfs/build_backend.py) builds the same way into the wheel ``pip install`` makes."""
 
 from __future__ import annotations
@@ -38,16 +39,25 @@ class BuildError(Exception):
     """mypyc or the C compiler failed: the end of what they printed."""
 
 
+def missing_tools() -> list[tuple[str, str]]:
+    """What the compile needs from the system and this machine lacks: (why, the Debian package that brings it),
+    for the C compiler and Python's headers (make setup installs the packages, --missing-packages names them)."""
+    missing = []
+    compiler = (sysconfig.get_config_var("CC") or "cc").split()[0]
+    if shutil.which(compiler) is None:
+        missing.append((f"no C compiler ({compiler})", "gcc"))
+    include = sysconfig.get_paths()["include"]
+    if not (Path(include) / "Python.h").is_file():
+        missing.append((f"no Python headers (Python.h in {include})", "python3-dev"))
+    return missing
+
+
 def unbuildable() -> str | None:
     """Why this machine cannot compile the modules (no mypyc, no C compiler, no Python headers), or None."""
     if importlib.util.find_spec("mypyc") is None:
         return "mypy (mypyc) is not installed"
-    compiler = (sysconfig.get_config_var("CC") or "cc").split()[0]
-    if shutil.which(compiler) is None:
-        return f"no C compiler ({compiler})"
-    if not (Path(sysconfig.get_paths()["include"]) / "Python.h").is_file():
-        return f"no Python headers (Python.h in {sysconfig.get_paths()['include']})"
-    return None
+    missing = missing_tools()
+    return missing[0][0] if missing else None
 
 
 def build(package: Path = PACKAGE_ROOT) -> Path:
@@ -111,8 +121,14 @@ def main() -> None:
     if sys.argv[1:] == ["--check"]:
         print(current_build() or "none: the sources have no build; every module runs as Python")
         return
+    if sys.argv[1:] == ["--missing-packages"]:
+        print(" ".join(package for _, package in missing_tools()))
+        return
     if sys.argv[1:]:
-        sys.exit(f"usage: python -m kvmdbgfs.native_build [--check] (not {' '.join(sys.argv[1:])!r})")
+        sys.exit(
+            "usage: python -m kvmdbgfs.native_build [--check | --missing-packages]"
+            f" (not {' '.join(sys.argv[1:])!r})"
+        )
     built = build_or_warn()
     if built is not None:
         print(f"kvmdbgfs.native_build: {built}")

@@ -98,6 +98,7 @@ def test_without_a_compiler_nothing_is_built(
     assert warning.count("\n") == 1 and "every module runs as Python" in warning
     assert "no C compiler" in warning or "mypyc) is not installed" in warning
     assert not (pkg / "_native").exists()
+    assert "gcc" in [package for _, package in native_build.missing_tools()]  # what make setup then installs
 
 
 def test_the_compiled_modules_give_what_python_gives() -> None:
